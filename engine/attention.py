@@ -1,0 +1,99 @@
+"""Attention over the paged KV cache for a mixed batch of prefill chunks and single-token decodes.
+
+The batch is laid out prefills first, then decodes. New K/V are written into the cache by slot
+(block * block_size + offset); each query then attends to its sequence's cached keys. Grouped-query
+attention is handled by folding the query heads that share a KV head into the query-length axis,
+so K/V are never repeated in memory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(slots=True)
+class PrefillSpan:
+    """One sequence's chunk of new tokens: queries [start, start+num_queries) see context_len keys."""
+
+    start: int
+    num_queries: int
+    context_len: int  # keys visible to the last query: cached tokens + this chunk
+    context_slots: torch.Tensor | None  # (context_len,) cache slots, None when the chunk is the whole context
+    mask: torch.Tensor | None = None  # (num_queries, context_len) bool, built once per step, shared by layers
+
+
+@dataclass(slots=True)
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # (T,) where each new token's K/V is written
+    prefills: list[PrefillSpan] = field(default_factory=list)
+    num_prefill_tokens: int = 0  # decodes occupy [num_prefill_tokens, T)
+    decode_block_tables: torch.Tensor | None = None  # (B, max_blocks)
+    decode_mask: torch.Tensor | None = None  # (B, 1, 1, max_blocks * block_size) bool: key is valid
+
+
+def build_prefill_mask(num_queries: int, context_len: int, device: torch.device) -> torch.Tensor:
+    """Causal mask for a chunk whose first query sits at position context_len - num_queries."""
+    offset = context_len - num_queries
+    q_pos = torch.arange(num_queries, device=device).unsqueeze(1) + offset
+    k_pos = torch.arange(context_len, device=device).unsqueeze(0)
+    return k_pos <= q_pos
+
+
+def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """Store new keys/values (T, kv_heads, head_dim) at their slots in (num_blocks, block_size, kv_heads, head_dim)."""
+    kv_heads, head_dim = k.shape[-2:]
+    k_cache.view(-1, kv_heads, head_dim).index_copy_(0, slot_mapping, k)
+    v_cache.view(-1, kv_heads, head_dim).index_copy_(0, slot_mapping, v)
+
+
+def _grouped_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                  is_causal: bool, scale: float) -> torch.Tensor:
+    """q (B, H, Q, D), k/v (B, KVH, K, D), mask broadcastable to (B, 1, Q, K) -> (B, H, Q, D)."""
+    batch, heads, num_q, head_dim = q.shape
+    kv_heads = k.shape[1]
+    group = heads // kv_heads
+    if group == 1:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale)
+    # Fold the `group` query heads sharing one KV head into the query axis: (B, KVH, group * Q, D).
+    q = q.reshape(batch, kv_heads, group * num_q, head_dim)
+    if is_causal:
+        mask = torch.ones(num_q, k.shape[2], dtype=torch.bool, device=q.device).tril(k.shape[2] - num_q)
+    if mask is not None:
+        mask = mask.expand(batch, 1, num_q, mask.shape[-1]).repeat(1, 1, group, 1)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    return out.reshape(batch, heads, num_q, head_dim)
+
+
+def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                    v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """q (T, H, D), k/v (T, KVH, D) for the new tokens -> attention output (T, H, D)."""
+    write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
+    out = torch.empty_like(q)
+    kv_heads, head_dim = k.shape[-2:]
+    flat_k = k_cache.view(-1, kv_heads, head_dim)
+    flat_v = v_cache.view(-1, kv_heads, head_dim)
+    for span in meta.prefills:
+        rows = slice(span.start, span.start + span.num_queries)
+        qs = q[rows].transpose(0, 1).unsqueeze(0)  # (1, H, Q, D)
+        if span.context_slots is None:  # the chunk is the whole context: plain causal attention
+            ks, vs = k[rows], v[rows]
+            mask, causal = None, True
+        else:
+            ks, vs = flat_k[span.context_slots], flat_v[span.context_slots]
+            mask, causal = span.mask, False
+        ks = ks.transpose(0, 1).unsqueeze(0)  # (1, KVH, K, D)
+        vs = vs.transpose(0, 1).unsqueeze(0)
+        out[rows] = _grouped_sdpa(qs, ks, vs, mask, causal, scale)[0].transpose(0, 1)
+    if meta.decode_block_tables is not None:
+        tables = meta.decode_block_tables
+        batch = tables.shape[0]
+        # (B, max_blocks, block_size, KVH, D) -> (B, KVH, L, D)
+        ks = k_cache[tables].flatten(1, 2).transpose(1, 2)
+        vs = v_cache[tables].flatten(1, 2).transpose(1, 2)
+        qs = q[meta.num_prefill_tokens:].unsqueeze(2)  # (B, H, 1, D)
+        out[meta.num_prefill_tokens:] = _grouped_sdpa(qs, ks, vs, meta.decode_mask, False, scale).view(batch, -1, head_dim)
+    return out

@@ -1,0 +1,136 @@
+"""Turns a scheduled batch into tensors, runs the model over the paged KV cache, returns logits."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from engine.attention import AttentionMetadata, PrefillSpan, build_prefill_mask
+from engine.config import ModelConfig
+from engine.kv_cache import BlockManager
+from engine.sampling_params import SamplingParams
+from engine.scheduler import ScheduledSeq, SchedulerOutput
+from engine.sequence import Sequence
+
+
+def kv_bytes_per_block(cfg: ModelConfig, dtype: torch.dtype, block_size: int) -> int:
+    """K and V, every layer, one block."""
+    elem = torch.empty(0, dtype=dtype).element_size()
+    return 2 * cfg.num_layers * block_size * cfg.num_kv_heads * cfg.head_dim * elem
+
+
+@dataclass(slots=True)
+class StepLogits:
+    """Logits of one scheduled sequence: the last row samples; all rows when prompt logprobs are wanted."""
+
+    seq: Sequence
+    logits: torch.Tensor  # (rows, vocab) float32
+    first_position: int  # position of the token whose logits are row 0
+
+
+def wants_prompt_logits(seq: Sequence) -> bool:
+    return seq.params.prompt_logprobs is not None and seq.num_output_tokens == 0
+
+
+class ModelRunner:
+    def __init__(self, model: nn.Module, cfg: ModelConfig, device: str, dtype: torch.dtype,
+                 block_size: int, num_blocks: int) -> None:
+        self.model, self.cfg = model, cfg
+        self.device = torch.device(device)
+        self.block_size = block_size
+        # One tensor for the whole cache, allocated once; each layer's attention holds views into it.
+        self.kv_cache = torch.zeros(2, cfg.num_layers, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim,
+                                    dtype=dtype, device=self.device)
+        for i, layer in enumerate(model.layers):
+            layer.self_attn.k_cache = self.kv_cache[0, i]
+            layer.self_attn.v_cache = self.kv_cache[1, i]
+
+    @classmethod
+    def for_testing(cls, model: nn.Module, cfg: ModelConfig, device: str = "cpu",
+                    dtype: torch.dtype = torch.float32, block_size: int = 16, num_blocks: int = 64) -> ModelRunner:
+        return cls(model, cfg, device, dtype, block_size, num_blocks)
+
+    @torch.inference_mode()
+    def logits_for(self, token_ids: list[int], chunk_size: int | None = None) -> torch.Tensor:
+        """Logits at every position of one sequence, computed in chunks through the cache (for tests)."""
+        blocks = BlockManager(self.kv_cache.shape[2], self.block_size, enable_prefix_caching=False)
+        seq = Sequence(0, "test", list(token_ids), SamplingParams(prompt_logprobs=0))
+        chunk_size = chunk_size or len(token_ids)
+        rows = []
+        while seq.num_computed_tokens < len(seq):
+            num_new = min(chunk_size, len(seq) - seq.num_computed_tokens)
+            blocks.allocate(seq, seq.num_computed_tokens + num_new)
+            (result,) = self.execute(SchedulerOutput([ScheduledSeq(seq, num_new)]))
+            rows.append(result.logits)
+            seq.num_computed_tokens += num_new
+        return torch.cat(rows)
+
+    @torch.inference_mode()
+    def execute(self, batch: SchedulerOutput) -> list[StepLogits]:
+        """One forward pass over the batch; logits for sequences that complete or want prompt logprobs."""
+        for src, dst in batch.block_copies:
+            self.kv_cache[:, :, dst].copy_(self.kv_cache[:, :, src])
+        # Prefill chunks first, then single-token decodes, which share one batched attention call.
+        prefills = [s for s in batch.scheduled if s.num_new_tokens > 1]
+        decodes = [s for s in batch.scheduled if s.num_new_tokens == 1]
+        ordered = prefills + decodes
+        ids, positions, slots = [], [], []
+        for item in ordered:
+            seq, start = item.seq, item.seq.num_computed_tokens
+            end = start + item.num_new_tokens
+            ids += seq.token_ids[start:end]
+            positions += range(start, end)
+            slots += [self._slot(seq, p) for p in range(start, end)]
+        meta = self._metadata(prefills, decodes, slots)
+        input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
+        pos = torch.tensor(positions, dtype=torch.long, device=self.device)
+        hidden = self.model(input_ids, pos, meta)
+
+        wanted, row = [], 0
+        for item in ordered:
+            seq, n = item.seq, item.num_new_tokens
+            if wants_prompt_logits(seq):
+                wanted.append((item, slice(row, row + n)))
+            elif item.completes:
+                wanted.append((item, slice(row + n - 1, row + n)))
+            row += n
+        if not wanted:
+            return []
+        picked = torch.cat([hidden[rows] for _, rows in wanted])
+        logits = self.model.compute_logits(picked)
+        out, offset = [], 0
+        for item, rows in wanted:
+            n = rows.stop - rows.start
+            first = item.seq.num_computed_tokens + item.num_new_tokens - n
+            out.append(StepLogits(item.seq, logits[offset:offset + n], first))
+            offset += n
+        return out
+
+    def _slot(self, seq: Sequence, position: int) -> int:
+        return seq.block_table[position // self.block_size] * self.block_size + position % self.block_size
+
+    def _metadata(self, prefills: list[ScheduledSeq], decodes: list[ScheduledSeq], slots: list[int]) -> AttentionMetadata:
+        device = self.device
+        meta = AttentionMetadata(slot_mapping=torch.tensor(slots, dtype=torch.long, device=device))
+        start = 0
+        for item in prefills:
+            seq, n = item.seq, item.num_new_tokens
+            context_len = seq.num_computed_tokens + n
+            span = PrefillSpan(start, n, context_len, None)
+            if seq.num_computed_tokens > 0:
+                span.context_slots = torch.tensor([self._slot(seq, p) for p in range(context_len)],
+                                                  dtype=torch.long, device=device)
+                span.mask = build_prefill_mask(n, context_len, device)
+            meta.prefills.append(span)
+            start += n
+        meta.num_prefill_tokens = start
+        if decodes:
+            max_blocks = max(len(d.seq.block_table) for d in decodes)
+            tables = [d.seq.block_table + [0] * (max_blocks - len(d.seq.block_table)) for d in decodes]
+            context_lens = torch.tensor([d.seq.num_computed_tokens + 1 for d in decodes], device=device)
+            meta.decode_block_tables = torch.tensor(tables, dtype=torch.long, device=device)
+            key_pos = torch.arange(max_blocks * self.block_size, device=device)
+            meta.decode_mask = (key_pos.unsqueeze(0) < context_lens.unsqueeze(1))[:, None, None, :]
+        return meta

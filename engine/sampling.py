@@ -1,0 +1,257 @@
+"""Batched token sampler: logit bias, min_tokens, penalties, logprobs, temperature, top-k/top-p/min-p, seeds.
+
+Order of operations on a [B, V] batch of logits (one row per sequence):
+
+1. logit_bias is added.
+2. min_tokens: while a row has fewer outputs than `min_tokens`, its stop_token_ids and (unless
+   ignore_eos) its eos ids are set to -inf (vLLM's rule).
+3. Penalties: repetition over prompt + output tokens (positive logits divided, negative multiplied,
+   as HF and vLLM do), then frequency and presence over output tokens (OpenAI's formula).
+4. Logprobs are taken here, from the log-softmax of these *processed* logits, before temperature and
+   truncation (vLLM's "processed_logprobs"): they describe the model as adjusted by the request, not the
+   truncated sampling distribution, so top alternatives stay meaningful whatever top_k/top_p say.
+5. Greedy rows (temperature < 1e-5) take the argmax. Other rows: divide by temperature, then top-k,
+   top-p and min-p masks, each on the distribution the previous one left; ties at a cut-off are kept.
+6. Random rows draw with the exponential trick, argmax(p / q), q ~ Exp(1) per token: a seeded row
+   draws q from its own generator, so its tokens do not depend on the rest of the batch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+import torch
+
+from engine.outputs import TokenLogprob
+from engine.sampling_params import SamplingParams
+
+# Dividing by a smaller temperature can overflow float32 logits; such rows are sampled greedily.
+MIN_TEMPERATURE = 1e-5
+
+
+@dataclass(slots=True)
+class SamplingRow:
+    """What the sampler needs to know about one sequence for one step (one row of the logits)."""
+
+    params: SamplingParams
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    generator: torch.Generator | None = None
+    eos_token_ids: set[int] = field(default_factory=set)
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.params.temperature < MIN_TEMPERATURE
+
+    @property
+    def has_penalties(self) -> bool:
+        p = self.params
+        return p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
+
+    def banned_by_min_tokens(self) -> set[int]:
+        """Token ids that may not be sampled yet because min_tokens is not reached."""
+        if len(self.output_token_ids) >= self.params.min_tokens:
+            return set()
+        banned = set(self.params.stop_token_ids)
+        if not self.params.ignore_eos:
+            banned |= self.eos_token_ids
+        return banned
+
+
+def make_generator(seed: int | None, index: int, device: torch.device | str) -> torch.Generator | None:
+    """A generator for sample `index` of a request seeded with `seed` (None when unseeded)."""
+    if seed is None:
+        return None
+    # Hash (seed, index) so the n samples of one request differ and nearby seeds are unrelated.
+    digest = hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=8).digest()
+    generator = torch.Generator(device=device)
+    generator.manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
+    return generator
+
+
+def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> list[tuple[int, TokenLogprob | None]]:
+    """Choose one token per row of `logits` [B, V]; with a TokenLogprob where the row asks for logprobs."""
+    if logits.dim() != 2 or logits.shape[0] != len(rows):
+        raise ValueError(f"logits of shape {tuple(logits.shape)} do not match {len(rows)} rows")
+    if all(_is_plain_greedy(row) for row in rows):
+        return [(token, None) for token in logits.argmax(dim=-1).tolist()]
+
+    processed = logits.float().clone()
+    _apply_logit_bias(processed, rows)
+    _apply_min_tokens(processed, rows)
+    penalized = [i for i, row in enumerate(rows) if row.has_penalties]
+    if penalized:
+        index = torch.tensor(penalized, device=processed.device)
+        processed[index] = apply_penalties(processed[index], [rows[i] for i in penalized])
+
+    tokens = _choose_tokens(processed, rows)
+    logprobs = _sampled_logprobs(processed, tokens, rows)
+    return list(zip(tokens.tolist(), logprobs, strict=True))
+
+
+def prompt_logprobs(logits: torch.Tensor, next_ids: list[int], k: int) -> list[TokenLogprob]:
+    """Logprob, rank and top-k of each next_ids[t] under logits[t] ([T, V], raw model output)."""
+    if logits.dim() != 2 or logits.shape[0] != len(next_ids):
+        raise ValueError(f"logits of shape {tuple(logits.shape)} do not match {len(next_ids)} next ids")
+    if not next_ids:
+        return []
+    ids = torch.tensor(next_ids, device=logits.device)
+    return _logprob_entries(logits.float().log_softmax(dim=-1), ids, [k] * len(next_ids))
+
+
+def apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    """Repetition (prompt + output), then frequency and presence (output) penalties; returns a new tensor."""
+    num_rows, vocab = logits.shape
+    device = logits.device
+    output_counts = _token_counts([row.output_token_ids for row in rows], vocab, device)
+    seen = _token_counts([row.prompt_token_ids for row in rows], vocab, device) > 0
+    seen |= output_counts > 0
+
+    def column(values: list[float]) -> torch.Tensor:
+        return torch.tensor(values, dtype=logits.dtype, device=device).unsqueeze(1)
+
+    repetition = column([row.params.repetition_penalty for row in rows])
+    frequency = column([row.params.frequency_penalty for row in rows])
+    presence = column([row.params.presence_penalty for row in rows])
+    repeated = torch.where(logits > 0, logits / repetition, logits * repetition)
+    logits = torch.where(seen, repeated, logits)
+    return logits - frequency * output_counts - presence * (output_counts > 0).to(logits.dtype)
+
+
+def apply_top_k(logits: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
+    """Keep tokens whose logit is >= the k-th largest of their row (top_k [B]; 0 or > V: keep all)."""
+    vocab = logits.shape[-1]
+    k = torch.where((top_k <= 0) | (top_k > vocab), vocab, top_k)
+    largest = logits.topk(int(k.max()), dim=-1).values
+    kth = largest.gather(1, (k - 1).unsqueeze(1))
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def apply_top_p(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Keep the most likely tokens whose probabilities first sum to >= p (top_p [B]; 1: keep all)."""
+    probs = logits.softmax(dim=-1)
+    sorted_probs = probs.sort(dim=-1, descending=True).values
+    cumulative = sorted_probs.cumsum(dim=-1)
+    # Index of the first token at which the running sum reaches p: the smallest kept probability.
+    last = (cumulative < top_p.unsqueeze(1)).sum(dim=-1).clamp(max=logits.shape[-1] - 1)
+    cutoff = sorted_probs.gather(1, last.unsqueeze(1))
+    # A float32 running sum may stop short of 1.0; p = 1 must keep everything.
+    cutoff = torch.where(top_p.unsqueeze(1) >= 1.0, 0.0, cutoff)
+    return logits.masked_fill(probs < cutoff, float("-inf"))
+
+
+def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """Keep tokens whose probability is >= min_p times the row's largest probability (min_p [B])."""
+    probs = logits.softmax(dim=-1)
+    threshold = probs.amax(dim=-1, keepdim=True) * min_p.unsqueeze(1)
+    return logits.masked_fill(probs < threshold, float("-inf"))
+
+
+def _is_plain_greedy(row: SamplingRow) -> bool:
+    p = row.params
+    return (row.is_greedy and not p.logit_bias and not row.has_penalties and p.logprobs is None
+            and not row.banned_by_min_tokens())
+
+
+def _apply_logit_bias(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
+    vocab = logits.shape[-1]
+    # Ids outside the vocabulary are skipped: the engine rejects them on arrival, and an out-of-range
+    # index here would kill the whole batch (a device-side assert on CUDA).
+    entries = [(i, int(token), bias) for i, row in enumerate(rows)
+               for token, bias in row.params.logit_bias.items() if 0 <= int(token) < vocab]
+    if entries:
+        row_ids, token_ids, biases = zip(*entries, strict=True)
+        _put(logits, row_ids, token_ids, torch.tensor(biases, dtype=logits.dtype, device=logits.device),
+             accumulate=True)
+
+
+def _apply_min_tokens(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
+    vocab = logits.shape[-1]
+    entries = [(i, token) for i, row in enumerate(rows) for token in row.banned_by_min_tokens()
+               if 0 <= token < vocab]
+    if entries:
+        row_ids, token_ids = zip(*entries, strict=True)
+        _put(logits, row_ids, token_ids, torch.tensor(float("-inf"), device=logits.device))
+
+
+def _put(logits: torch.Tensor, row_ids, token_ids, values: torch.Tensor, accumulate: bool = False) -> None:
+    index = (torch.tensor(row_ids, device=logits.device), torch.tensor(token_ids, device=logits.device))
+    logits.index_put_(index, values, accumulate=accumulate)
+
+
+def _token_counts(id_lists: list[list[int]], vocab: int, device: torch.device) -> torch.Tensor:
+    """[len(id_lists), vocab] float counts of each id per list."""
+    width = max((len(ids) for ids in id_lists), default=0)
+    # Pad with an extra column `vocab` that is dropped after counting.
+    padded = torch.tensor([ids + [vocab] * (width - len(ids)) for ids in id_lists], dtype=torch.long,
+                          device=device).reshape(len(id_lists), width)
+    counts = torch.zeros(len(id_lists), vocab + 1, device=device)
+    counts.scatter_add_(1, padded, torch.ones(padded.shape, device=device))
+    return counts[:, :vocab]
+
+
+def _choose_tokens(processed: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    """[B] chosen ids: argmax for greedy rows, a draw from the truncated distribution for the others."""
+    greedy_ids = processed.argmax(dim=-1)
+    if all(row.is_greedy for row in rows):
+        return greedy_ids
+    device = processed.device
+    greedy = torch.tensor([row.is_greedy for row in rows], device=device)
+    # Greedy rows ride along with neutral settings; their draw is discarded below.
+    params = [row.params for row in rows]
+    temperature = torch.tensor([1.0 if row.is_greedy else row.params.temperature for row in rows],
+                               device=device)
+    logits = processed / temperature.unsqueeze(1)
+    if any(p.top_k > 0 for p in params):
+        logits = apply_top_k(logits, torch.tensor([p.top_k for p in params], device=device))
+    if any(p.top_p < 1.0 for p in params):
+        logits = apply_top_p(logits, torch.tensor([p.top_p for p in params], device=device))
+    if any(p.min_p > 0.0 for p in params):
+        logits = apply_min_p(logits, torch.tensor([p.min_p for p in params], device=device))
+    noise = _exponential_noise(rows, logits.shape, device)
+    sampled = (logits.softmax(dim=-1) / noise).argmax(dim=-1)
+    return torch.where(greedy, greedy_ids, sampled)
+
+
+def _exponential_noise(rows: list[SamplingRow], shape: torch.Size, device: torch.device) -> torch.Tensor:
+    """Exp(1) noise for random rows (seeded ones from their own generator), ones for greedy rows."""
+    noise = torch.ones(shape, device=device)
+    unseeded = [i for i, row in enumerate(rows) if not row.is_greedy and row.generator is None]
+    if unseeded:
+        noise[unseeded] = torch.empty(len(unseeded), shape[1], device=device).exponential_()
+    for i, row in enumerate(rows):
+        if not row.is_greedy and row.generator is not None:
+            draw = torch.empty(shape[1], device=row.generator.device).exponential_(generator=row.generator)
+            noise[i] = draw.to(device)
+    # Exp(1) can round to 0; p / 0 would be inf (or nan for masked tokens).
+    return noise.clamp_(min=torch.finfo(noise.dtype).tiny)
+
+
+def _sampled_logprobs(processed: torch.Tensor, tokens: torch.Tensor,
+                      rows: list[SamplingRow]) -> list[TokenLogprob | None]:
+    wanted = [i for i, row in enumerate(rows) if row.params.logprobs is not None]
+    if not wanted:
+        return [None] * len(rows)
+    index = torch.tensor(wanted, device=processed.device)
+    entries = _logprob_entries(processed[index].log_softmax(dim=-1), tokens[index],
+                               [rows[i].params.logprobs for i in wanted])
+    result: list[TokenLogprob | None] = [None] * len(rows)
+    for i, entry in zip(wanted, entries, strict=True):
+        result[i] = entry
+    return result
+
+
+def _logprob_entries(logprobs: torch.Tensor, ids: torch.Tensor, ks: list[int]) -> list[TokenLogprob]:
+    """TokenLogprob of ids[n] under logprobs[n] ([N, V]) with the ks[n] best alternatives."""
+    chosen = logprobs.gather(1, ids.unsqueeze(1)).squeeze(1)
+    ranks = (logprobs > chosen.unsqueeze(1)).sum(dim=-1) + 1
+    top_values, top_ids = logprobs.topk(min(max(ks), logprobs.shape[-1]), dim=-1)
+    chosen_l, ranks_l, values_l, top_ids_l, ids_l = (
+        t.tolist() for t in (chosen, ranks, top_values, top_ids, ids))
+    entries = []
+    for n, k in enumerate(ks):
+        # Masked tokens (-inf) are left out: they are not alternatives, and -inf is not valid JSON.
+        top = [(t, v) for t, v in zip(top_ids_l[n][:k], values_l[n][:k], strict=True) if v != float("-inf")]
+        entries.append(TokenLogprob(ids_l[n], chosen_l[n], ranks_l[n], top))
+    return entries

@@ -1,0 +1,67 @@
+"""Server settings: every field is a KVSERVE_* env var and a `kvserve serve` flag (see cli.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """What `kvserve serve` runs with: command line over environment over these defaults."""
+
+    model_config = SettingsConfigDict(env_prefix="KVSERVE_", extra="ignore", protected_namespaces=())
+
+    model: str = Field("smollm2-135m", description="registry name (smollm2-135m), GGUF file or HF checkpoint dir")
+    served_model_name: str | None = Field(None, description="name clients send as `model` (default: --model)")
+    host: str = Field("127.0.0.1", description="address to bind")
+    port: int = Field(8000, ge=0, le=65535, description="port to bind (0: any free port)")
+    device: str = Field("auto", description="cpu, cuda, cuda:N or auto")
+    dtype: str = Field("auto", description="auto (fp32 on CPU, bf16 on CUDA), float32, float16, bfloat16")
+    max_num_seqs: int | None = Field(None, ge=1, description="most sequences decoded together (default: engine's)")
+    max_num_batched_tokens: int | None = Field(None, ge=1, description="most tokens in one forward pass (default: engine's)")
+    kv_cache_bytes: int | None = Field(None, gt=0, description="KV cache size in bytes (default: engine's choice)")
+    max_model_len: int | None = Field(None, ge=1, description="context length cap (default: the model's)")
+    max_waiting_requests: int = Field(256, ge=1, description="queued requests beyond which new ones get 429")
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="accepted bearer keys (comma-separated in the env var); none: no auth")
+    api_key_file: Path | None = Field(None, description="file with one accepted API key per line")
+    shutdown_timeout: float = Field(30.0, ge=0, description="seconds in-flight requests may run after SIGTERM")
+    request_timeout: float | None = Field(None, gt=0, description="seconds before a request is aborted (default: none)")
+    log_format: Literal["json", "text"] = Field("json", description="log line format")
+    log_level: str = Field("info", description="debug, info, warning, error")
+    log_requests_text: bool = Field(False, description="include prompt and completion text in request logs")
+    max_request_bytes: int = Field(1 << 20, ge=1024, description="largest accepted request body, in bytes")
+    inspect_max_tokens: int = Field(256, ge=1, description="longest prompt the inspection API accepts, in tokens")
+    inspect_max_bytes: int = Field(64 << 20, ge=1024, description="largest inspection response, in bytes")
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: object) -> object:
+        # Env vars arrive as one string; accept "k1,k2" as well as repeated flags.
+        if isinstance(value, str):
+            return [key.strip() for key in value.split(",") if key.strip()]
+        return value
+
+    @model_validator(mode="after")
+    def _read_key_file(self) -> Settings:
+        if self.api_key_file is not None:
+            try:
+                lines = self.api_key_file.read_text().splitlines()
+            except OSError as exc:
+                raise ValueError(f"cannot read api_key_file {self.api_key_file}: {exc}") from exc
+            extra = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+            self.api_keys = [*self.api_keys, *(k for k in extra if k not in self.api_keys)]
+        return self
+
+    @property
+    def model_name(self) -> str:
+        """The name clients use in `model`."""
+        return self.served_model_name or self.model
+
+    def engine_config_kwargs(self) -> dict[str, object]:
+        """EngineConfig keyword arguments that were set (unset ones keep the engine's defaults)."""
+        names = ("device", "dtype", "max_num_seqs", "max_num_batched_tokens", "kv_cache_bytes", "max_model_len")
+        return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
