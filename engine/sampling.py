@@ -19,6 +19,7 @@ Order of operations on a [B, V] batch of logits (one row per sequence):
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -28,6 +29,10 @@ from engine.sampling_params import SamplingParams
 
 # Dividing by a smaller temperature can overflow float32 logits; such rows are sampled greedily.
 MIN_TEMPERATURE = 1e-5
+# How many of the most likely tokens top-p looks at first (see apply_top_p).
+_TOP_P_FIRST_WIDTH = 256
+# Prompt positions whose log-softmax prompt_logprobs holds at once.
+_PROMPT_LOGPROBS_CHUNK = 256
 
 
 @dataclass(slots=True)
@@ -97,7 +102,13 @@ def prompt_logprobs(logits: torch.Tensor, next_ids: list[int], k: int) -> list[T
     if not next_ids:
         return []
     ids = torch.tensor(next_ids, device=logits.device)
-    return _logprob_entries(logits.float().log_softmax(dim=-1), ids, [k] * len(next_ids))
+    entries: list[TokenLogprob] = []
+    # In chunks: a float32 log-softmax over a long prompt and a large vocabulary is hundreds of MB.
+    for start in range(0, len(next_ids), _PROMPT_LOGPROBS_CHUNK):
+        chunk = slice(start, start + _PROMPT_LOGPROBS_CHUNK)
+        entries += _logprob_entries(logits[chunk].float().log_softmax(dim=-1), ids[chunk],
+                                    [k] * len(next_ids[chunk]))
+    return entries
 
 
 def apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
@@ -119,32 +130,43 @@ def apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tens
     return logits - frequency * output_counts - presence * (output_counts > 0).to(logits.dtype)
 
 
-def apply_top_k(logits: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
-    """Keep tokens whose logit is >= the k-th largest of their row (top_k [B]; 0 or > V: keep all)."""
+def apply_top_k(logits: torch.Tensor, top_k: list[int]) -> torch.Tensor:
+    """Keep tokens whose logit is >= the k-th largest of their row (one k per row; 0 or > V: keep all)."""
     vocab = logits.shape[-1]
-    k = torch.where((top_k <= 0) | (top_k > vocab), vocab, top_k)
-    largest = logits.topk(int(k.max()), dim=-1).values
-    kth = largest.gather(1, (k - 1).unsqueeze(1))
+    ks = [k if 0 < k <= vocab else vocab for k in top_k]
+    # topk to the largest k rather than a full sort; the k's are host values, so no device sync.
+    largest = logits.topk(max(ks), dim=-1).values
+    kth = largest.gather(1, torch.tensor(ks, device=logits.device).unsqueeze(1) - 1)
     return logits.masked_fill(logits < kth, float("-inf"))
 
 
-def apply_top_p(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """Keep the most likely tokens whose probabilities first sum to >= p (top_p [B]; 1: keep all)."""
+def apply_top_p(logits: torch.Tensor, top_p: list[float]) -> torch.Tensor:
+    """Keep the most likely tokens whose probabilities first sum to >= p (one p per row; 1: keep all)."""
+    p = torch.tensor(top_p, device=logits.device).unsqueeze(1)
     probs = logits.softmax(dim=-1)
-    sorted_probs = probs.sort(dim=-1, descending=True).values
-    cumulative = sorted_probs.cumsum(dim=-1)
+    vocab = logits.shape[-1]
+    # Sorting the whole vocabulary is slow; look at the best `width` tokens, widening until every row's
+    # running sum reaches its p there (it usually does early). Same result as a full sort.
+    width = min(vocab, _TOP_P_FIRST_WIDTH)
+    while True:
+        best = probs.topk(width, dim=-1).values
+        cumulative = best.cumsum(dim=-1)
+        if width == vocab or bool(((cumulative[:, -1:] >= p) | (p >= 1.0)).all()):
+            break
+        width = min(vocab, width * 8)
     # Index of the first token at which the running sum reaches p: the smallest kept probability.
-    last = (cumulative < top_p.unsqueeze(1)).sum(dim=-1).clamp(max=logits.shape[-1] - 1)
-    cutoff = sorted_probs.gather(1, last.unsqueeze(1))
+    last = (cumulative < p).sum(dim=-1).clamp(max=width - 1)
+    cutoff = best.gather(1, last.unsqueeze(1))
     # A float32 running sum may stop short of 1.0; p = 1 must keep everything.
-    cutoff = torch.where(top_p.unsqueeze(1) >= 1.0, 0.0, cutoff)
+    cutoff = torch.where(p >= 1.0, 0.0, cutoff)
     return logits.masked_fill(probs < cutoff, float("-inf"))
 
 
-def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
-    """Keep tokens whose probability is >= min_p times the row's largest probability (min_p [B])."""
+def apply_min_p(logits: torch.Tensor, min_p: list[float]) -> torch.Tensor:
+    """Keep tokens whose probability is >= min_p times the row's largest probability (one per row)."""
+    ratio = torch.tensor(min_p, device=logits.device).unsqueeze(1)
     probs = logits.softmax(dim=-1)
-    threshold = probs.amax(dim=-1, keepdim=True) * min_p.unsqueeze(1)
+    threshold = probs.amax(dim=-1, keepdim=True) * ratio
     return logits.masked_fill(probs < threshold, float("-inf"))
 
 
@@ -175,7 +197,8 @@ def _apply_min_tokens(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
         _put(logits, row_ids, token_ids, torch.tensor(float("-inf"), device=logits.device))
 
 
-def _put(logits: torch.Tensor, row_ids, token_ids, values: torch.Tensor, accumulate: bool = False) -> None:
+def _put(logits: torch.Tensor, row_ids: Sequence[int], token_ids: Sequence[int], values: torch.Tensor,
+         accumulate: bool = False) -> None:
     index = (torch.tensor(row_ids, device=logits.device), torch.tensor(token_ids, device=logits.device))
     logits.index_put_(index, values, accumulate=accumulate)
 
@@ -193,35 +216,44 @@ def _token_counts(id_lists: list[list[int]], vocab: int, device: torch.device) -
 
 def _choose_tokens(processed: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
     """[B] chosen ids: argmax for greedy rows, a draw from the truncated distribution for the others."""
-    greedy_ids = processed.argmax(dim=-1)
-    if all(row.is_greedy for row in rows):
-        return greedy_ids
-    device = processed.device
-    greedy = torch.tensor([row.is_greedy for row in rows], device=device)
-    # Greedy rows ride along with neutral settings; their draw is discarded below.
+    tokens = processed.argmax(dim=-1)
+    random = [i for i, row in enumerate(rows) if not row.is_greedy]
+    if random:
+        index = torch.tensor(random, device=processed.device)
+        tokens[index] = _draw(processed[index], [rows[i] for i in random])
+    return tokens
+
+
+def _draw(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    """[B] ids drawn after temperature and the truncation masks (all rows random)."""
     params = [row.params for row in rows]
-    temperature = torch.tensor([1.0 if row.is_greedy else row.params.temperature for row in rows],
-                               device=device)
-    logits = processed / temperature.unsqueeze(1)
-    if any(p.top_k > 0 for p in params):
-        logits = apply_top_k(logits, torch.tensor([p.top_k for p in params], device=device))
-    if any(p.top_p < 1.0 for p in params):
-        logits = apply_top_p(logits, torch.tensor([p.top_p for p in params], device=device))
-    if any(p.min_p > 0.0 for p in params):
-        logits = apply_min_p(logits, torch.tensor([p.min_p for p in params], device=device))
-    noise = _exponential_noise(rows, logits.shape, device)
-    sampled = (logits.softmax(dim=-1) / noise).argmax(dim=-1)
-    return torch.where(greedy, greedy_ids, sampled)
+    temperature = torch.tensor([p.temperature for p in params], device=logits.device)
+    logits = logits / temperature.unsqueeze(1)
+    logits = _on_rows(logits, apply_top_k, [p.top_k for p in params], [p.top_k > 0 for p in params])
+    logits = _on_rows(logits, apply_top_p, [p.top_p for p in params], [p.top_p < 1.0 for p in params])
+    logits = _on_rows(logits, apply_min_p, [p.min_p for p in params], [p.min_p > 0.0 for p in params])
+    return (logits.softmax(dim=-1) / _exponential_noise(rows, logits.shape, logits.device)).argmax(dim=-1)
+
+
+def _on_rows(logits: torch.Tensor, mask: Callable[[torch.Tensor, list], torch.Tensor], values: list,
+             active: list[bool]) -> torch.Tensor:
+    """Apply a truncation mask to the rows that use it only."""
+    if all(active):
+        return mask(logits, values)
+    if any(active):
+        chosen = [i for i, on in enumerate(active) if on]
+        index = torch.tensor(chosen, device=logits.device)
+        logits[index] = mask(logits[index], [values[i] for i in chosen])
+    return logits
 
 
 def _exponential_noise(rows: list[SamplingRow], shape: torch.Size, device: torch.device) -> torch.Tensor:
-    """Exp(1) noise for random rows (seeded ones from their own generator), ones for greedy rows."""
-    noise = torch.ones(shape, device=device)
-    unseeded = [i for i, row in enumerate(rows) if not row.is_greedy and row.generator is None]
-    if unseeded:
-        noise[unseeded] = torch.empty(len(unseeded), shape[1], device=device).exponential_()
+    """Exp(1) noise, one row per sampling row: seeded rows draw from their own generator."""
+    noise = torch.empty(shape, device=device)
+    if any(row.generator is None for row in rows):
+        noise.exponential_()  # unseeded rows share the default generator
     for i, row in enumerate(rows):
-        if not row.is_greedy and row.generator is not None:
+        if row.generator is not None:
             draw = torch.empty(shape[1], device=row.generator.device).exponential_(generator=row.generator)
             noise[i] = draw.to(device)
     # Exp(1) can round to 0; p / 0 would be inf (or nan for masked tokens).

@@ -56,4 +56,4 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < 1e-5  # engine.sampling.MIN_TEMPERATURE: smaller ones overflow the softmax

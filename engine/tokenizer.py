@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import json
+import re
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -40,6 +42,7 @@ GGUF_PRE_TOKENIZERS: dict[str, tuple[str, ...]] = {
 # Llama 3 vocabularies take a whole pre-token from the vocab before trying merges.
 _IGNORE_MERGES_PRE = {"llama-bpe", "llama3", "llama-v3"}
 _CONTROL, _USER_DEFINED = 3, 4  # llama.cpp token types
+_BYTE_FALLBACK = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 
 
 class Tokenizer:
@@ -85,9 +88,15 @@ class Tokenizer:
         """Load tokenizer.json, with special tokens and chat template from the HF config files beside it."""
         root = Path(path)
         if not (root / "tokenizer.json").is_file():
-            raise FileNotFoundError(f"no tokenizer.json in {str(root)!r} (only fast-tokenizer dirs are supported)")
+            raise FileNotFoundError(
+                f"no tokenizer.json in {str(root)!r} (only fast-tokenizer dirs are supported)"
+            )
         backend = HFTokenizer.from_file(str(root / "tokenizer.json"))
-        tok_cfg = _read_json(root / "tokenizer_config.json")
+        # Older dirs keep special tokens in special_tokens_map.json; tokenizer_config.json wins where both say.
+        tok_cfg = {
+            **_read_json(root / "special_tokens_map.json"),
+            **_read_json(root / "tokenizer_config.json"),
+        }
         model_cfg = _read_json(root / "config.json")
         gen_cfg = _read_json(root / "generation_config.json")
 
@@ -99,13 +108,13 @@ class Tokenizer:
         gen_eos = _id_list(gen_cfg.get("eos_token_id")) + _id_list(model_cfg.get("eos_token_id"))
         bos = token_id("bos_token")
         if bos is None:
-            bos = next(iter(_id_list(gen_cfg.get("bos_token_id")) + _id_list(model_cfg.get("bos_token_id"))), None)
+            bos = next(
+                iter(_id_list(gen_cfg.get("bos_token_id")) + _id_list(model_cfg.get("bos_token_id"))), None
+            )
         eos = token_id("eos_token")
         if eos is None:
             eos = next(iter(gen_eos), None)
-        template_file = root / "chat_template.jinja"
-        template = template_file.read_text() if template_file.is_file() else _pick_template(tok_cfg.get("chat_template"))
-        return cls(backend, bos, eos, set(gen_eos), template)
+        return cls(backend, bos, eos, set(gen_eos), _dir_chat_template(root, tok_cfg))
 
     @classmethod
     def from_gguf(cls, path_or_reader: Any) -> Tokenizer:
@@ -113,7 +122,11 @@ class Tokenizer:
         from gguf import GGUFReader
 
         reader = path_or_reader if isinstance(path_or_reader, GGUFReader) else GGUFReader(str(path_or_reader))
-        meta = {name: _field_value(field) for name, field in reader.fields.items() if name.startswith("tokenizer.")}
+        meta = {
+            name: _field_value(field)
+            for name, field in reader.fields.items()
+            if name.startswith("tokenizer.")
+        }
         kind = meta.get("tokenizer.ggml.model")
         if kind != "gpt2":
             raise ValueError(
@@ -144,7 +157,7 @@ class Tokenizer:
     def encode_with_offsets(self, text: str, add_special_tokens: bool = True) -> list[tuple[int, int, int]]:
         """(id, start, end) per token, with character offsets into `text` (added bos gets (0, 0))."""
         enc = self._tok.encode(text, add_special_tokens=add_special_tokens)
-        return [(tid, start, end) for tid, (start, end) in zip(enc.ids, enc.offsets)]
+        return [(tid, start, end) for tid, (start, end) in zip(enc.ids, enc.offsets, strict=True)]
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         """Text of `ids`; invalid UTF-8 (a character cut between tokens) shows as U+FFFD."""
@@ -155,6 +168,19 @@ class Tokenizer:
         if not 0 <= token_id < self.vocab_size or self._tok.id_to_token(token_id) is None:
             raise ValueError(f"token id {token_id} is outside the vocabulary (size {self.vocab_size})")
         return self._tok.decode([token_id], skip_special_tokens=False)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """Raw bytes of one token, which may be part of a UTF-8 character (for logprobs' `bytes`)."""
+        text = self.token_text(token_id)
+        raw = self._tok.id_to_token(token_id)
+        if "\ufffd" not in text or raw is None:
+            return text.encode()
+        if _BYTE_FALLBACK.fullmatch(raw):  # SentencePiece byte-fallback token such as <0xE2>
+            return bytes([int(raw[3:5], 16)])
+        byte_of = _byte_level_alphabet()
+        if all(ch in byte_of for ch in raw):
+            return bytes(byte_of[ch] for ch in raw)
+        return text.encode()
 
     def token_to_id(self, token: str) -> int | None:
         """Id of a vocabulary entry spelled exactly as `token`, or None."""
@@ -176,7 +202,9 @@ class Tokenizer:
             "eos_token": self._special_text(self.eos_token_id),
         }
         try:
-            return self._template.render(messages=checked, add_generation_prompt=add_generation_prompt, **special)
+            return self._template.render(
+                messages=checked, add_generation_prompt=add_generation_prompt, **special
+            )
         except jinja2.TemplateError as exc:
             raise ValueError(f"chat template rejected the messages: {exc}") from exc
 
@@ -201,7 +229,9 @@ class IncrementalDetokenizer:
 
     _PROMPT_CONTEXT = 5  # prompt tokens kept so the first output token decodes with its real left context
 
-    def __init__(self, tokenizer: Tokenizer, prompt_token_ids: list[int], skip_special_tokens: bool = True) -> None:
+    def __init__(
+        self, tokenizer: Tokenizer, prompt_token_ids: list[int], skip_special_tokens: bool = True
+    ) -> None:
         self._tokenizer = tokenizer
         self._skip_special = skip_special_tokens
         self._ids = list(prompt_token_ids[-self._PROMPT_CONTEXT :])
@@ -211,7 +241,11 @@ class IncrementalDetokenizer:
 
     def add(self, new_token_ids: list[int]) -> str:
         """Append tokens; return the newly completed text ("" while a character is still incomplete)."""
-        self._ids.extend(new_token_ids)
+        # One token at a time, so text before a cut character is not held back with it.
+        return "".join(self._add_one(token_id) for token_id in new_token_ids)
+
+    def _add_one(self, token_id: int) -> str:
+        self._ids.append(token_id)
         prefix_text = self._decode(self._ids[self._prefix : self._read])
         full_text = self._decode(self._ids[self._prefix :])
         # A trailing U+FFFD means the last token ended inside a multi-byte character: wait for the rest.
@@ -262,11 +296,22 @@ def _byte_level_bpe(tokens: list[str], meta: dict[str, Any]) -> HFTokenizer:
     backend.decoder = decoders.ByteLevel()
     # Control tokens become special (skippable, matched whole in text); user-defined ones are matched whole.
     types = meta.get("tokenizer.ggml.token_type") or []
-    control = [t for t, kind in zip(tokens, types) if kind == _CONTROL]
-    user = [t for t, kind in zip(tokens, types) if kind == _USER_DEFINED]
+    control = [t for t, kind in zip(tokens, types, strict=False) if kind == _CONTROL]
+    user = [t for t, kind in zip(tokens, types, strict=False) if kind == _USER_DEFINED]
     backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in control])
     backend.add_tokens([AddedToken(t, special=False, normalized=False) for t in user])
     return backend
+
+
+@functools.cache
+def _byte_level_alphabet() -> dict[str, int]:
+    """Character -> byte of GPT-2's byte-level alphabet: printable Latin-1 bytes stand for themselves,
+    the other bytes are shifted to code points 256 and up so no token contains whitespace or control chars."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
+    shifted = [b for b in range(256) if b not in printable]
+    alphabet = {chr(b): b for b in printable}
+    alphabet.update({chr(256 + n): b for n, b in enumerate(shifted)})
+    return alphabet
 
 
 def _field_value(field: Any) -> Any:
@@ -302,6 +347,16 @@ def _id_list(value: Any) -> list[int]:
     return [v for v in value if isinstance(v, int)] if isinstance(value, list) else []
 
 
+def _dir_chat_template(root: Path, tok_cfg: dict[str, Any]) -> str | None:
+    """The chat template of an HF dir: chat_template.jinja, else chat_template.json, else tokenizer_config."""
+    jinja_file = root / "chat_template.jinja"
+    if jinja_file.is_file():
+        return jinja_file.read_text(encoding="utf-8")
+    return _pick_template(_read_json(root / "chat_template.json").get("chat_template")) or _pick_template(
+        tok_cfg.get("chat_template")
+    )
+
+
 def _pick_template(value: Any) -> str | None:
     """tokenizer_config's chat_template: a string, or a list of named templates (take "default")."""
     if isinstance(value, str):
@@ -313,7 +368,9 @@ def _pick_template(value: Any) -> str | None:
 
 
 def _compile_chat_template(source: str) -> jinja2.Template:
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols]
+    )
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
@@ -323,10 +380,17 @@ def _compile_chat_template(source: str) -> jinja2.Template:
         raise ValueError(f"invalid chat template: {exc}") from exc
 
 
-def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None,
-            sort_keys: bool = False) -> str:
+def _tojson(
+    value: Any,
+    ensure_ascii: bool = False,
+    indent: int | None = None,
+    separators: Any = None,
+    sort_keys: bool = False,
+) -> str:
     # Jinja's own tojson HTML-escapes; chat templates expect plain JSON.
-    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+    return json.dumps(
+        value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+    )
 
 
 def _raise_exception(message: str) -> None:
@@ -360,4 +424,6 @@ def _check_messages(messages: Any) -> list[dict[str, Any]]:
 def _text_part(part: Any, index: int) -> str:
     if isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str):
         return part["text"]
-    raise ValueError(f"messages[{index}].content: only parts of the form {{'type': 'text', 'text': ...}} are supported")
+    raise ValueError(
+        f"messages[{index}].content: only parts of the form {{'type': 'text', 'text': ...}} are supported"
+    )

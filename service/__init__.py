@@ -1,0 +1,1 @@
+"""kvserve's HTTP service: OpenAI-compatible API, health, metrics. No tensors here."""

@@ -21,10 +21,8 @@ log = logging.getLogger("kvserve.service")
 
 
 class AsyncEngineLike(Protocol):
-    """What the service needs of engine.engine.AsyncEngine (a fake in unit tests)."""
+    """What the service needs of engine.AsyncEngine (a fake in unit tests)."""
 
-    tokenizer: Any
-    max_model_len: int
     is_alive: bool
 
     def generate(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> AsyncIterator[
@@ -38,12 +36,21 @@ class AsyncEngineLike(Protocol):
 
 
 @dataclass
+class LoadedModel:
+    """The running engine with what the routes need beside it."""
+
+    engine: AsyncEngineLike
+    tokenizer: Any  # engine.tokenizer.Tokenizer
+    max_model_len: int
+
+
+@dataclass
 class ServerState:
     """One per app, at app.state.kvserve."""
 
     settings: Settings
     metrics: ServiceMetrics
-    engine: AsyncEngineLike | None = None
+    loaded: LoadedModel | None = None
     load_error: str | None = None
     draining: bool = False
     started_at: float = field(default_factory=time.monotonic)
@@ -57,18 +64,18 @@ class ServerState:
 
     @property
     def ready(self) -> bool:
-        return self.engine is not None and not self.draining and self.engine.is_alive
+        return self.loaded is not None and not self.draining and self.loaded.engine.is_alive
 
-    def require_engine(self) -> AsyncEngineLike:
-        """The engine, or a 503 while loading, draining or after the engine loop died."""
+    def require_engine(self) -> LoadedModel:
+        """The loaded model, or a 503 while loading, draining or after the engine loop died."""
         if self.draining:
             raise APIError(503, "server is shutting down", code="shutting_down")
-        if self.engine is None:
+        if self.loaded is None:
             reason = f"model failed to load: {self.load_error}" if self.load_error else "model is loading"
             raise APIError(503, reason, code="model_loading", headers={"Retry-After": "5"})
-        if not self.engine.is_alive:
+        if not self.loaded.engine.is_alive:
             raise APIError(503, "engine loop is not running", code="engine_dead")
-        return self.engine
+        return self.loaded
 
     def check_model(self, model: str | None) -> None:
         """404 unless `model` is omitted or names the served model."""
@@ -78,10 +85,10 @@ class ServerState:
 
     def admit(self, num_requests: int) -> None:
         """429 when the queue of not-yet-started requests is full (max_waiting_requests)."""
-        engine = self.require_engine()
+        engine = self.require_engine().engine
         queued = sum(1 for started in self.in_flight.values() if not started)
         waiting = max(queued, engine.stats().num_waiting)
-        if waiting + num_requests > self.settings.max_waiting_requests and waiting > 0:
+        if waiting >= self.settings.max_waiting_requests:
             raise APIError(429, f"too many requests waiting ({waiting}); retry later", code="queue_full",
                            headers={"Retry-After": "1"})
 
@@ -108,9 +115,9 @@ class ServerState:
                 await asyncio.wait_for(self._idle.wait(), timeout)
             except asyncio.TimeoutError:
                 log.warning("shutdown timeout reached; aborting", extra={"fields": {"aborted": len(self.in_flight)}})
-                if self.engine is not None:
+                if self.loaded is not None:
                     for request_id in list(self.in_flight):
-                        self.engine.abort(request_id)
+                        self.loaded.engine.abort(request_id)
                 # Give handlers a moment to send their final (aborted) responses.
                 try:
                     await asyncio.wait_for(self._idle.wait(), 5.0)

@@ -130,7 +130,7 @@ def masks(out: torch.Tensor) -> list[list[bool]]:
 @given(logit_rows(), st.data())
 def test_top_k_matches_reference(rows: list[list[float]], data: st.DataObject) -> None:
     ks = [data.draw(st.integers(0, len(rows[0]) + 2)) for _ in rows]
-    out = apply_top_k(torch.tensor(rows), torch.tensor(ks))
+    out = apply_top_k(torch.tensor(rows), ks)
     expected = [[k and x != NEG_INF for k, x in zip(ref_top_k(r, k), r, strict=True)] for r, k in zip(rows, ks, strict=True)]
     assert masks(out) == expected
     assert torch.equal(out[out > NEG_INF], torch.tensor(rows)[out > NEG_INF])  # kept logits unchanged
@@ -142,7 +142,7 @@ def test_top_p_matches_reference(rows: list[list[float]], data: st.DataObject) -
     ps = [data.draw(probabilities) for _ in rows]
     refs = [ref_top_p(r, p) for r, p in zip(rows, ps, strict=True)]
     assume(not any(close for _, close in refs))
-    out = apply_top_p(torch.tensor(rows), torch.tensor(ps))
+    out = apply_top_p(torch.tensor(rows), ps)
     expected = [[k and x != NEG_INF for k, x in zip(keep, r, strict=True)] for (keep, _), r in zip(refs, rows, strict=True)]
     assert masks(out) == expected
 
@@ -153,19 +153,35 @@ def test_min_p_matches_reference(rows: list[list[float]], data: st.DataObject) -
     min_ps = [data.draw(st.one_of(st.just(0.0), st.just(1.0), st.floats(0.0, 1.0))) for _ in rows]
     refs = [ref_min_p(r, m) for r, m in zip(rows, min_ps, strict=True)]
     assume(not any(close for _, close in refs))
-    out = apply_min_p(torch.tensor(rows), torch.tensor(min_ps))
+    out = apply_min_p(torch.tensor(rows), min_ps)
     expected = [[k and x != NEG_INF for k, x in zip(keep, r, strict=True)] for (keep, _), r in zip(refs, rows, strict=True)]
     assert masks(out) == expected
 
 
+@pytest.mark.parametrize("scale", [0.1, 1.0, 5.0])
+def test_top_p_on_a_large_vocabulary_keeps_the_smallest_sufficient_set(scale: float) -> None:
+    logits = torch.randn(4, 5000, generator=torch.Generator().manual_seed(4)) * scale
+    ps = [0.3, 0.9, 0.999, 1.0]
+    kept = apply_top_p(logits, ps) > NEG_INF
+    probs = logits.double().softmax(dim=-1)
+    for row, p in enumerate(ps):
+        mass = float(probs[row][kept[row]].sum())
+        smallest_kept = probs[row][kept[row]].min()
+        assert bool((probs[row][~kept[row]] < smallest_kept).all())  # the kept set is a top set
+        assert mass >= p - 1e-5
+        # Without its least likely token the kept set would fall short of p.
+        assert p == 1.0 or mass - float(smallest_kept) < p + 1e-5
+    assert bool(kept[3].all())
+
+
 def test_edge_values_keep_everything() -> None:
     logits = torch.tensor([[0.5, 0.5, -1.0, 3.0, -30.0]])
-    assert torch.equal(apply_top_k(logits, torch.tensor([9])), logits)
-    assert torch.equal(apply_top_k(logits, torch.tensor([0])), logits)
-    assert torch.equal(apply_top_p(logits, torch.tensor([1.0])), logits)
-    assert torch.equal(apply_min_p(logits, torch.tensor([0.0])), logits)
+    assert torch.equal(apply_top_k(logits, [9]), logits)
+    assert torch.equal(apply_top_k(logits, [0]), logits)
+    assert torch.equal(apply_top_p(logits, [1.0]), logits)
+    assert torch.equal(apply_min_p(logits, [0.0]), logits)
     # A tie at the k-th place keeps both tied tokens.
-    assert masks(apply_top_k(logits, torch.tensor([2]))) == [[True, True, False, True, False]]
+    assert masks(apply_top_k(logits, [2])) == [[True, True, False, True, False]]
 
 
 # ---- penalties, bias, min_tokens --------------------------------------------------------------------
@@ -267,6 +283,14 @@ def test_prompt_logprobs_match_log_softmax() -> None:
         assert entry.rank == 1 + int((expected[t] > expected[t, token]).sum())
         assert [i for i, _ in entry.top] == expected[t].topk(3).indices.tolist()
     assert prompt_logprobs(logits[:0], [], 3) == []
+    # Long prompts are processed in chunks; the chunk seams must not show.
+    long_logits = torch.randn(600, 30, generator=torch.Generator().manual_seed(5))
+    long_ids = torch.randint(0, 30, (600,), generator=torch.Generator().manual_seed(6)).tolist()
+    long_entries = prompt_logprobs(long_logits, long_ids, 2)
+    expected_long = torch.log_softmax(long_logits.double(), dim=-1)
+    assert [e.token_id for e in long_entries] == long_ids
+    assert [e.logprob for e in long_entries] == pytest.approx(
+        expected_long.gather(1, torch.tensor(long_ids).unsqueeze(1)).squeeze(1).tolist(), abs=1e-5)
     with pytest.raises(ValueError):
         prompt_logprobs(logits, next_ids[:2], 3)
 

@@ -35,11 +35,13 @@ def reference(stops: list[str], text: str, include: bool) -> tuple[str, str | No
 
 
 def test_stop_split_across_feeds_is_held_then_cut() -> None:
-    emitted, matched = run(["STOP"], ["Hello St", "OP and more"])
-    assert matched is None  # case differs: "StOP" is not "STOP"
-    emitted, matched = run(["StOP"], ["Hello St", "OP and more"])
+    emitted, matched = run(["STOP"], ["Hello ST", "OP and more"])
     assert emitted == ["Hello ", ""]
-    assert matched == "StOP"
+    assert matched == "STOP"
+
+
+def test_matching_is_case_sensitive() -> None:
+    assert run(["STOP"], ["Hello St", "OP"]) == (["Hello St", "OP", ""], None)
 
 
 def test_stop_split_over_many_feeds() -> None:

@@ -91,10 +91,16 @@ def test_gguf_offsets_and_token_text(smollm: Tokenizer) -> None:
     text = "a 😀 café"
     triples = smollm.encode_with_offsets(text)
     assert [t[0] for t in triples] == smollm.encode(text)
-    # Each token's span covers the characters its bytes come from, in order, reaching the end of the text.
-    assert all(0 <= start <= end <= len(text) for _, start, end in triples)
+    # A token made of whole characters spans exactly its text; the pieces of the emoji all cover the emoji.
+    for tid, start, end in triples:
+        piece = smollm.token_text(tid)
+        if "\ufffd" in piece:
+            assert "😀" in text[start:end]
+        else:
+            assert text[start:end] == piece
+    assert [start for _, start, _ in triples] == sorted(start for _, start, _ in triples)
     assert triples[-1][2] == len(text)
-    assert "".join(smollm.token_text(tid) for tid, _, _ in triples if "\ufffd" not in smollm.token_text(tid)) in text
+    assert b"".join(smollm.token_bytes(tid) for tid, _, _ in triples) == text.encode()
     assert smollm.token_text(smollm.token_to_id("<|im_end|>")) == "<|im_end|>"
     with pytest.raises(ValueError, match="outside the vocabulary"):
         smollm.token_text(smollm.vocab_size)
@@ -194,7 +200,9 @@ def test_from_dir_matches_transformers(tiny_dir: Path) -> None:
     tok = Tokenizer.load(tiny_dir)
     for text in ["the lazy fox", "héllo 你好 wörld!", "unseen words 789 </s>"]:
         assert tok.encode(text) == reference.encode(text)
-        assert tok.decode(tok.encode(text)) == reference.decode(reference.encode(text), skip_special_tokens=True)
+        assert tok.decode(tok.encode(text)) == reference.decode(
+            reference.encode(text), skip_special_tokens=True
+        )
     assert tok.bos_token_id == reference.bos_token_id
     assert tok.eos_token_id == reference.eos_token_id
     assert tok.eos_token_ids == {reference.eos_token_id, tok.token_to_id("<|im_end|>")}
@@ -205,13 +213,26 @@ def test_from_dir_matches_transformers(tiny_dir: Path) -> None:
 
 def test_from_dir_reads_template_and_eos_from_config_files(tmp_path: Path) -> None:
     _train_tiny(tmp_path).save(str(tmp_path / "tokenizer.json"))
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ messages[0]['content'] }}"}))
+    (tmp_path / "tokenizer_config.json").write_text(
+        json.dumps({"chat_template": "{{ messages[0]['content'] }}"})
+    )
     (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [1, 2], "bos_token_id": 0}))
     tok = Tokenizer.from_dir(tmp_path)
     assert tok.bos_token_id == 0
     assert tok.eos_token_id == 1
     assert tok.eos_token_ids == {1, 2}
     assert tok.apply_chat_template([{"role": "user", "content": "plain"}]) == "plain"
+    # A chat_template.jinja file takes precedence, as in transformers.
+    (tmp_path / "chat_template.jinja").write_text("{{ messages | length }} {{ eos_token }}")
+    assert Tokenizer.from_dir(tmp_path).apply_chat_template([{"role": "user", "content": "x"}]) == "1 </s>"
+
+
+def test_from_dir_reads_special_tokens_map(tmp_path: Path) -> None:
+    _train_tiny(tmp_path).save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "special_tokens_map.json").write_text(json.dumps({"eos_token": {"content": "<|im_end|>"}}))
+    tok = Tokenizer.from_dir(tmp_path)
+    assert tok.eos_token_id == tok.token_to_id("<|im_end|>") == 2
+    assert tok.bos_token_id is None
 
 
 def test_chat_template_errors(tiny_dir: Path) -> None:
@@ -238,8 +259,10 @@ def test_missing_template_and_files(tmp_path: Path) -> None:
         Tokenizer.load(tmp_path).apply_chat_template([{"role": "user", "content": "hi"}])
     with pytest.raises(FileNotFoundError, match="does not exist"):
         Tokenizer.load(tmp_path / "nope")
+    empty = tmp_path / "empty"
+    empty.mkdir()
     with pytest.raises(FileNotFoundError, match="tokenizer.json"):
-        Tokenizer.load(tmp_path / "empty" if (tmp_path / "empty").mkdir() is None else tmp_path)
+        Tokenizer.load(empty)
     (tmp_path / "weights.bin").write_bytes(b"\x00" * 16)
     with pytest.raises(ValueError, match="neither a GGUF"):
         Tokenizer.load(tmp_path / "weights.bin")
@@ -253,3 +276,64 @@ def test_incremental_detokenizer_on_tiny(tiny_dir: Path) -> None:
     deltas = [detok.add([tid]) for tid in ids]
     assert all("\ufffd" not in d for d in deltas)
     assert "".join(deltas) == tok.decode(ids) == text
+    assert b"".join(tok.token_bytes(tid) for tid in ids) == text.encode()
+
+
+# ---- small GGUF vocabularies written in the test ------------------------------------------------------------
+
+SPECIALS = ("<s>", "</s>", "<|im_end|>")
+
+
+def _write_gguf(path: Path, tokenizer_model: str, pre: str, add_bos: bool = True) -> Path:
+    gguf = pytest.importorskip("gguf")
+    trained = json.loads(_train_tiny(path.parent).to_str())
+    tokens = [t for t, _ in sorted(trained["model"]["vocab"].items(), key=lambda kv: kv[1])]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in trained["model"]["merges"]]
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_tokenizer_model(tokenizer_model)
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list(tokens)
+    writer.add_token_types([3 if t in SPECIALS else 1 for t in tokens])
+    writer.add_token_merges(merges)
+    writer.add_bos_token_id(0)
+    writer.add_eos_token_id(1)
+    writer.add_add_bos_token(add_bos)
+    writer.add_chat_template("{% for m in messages %}{{ m['content'] }}</s>{% endfor %}")
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+GGUF_SAMPLES = ["numbers 1234567 and 456", "héllo\n\n  wörld's THEY'RE 你好</s>", "the  lazy\tdog\r\n!!"]
+
+
+@pytest.mark.parametrize("pre", ["gpt2", "llama-bpe", "qwen2"])
+def test_small_gguf_matches_transformers(tmp_path: Path, pre: str) -> None:
+    transformers = pytest.importorskip("transformers")
+    path = _write_gguf(tmp_path / "tiny.gguf", "gpt2", pre)
+    reference = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=path.name)
+    tok = Tokenizer.load(path)
+    for text in GGUF_SAMPLES:
+        assert tok.encode(text) == reference.encode(text)
+        assert tok.encode(text)[0] == tok.bos_token_id == 0  # add_bos_token
+        assert tok.decode(tok.encode(text)) == text.replace("</s>", "")
+    assert tok.eos_token_ids == {1, tok.token_to_id("<|im_end|>")}
+    assert tok.apply_chat_template([{"role": "user", "content": "hi"}]) == "hi</s>"
+
+
+def test_small_gguf_smollm_splits_digits(tmp_path: Path) -> None:
+    def digit_tokens(pre: str) -> list[str]:
+        tok = Tokenizer.load(_write_gguf(tmp_path / f"{pre}.gguf", "gpt2", pre, add_bos=False))
+        return [tok.token_text(i) for i in tok.encode("1234567")]
+
+    assert any(len(piece) > 1 for piece in digit_tokens("gpt2"))  # the vocab does merge digits...
+    assert digit_tokens("smollm") == list("1234567")  # ...but llama.cpp's smollm pre-tokenizer splits them
+
+
+def test_unsupported_gguf_tokenizers(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="unsupported GGUF tokenizer model 'llama'"):
+        Tokenizer.load(_write_gguf(tmp_path / "spm.gguf", "llama", "default"))
+    with pytest.raises(ValueError, match="unsupported GGUF pre-tokenizer 'made-up'"):
+        Tokenizer.load(_write_gguf(tmp_path / "odd.gguf", "gpt2", "made-up"))

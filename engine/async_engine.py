@@ -1,0 +1,131 @@
+"""AsyncEngine: one background thread runs LLMEngine.step() in a loop; asyncio consumers get deltas."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator, Callable
+
+from engine.engine import LLMEngine
+from engine.outputs import EngineStats, RequestOutput
+from engine.sampling_params import SamplingParams
+
+log = logging.getLogger("kvserve.engine")
+
+
+class EngineDeadError(RuntimeError):
+    """The step loop crashed or was shut down; no request can be served."""
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine, on_step: Callable[[int], None] | None = None) -> None:
+        self.engine = engine
+        self.on_step = on_step
+        self._incoming: queue.SimpleQueue = queue.SimpleQueue()  # (request_id, prompt, ids, params)
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._wakeup = threading.Event()
+        self._stopping = False
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="kvserve-engine", daemon=True)
+        self._num_pending = 0
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    def start(self) -> None:
+        self._thread.start()
+
+    @property
+    def is_alive(self) -> bool:
+        return self._thread.is_alive() and self._error is None and not self._stopping
+
+    async def shutdown(self) -> None:
+        """Abort everything and stop the loop thread."""
+        for request_id in list(self._streams):
+            self.engine.abort(request_id)
+        self._stopping = True
+        self._wakeup.set()
+        if self._thread.is_alive():
+            await asyncio.to_thread(self._thread.join, 10)
+
+    def stats(self) -> EngineStats:
+        stats = self.engine.stats()
+        stats.num_waiting += self._num_pending
+        return stats
+
+    def num_unfinished(self) -> int:
+        return len(self._streams)
+
+    def abort(self, request_id: str) -> None:
+        self.engine.abort(request_id)
+        self._wakeup.set()
+
+    async def generate(self, request_id: str, prompt: str | list[int],
+                       params: SamplingParams) -> AsyncIterator[RequestOutput]:
+        """Yield the request's outputs step by step; closing the iterator early aborts the request."""
+        if not self.is_alive:
+            raise EngineDeadError("the engine loop is not running")
+        if request_id in self._streams:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        ids = self.engine.prepare_prompt(prompt, params)  # ValueError before anything is queued
+        stream: asyncio.Queue = asyncio.Queue()
+        self._streams[request_id] = (asyncio.get_running_loop(), stream)
+        self._num_pending += 1
+        self._incoming.put((request_id, prompt, ids, params))
+        self._wakeup.set()
+        finished = False
+        try:
+            while True:
+                item = await stream.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            self._streams.pop(request_id, None)
+            if not finished:
+                self.abort(request_id)
+
+    # ---- the loop thread ------------------------------------------------------------------------
+
+    def _deliver(self, request_id: str, item: RequestOutput | BaseException) -> None:
+        target = self._streams.get(request_id)
+        if target is not None:
+            loop, stream = target
+            loop.call_soon_threadsafe(stream.put_nowait, item)
+
+    def _admit(self) -> None:
+        while True:
+            try:
+                request_id, prompt, ids, params = self._incoming.get_nowait()
+            except queue.Empty:
+                return
+            self._num_pending -= 1
+            try:
+                self.engine.add_request(request_id, prompt, params, prompt_ids=ids)
+            except ValueError as exc:
+                self._deliver(request_id, exc)
+
+    def _run(self) -> None:
+        try:
+            while not self._stopping:
+                self._admit()
+                if not self.engine.has_unfinished():
+                    self._wakeup.wait(0.05)
+                    self._wakeup.clear()
+                    continue
+                outputs = self.engine.step()
+                if self.on_step is not None and self.engine.last_step_tokens:
+                    self.on_step(self.engine.last_step_tokens)
+                for output in outputs:
+                    self._deliver(output.request_id, output)
+        except BaseException as exc:  # noqa: BLE001 - any crash must reach the waiting requests
+            log.exception("engine loop crashed")
+            self._error = exc
+            for request_id in list(self._streams):
+                self._deliver(request_id, EngineDeadError(f"engine loop crashed: {exc!r}"))

@@ -1,0 +1,323 @@
+"""LLMEngine: requests in, one forward pass per step(), text deltas out.
+
+A step is: apply aborts, schedule, run the model, sample, detokenize and check stop conditions.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from engine.config import EngineConfig, resolve_device, resolve_dtype
+from engine.kv_cache import BlockManager
+from engine.models_registry import resolve_model
+from engine.outputs import CompletionOutput, EngineStats, RequestMetrics, RequestOutput, TokenLogprob
+from engine.runner import ModelRunner, StepLogits, kv_bytes_per_block, wants_prompt_logits
+from engine.sampling import SamplingRow, make_generator, prompt_logprobs, sample
+from engine.sampling_params import SamplingParams
+from engine.scheduler import Scheduler
+from engine.sequence import Sequence
+from engine.stop import StopStringMatcher
+from engine.tokenizer import IncrementalDetokenizer, Tokenizer
+from engine.weights import load_model, read_model_config
+
+CPU_KV_CACHE_CAP = 1 << 30  # bytes (SmolLM2 fp32: ~23k tokens); RAM is shared with everything else
+
+
+@dataclass(eq=False)
+class _Sample:
+    """One of a request's n outputs: its sequence and the text state built from it."""
+
+    seq: Sequence
+    detokenizer: IncrementalDetokenizer
+    stops: StopStringMatcher | None
+    generator: torch.Generator | None
+    text: str = ""
+    logprobs: list[TokenLogprob] | None = None
+    delta_text: str = ""
+    delta_ids: list[int] = field(default_factory=list)
+    delta_logprobs: list[TokenLogprob] = field(default_factory=list)
+
+
+@dataclass(eq=False)
+class _Request:
+    request_id: str
+    prompt: str | None
+    prompt_ids: list[int]
+    params: SamplingParams
+    samples: list[_Sample]
+    metrics: RequestMetrics
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+
+    @property
+    def finished(self) -> bool:
+        return len(self.samples) == self.params.n and all(s.seq.is_finished for s in self.samples)
+
+
+class LLMEngine:
+    """The synchronous engine. Not thread-safe except abort(); AsyncEngine drives it from one thread."""
+
+    def __init__(self, model: str, config: EngineConfig | None = None, progress: bool = True) -> None:
+        self.config = config = config or EngineConfig()
+        self.model_name = model
+        path = resolve_model(model)
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, self.device)
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        torch.manual_seed(config.seed)
+        model_cfg = read_model_config(path)
+        max_len = min(config.max_model_len or model_cfg.max_position_embeddings, model_cfg.max_position_embeddings)
+        self.model, self.model_config = load_model(path, self.device, self.dtype, max_len, progress=progress)
+        self.tokenizer = Tokenizer.load(path)
+        num_blocks = self._num_kv_blocks(max_len)
+        self.max_model_len = min(max_len, num_blocks * config.block_size)
+        self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens)
+        self.runner = ModelRunner(self.model, self.model_config, self.device, self.dtype, config.block_size, num_blocks)
+        self.eos_token_ids = set(self.tokenizer.eos_token_ids) | set(self.model_config.eos_token_ids)
+        self._requests: dict[str, _Request] = {}
+        self._seq_ids = itertools.count()
+        self._aborts: set[str] = set()
+        self._abort_lock = threading.Lock()
+        self._stats = EngineStats(num_kv_blocks_total=num_blocks)
+        self.last_step_tokens = 0
+
+    def _num_kv_blocks(self, max_len: int) -> int:
+        per_block = kv_bytes_per_block(self.model_config, self.dtype, self.config.block_size)
+        budget = self.config.kv_cache_bytes
+        if budget is None:
+            if self.device.startswith("cuda"):
+                free, _ = torch.cuda.mem_get_info(torch.device(self.device))
+                budget = int(free * self.config.kv_cache_fraction)
+            else:
+                budget = CPU_KV_CACHE_CAP
+        num_blocks = budget // per_block
+        if num_blocks < 1:
+            raise ValueError(f"kv_cache_bytes={budget} holds no block of {self.config.block_size} tokens "
+                             f"({per_block} bytes each)")
+        return int(num_blocks)
+
+    # ---- requests -------------------------------------------------------------------------------
+
+    def prepare_prompt(self, prompt: str | list[int], params: SamplingParams) -> list[int]:
+        """Token ids of a prompt, checked against the vocabulary and the context length."""
+        if isinstance(prompt, str):
+            ids = self.tokenizer.encode(prompt)
+        else:
+            ids = list(prompt)
+            bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < self.model_config.vocab_size]
+            if bad:
+                raise ValueError(f"prompt token id {bad[0]!r} is outside the vocabulary [0, {self.model_config.vocab_size})")
+        if not ids:
+            raise ValueError("the prompt is empty")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"this model's maximum context length is {self.max_model_len} tokens, "
+                             f"but the prompt has {len(ids)} tokens (at least one must be left to generate)")
+        if params.max_tokens is not None and len(ids) + params.max_tokens > self.max_model_len:
+            raise ValueError(f"this model's maximum context length is {self.max_model_len} tokens, but "
+                             f"{len(ids) + params.max_tokens} were requested ({len(ids)} in the prompt, "
+                             f"{params.max_tokens} for the completion)")
+        if params.n > self.config.max_num_seqs:
+            raise ValueError(f"n={params.n} is more than max_num_seqs={self.config.max_num_seqs}")
+        return ids
+
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
+                    arrival_time: float | None = None, prompt_ids: list[int] | None = None) -> None:
+        """Queue a request. ValueError for an empty or too-long prompt or a reused request id."""
+        if request_id in self._requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        ids = prompt_ids if prompt_ids is not None else self.prepare_prompt(prompt, params)
+        arrival = arrival_time or time.monotonic()
+        leader = Sequence(next(self._seq_ids), request_id, ids, params, arrival_time=arrival)
+        request = _Request(request_id, prompt if isinstance(prompt, str) else None, ids, params,
+                           [self._new_sample(leader)], RequestMetrics(arrival, num_prompt_tokens=len(ids)))
+        self._requests[request_id] = request
+        self.scheduler.add(leader)
+
+    def _new_sample(self, seq: Sequence) -> _Sample:
+        params = seq.params
+        return _Sample(
+            seq=seq,
+            detokenizer=IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids, params.skip_special_tokens),
+            stops=StopStringMatcher(params.stop, params.include_stop_str_in_output) if params.stop else None,
+            generator=make_generator(params.seed, seq.index, self.device),
+            logprobs=[] if params.logprobs is not None else None,
+        )
+
+    def abort(self, request_id: str) -> None:
+        """Thread-safe; the request's blocks are freed at the next step boundary."""
+        with self._abort_lock:
+            self._aborts.add(request_id)
+
+    def has_unfinished(self) -> bool:
+        return bool(self._requests) or bool(self._aborts)
+
+    def stats(self) -> EngineStats:
+        s = self._stats
+        s.num_running, s.num_waiting = len(self.scheduler.running), len(self.scheduler.waiting)
+        s.num_kv_blocks_used = self.blocks.num_blocks - self.blocks.num_free_blocks
+        s.num_preemptions = self.scheduler.num_preemptions
+        s.prefix_cache_queries, s.prefix_cache_hits = self.blocks.prefix_queries, self.blocks.prefix_hits
+        return EngineStats(**{name: getattr(s, name) for name in s.__dataclass_fields__})
+
+    # ---- the step -------------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """One forward pass over the scheduled batch; outputs of the requests that moved."""
+        outputs = self._apply_aborts()
+        batch = self.scheduler.schedule()
+        self.last_step_tokens = batch.num_tokens
+        if not batch.scheduled:
+            return outputs
+        results = self.runner.execute(batch)
+        for item in batch.scheduled:
+            seq = item.seq
+            self._stats.prompt_tokens += max(0, min(seq.num_prompt_tokens, seq.num_computed_tokens + item.num_new_tokens)
+                                             - seq.num_computed_tokens)
+            seq.num_computed_tokens += item.num_new_tokens
+            self.blocks.commit(seq)
+        self._stats.num_steps += 1
+        touched = self._sample(results)
+        return outputs + [self._output(request) for request in touched]
+
+    def _sample(self, results: list[StepLogits]) -> list[_Request]:
+        rows: list[SamplingRow] = []
+        targets: list[_Sample] = []
+        logit_rows: list[torch.Tensor] = []
+        for result in results:
+            seq = result.seq
+            request = self._requests[seq.request_id]
+            if wants_prompt_logits(seq):
+                self._record_prompt_logprobs(request, result)
+            if seq.num_computed_tokens < len(seq):
+                continue  # a prefill chunk that does not reach the end: nothing to sample yet
+            samples = self._fork(request) if seq.num_output_tokens == 0 and len(request.samples) < request.params.n \
+                else [next(s for s in request.samples if s.seq is seq)]
+            for sample_ in samples:
+                rows.append(SamplingRow(seq.params, sample_.seq.prompt_token_ids, sample_.seq.output_token_ids,
+                                        sample_.generator, self.eos_token_ids))
+                targets.append(sample_)
+                logit_rows.append(result.logits[-1])
+        if not rows:
+            return []
+        chosen = sample(torch.stack(logit_rows), rows)
+        now = time.monotonic()
+        touched: dict[str, _Request] = {}
+        for sample_, (token, logprob) in zip(targets, chosen, strict=True):
+            self._append_token(sample_, token, logprob, now)
+            touched[sample_.seq.request_id] = self._requests[sample_.seq.request_id]
+        return list(touched.values())
+
+    def _fork(self, request: _Request) -> list[_Sample]:
+        """The prompt of an n > 1 request is computed once; its n samples then share those blocks."""
+        leader = request.samples[0].seq
+        for index in range(1, request.params.n):
+            child = Sequence(next(self._seq_ids), request.request_id, list(leader.prompt_token_ids), request.params,
+                             index=index, arrival_time=leader.arrival_time, token_ids=list(leader.token_ids),
+                             num_computed_tokens=leader.num_computed_tokens,
+                             first_scheduled_time=leader.first_scheduled_time)
+            self.blocks.fork(leader, child)
+            self.scheduler.add_running(child)
+            request.samples.append(self._new_sample(child))
+        return request.samples
+
+    def _append_token(self, sample_: _Sample, token: int, logprob: TokenLogprob | None, now: float) -> None:
+        seq, params = sample_.seq, sample_.seq.params
+        seq.token_ids.append(token)
+        seq.first_token_time = seq.first_token_time or now
+        seq.last_token_time = now
+        self._stats.generation_tokens += 1
+        sample_.delta_ids.append(token)
+        if logprob is not None and sample_.logprobs is not None:
+            sample_.logprobs.append(logprob)
+            sample_.delta_logprobs.append(logprob)
+        finish, stop_reason = None, None
+        is_eos = token in self.eos_token_ids and not params.ignore_eos
+        if token in params.stop_token_ids:
+            finish, stop_reason = "stop", token
+        elif is_eos:
+            finish = "stop"
+        if finish is None or params.include_stop_str_in_output:
+            self._emit(sample_, sample_.detokenizer.add([token]))
+        if finish is None and sample_.stops is not None and sample_.stops.matched is not None:
+            finish, stop_reason = "stop", sample_.stops.matched
+        if finish is None and params.max_tokens is not None and seq.num_output_tokens >= params.max_tokens:
+            finish = "length"
+        if finish is None and len(seq) >= self.max_model_len:
+            finish = "length"
+        if finish is not None:
+            if sample_.stops is None or sample_.stops.matched is None:
+                self._emit(sample_, sample_.detokenizer.flush())
+                if sample_.stops is not None:
+                    sample_.delta_text += sample_.stops.flush()
+            seq.stop_reason = stop_reason
+            self.scheduler.finish(seq, finish)
+
+    def _emit(self, sample_: _Sample, new_text: str) -> None:
+        """Pass detokenized text through the stop-string matcher and add what is safe to the output."""
+        if not new_text:
+            return
+        if sample_.stops is not None:
+            new_text, _ = sample_.stops.feed(new_text)
+        sample_.delta_text += new_text
+
+    def _record_prompt_logprobs(self, request: _Request, result: StepLogits) -> None:
+        """Logprob of each prompt token given the ones before it (None for the first)."""
+        if request.prompt_logprobs is None:
+            request.prompt_logprobs = [None]
+        ids = request.prompt_ids
+        first = result.first_position
+        last = min(first + result.logits.shape[0], len(ids) - 1)  # predictions of positions first+1 .. last
+        if last > first:
+            request.prompt_logprobs += prompt_logprobs(result.logits[: last - first], ids[first + 1:last + 1],
+                                                       request.params.prompt_logprobs or 0)
+
+    def _apply_aborts(self) -> list[RequestOutput]:
+        with self._abort_lock:
+            aborts, self._aborts = self._aborts, set()
+        outputs = []
+        for request_id in aborts:
+            request = self._requests.get(request_id)
+            if request is None:
+                continue  # already finished
+            for sample_ in request.samples:
+                if not sample_.seq.is_finished:
+                    self.scheduler.finish(sample_.seq, "abort")
+            while len(request.samples) < request.params.n:  # never forked: close the other outputs too
+                request.samples.append(request.samples[0])
+            outputs.append(self._output(request))
+        return outputs
+
+    def _output(self, request: _Request) -> RequestOutput:
+        completions = []
+        for index, sample_ in enumerate(request.samples):
+            seq = sample_.seq
+            sample_.text += sample_.delta_text
+            completions.append(CompletionOutput(
+                index=index, text=sample_.text, token_ids=seq.output_token_ids,
+                logprobs=list(sample_.logprobs) if sample_.logprobs is not None else None,
+                finish_reason=seq.finish_reason, stop_reason=seq.stop_reason,
+                delta_text=sample_.delta_text, delta_token_ids=sample_.delta_ids,
+                delta_logprobs=sample_.delta_logprobs if sample_.logprobs is not None else None,
+            ))
+            sample_.delta_text, sample_.delta_ids, sample_.delta_logprobs = "", [], []
+        finished = request.finished
+        metrics = request.metrics
+        seqs = [s.seq for s in request.samples]
+        metrics.first_scheduled_time = seqs[0].first_scheduled_time
+        firsts = [s.first_token_time for s in seqs if s.first_token_time]
+        metrics.first_token_time = min(firsts) if firsts else None
+        metrics.last_token_time = max((s.last_token_time or 0 for s in seqs), default=None) or None
+        metrics.num_generation_tokens = sum(s.num_output_tokens for s in {id(s): s for s in seqs}.values())
+        metrics.num_cached_tokens = seqs[0].num_cached_prompt_tokens
+        metrics.num_preemptions = sum(s.num_preemptions for s in seqs)
+        if finished:
+            metrics.finished_time = time.monotonic()
+            del self._requests[request.request_id]
+        return RequestOutput(request.request_id, request.prompt, request.prompt_ids, completions, finished,
+                             request.prompt_logprobs if finished else None, metrics)

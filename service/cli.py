@@ -1,0 +1,124 @@
+"""`kvserve serve | generate | pull`. The serve flags are generated from Settings, so they cannot drift."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import typing
+from collections.abc import Sequence
+
+from pydantic import ValidationError
+
+from service.settings import Settings
+
+# Settings fields whose flag is not simply --field-name.
+_FLAG_NAMES = {"api_keys": "--api-key"}
+
+
+def _is_list(annotation: object) -> bool:
+    origin = typing.get_origin(annotation)
+    if origin is typing.Annotated:
+        return _is_list(typing.get_args(annotation)[0])
+    return origin is list
+
+
+def add_settings_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per Settings field; values stay strings and pydantic converts and checks them."""
+    for name, field in Settings.model_fields.items():
+        flag = _FLAG_NAMES.get(name, "--" + name.replace("_", "-"))
+        env = f"KVSERVE_{name.upper()}"
+        default = field.get_default(call_default_factory=True)
+        help_text = f"{field.description or ''} [env {env}; default {default!r}]"
+        if field.annotation is bool:
+            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                                help=help_text)
+        elif _is_list(field.annotation):
+            parser.add_argument(flag, dest=name, action="append", default=argparse.SUPPRESS,
+                                help=help_text + " (repeatable)")
+        else:
+            parser.add_argument(flag, dest=name, default=argparse.SUPPRESS, help=help_text)
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    """Settings from the flags given, over KVSERVE_* env vars, over defaults."""
+    given = {name: value for name, value in vars(args).items() if name in Settings.model_fields}
+    return Settings(**given)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from service.logging_setup import configure_logging
+    from service.server import run_server
+
+    settings = settings_from_args(args)
+    configure_logging(settings.log_format, settings.log_level)
+    run_server(settings)
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from engine import LLM, SamplingParams
+
+    llm = LLM(args.model, device=args.device, dtype=args.dtype, progress=True)
+    prompt: str | list[int] = args.prompt
+    if args.chat:
+        prompt = llm.chat_prompt([{"role": "user", "content": args.prompt}])
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
+    for piece in llm.stream(prompt, params):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0
+
+
+def _pull(args: argparse.Namespace) -> int:
+    from engine import models_registry
+
+    print(models_registry.pull(args.name))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The kvserve command line."""
+    parser = argparse.ArgumentParser(prog="kvserve", description="A small LLM inference server.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="serve the OpenAI-compatible HTTP API")
+    add_settings_flags(serve)
+    serve.set_defaults(run=_serve)
+
+    generate = commands.add_parser("generate", help="stream a completion to the terminal")
+    generate.add_argument("prompt")
+    generate.add_argument("--chat", action="store_true", help="apply the model's chat template")
+    generate.add_argument("--max-tokens", type=int, default=128)
+    generate.add_argument("--temperature", type=float, default=0.0)
+    generate.add_argument("--seed", type=int, default=None)
+    generate.add_argument("--model", default="smollm2-135m", help="registry name, GGUF file or HF dir")
+    generate.add_argument("--device", default="auto")
+    generate.add_argument("--dtype", default="auto")
+    generate.set_defaults(run=_generate)
+
+    pull = commands.add_parser("pull", help="download a registry model and print its path")
+    pull.add_argument("name", help="registry name, e.g. smollm2-135m")
+    pull.set_defaults(run=_pull)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `kvserve` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except ValidationError as exc:
+        for error in exc.errors():
+            where = ".".join(str(p) for p in error["loc"]) or "settings"
+            print(f"kvserve: invalid setting {where}: {error['msg']}", file=sys.stderr)
+        return 2
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"kvserve: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,283 @@
+"""OpenAI-compatible endpoints: /v1/models, /v1/completions, /v1/chat/completions."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import Response, StreamingResponse
+from pydantic import BaseModel
+
+from engine.outputs import RequestOutput
+from engine.sampling_params import SamplingParams
+from service.choices import ChatChoiceBuilder, CompletionChoiceBuilder
+from service.errors import APIError, error_body
+from service.generation import (
+    Prompt,
+    RunOutcome,
+    check_token_params,
+    fit_context,
+    merge,
+    run_engine,
+    tokenize_prompt,
+)
+from service.middleware import LOG_FIELDS_KEY, REQUEST_ID_KEY
+from service.protocol import (
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionRequest,
+    CompletionResponse,
+    ErrorResponse,
+    ModelCard,
+    ModelList,
+    UsageInfo,
+)
+from service.state import ServerState, get_state
+
+router = APIRouter(tags=["openai"])
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse, "description": text}
+    for code, text in ((400, "invalid request or prompt too long"), (401, "missing or wrong API key"),
+                       (404, "unknown model"), (413, "body too large"), (415, "body is not JSON"),
+                       (429, "waiting queue full; see Retry-After"), (503, "loading or shutting down"),
+                       (504, "request timeout"))
+}
+_STREAM_DOC = {"text/event-stream": {"schema": {"type": "string"},
+                                     "example": 'data: {"id": "...", "choices": [...]}\n\ndata: [DONE]\n\n'}}
+CLIENT_CLOSED = 499  # nginx's "client closed request": only the request log and metrics see it
+
+
+@router.get("/v1/models", response_model=ModelList, responses=_ERRORS)
+async def list_models(state: ServerState = Depends(get_state)) -> ModelList:
+    """The one served model."""
+    engine = state.require_engine()
+    return ModelList(data=[ModelCard(id=state.model_name, max_model_len=engine.max_model_len)])
+
+
+@router.post("/v1/completions", response_model=CompletionResponse,
+             responses={**_ERRORS, 200: {"content": _STREAM_DOC, "description": "JSON, or SSE when stream is true"}})
+async def create_completion(body: CompletionRequest, request: Request,
+                            state: ServerState = Depends(get_state)) -> Response | CompletionResponse:
+    """Text completion of one or more prompts (strings or token ids)."""
+    state.check_model(body.model)
+    prompts = [fit_context(state, tokenize_prompt(state, p), body.requested_max_tokens, "max_tokens")
+               for p in body.prompts()]
+    params = [_sampling_params(state, lambda p=p: body.to_sampling_params(p.max_tokens)) for p in prompts]
+    tokenizer = state.require_engine().tokenizer
+    builders = [
+        CompletionChoiceBuilder(i * body.n + j, tokenizer, body.logprobs,
+                                echo_text=(p.text if p.text is not None else tokenizer.decode(p.token_ids))
+                                if body.echo else None,
+                                echo_token_ids=p.token_ids if body.echo else None)
+        for i, p in enumerate(prompts) for j in range(body.n)
+    ]
+    run = _Run(state, request, prompts, params, f"cmpl-{request.scope[REQUEST_ID_KEY]}")
+
+    def on_output(prompt_index: int, out: RequestOutput) -> list[Any]:
+        choices = []
+        for choice in out.outputs:
+            built = builders[prompt_index * body.n + choice.index].delta(choice, out.prompt_logprobs)
+            if built is not None:
+                choices.append(built)
+        return choices
+
+    def chunk(choices: list[Any], usage: UsageInfo | None = None) -> CompletionResponse:
+        return CompletionResponse(id=run.response_id, model=state.model_name, choices=choices, usage=usage)
+
+    if body.stream:
+        return await run.stream(on_output, chunk, body.include_usage, builders)
+    if not await run.collect(on_output, builders):
+        return Response(status_code=CLIENT_CLOSED)
+    return CompletionResponse(id=run.response_id, model=state.model_name,
+                              choices=[b.final() for b in builders], usage=run.usage(builders))
+
+
+@router.post("/v1/chat/completions", response_model=ChatCompletionResponse,
+             responses={**_ERRORS, 200: {"content": _STREAM_DOC, "description": "JSON, or SSE when stream is true"}})
+async def create_chat_completion(body: ChatCompletionRequest, request: Request,
+                                 state: ServerState = Depends(get_state)) -> Response | ChatCompletionResponse:
+    """Chat completion: the model's chat template is applied to `messages`."""
+    state.check_model(body.model)
+    tokenizer = state.require_engine().tokenizer
+    prompt = fit_context(state, chat_prompt(state, body.messages, body.add_generation_prompt),
+                         body.requested_max_tokens, "max_completion_tokens")
+    params = [_sampling_params(state, lambda: body.to_sampling_params(prompt.max_tokens))]
+    builders = [ChatChoiceBuilder(j, tokenizer, body.logprobs) for j in range(body.n)]
+    run = _Run(state, request, [prompt], params, f"chatcmpl-{request.scope[REQUEST_ID_KEY]}")
+
+    def on_output(_: int, out: RequestOutput) -> list[Any]:
+        return [built for choice in out.outputs if (built := builders[choice.index].delta(choice)) is not None]
+
+    def chunk(choices: list[Any], usage: UsageInfo | None = None) -> ChatCompletionChunk:
+        return ChatCompletionChunk(id=run.response_id, model=state.model_name, choices=choices, usage=usage)
+
+    if body.stream:
+        first = chunk([b.role_chunk() for b in builders])
+        return await run.stream(on_output, chunk, body.include_usage, builders, first_chunk=first)
+    if not await run.collect(on_output, builders):
+        return Response(status_code=CLIENT_CLOSED)
+    return ChatCompletionResponse(id=run.response_id, model=state.model_name,
+                                  choices=[b.final() for b in builders], usage=run.usage(builders))
+
+
+def chat_prompt(state: ServerState, messages: list[Any], add_generation_prompt: bool = True) -> Prompt:
+    """Render messages with the model's chat template and tokenize (the template adds special tokens)."""
+    tokenizer = state.require_engine().tokenizer
+    if not getattr(tokenizer, "has_chat_template", True):
+        raise APIError(400, "this model has no chat template; use /v1/completions", param="messages")
+    try:
+        text = tokenizer.apply_chat_template([m.as_template_dict() for m in messages],
+                                             add_generation_prompt=add_generation_prompt)
+    except ValueError as exc:
+        raise APIError(400, f"cannot apply the chat template: {exc}", param="messages") from exc
+    return tokenize_prompt(state, text, add_special_tokens=False)
+
+
+def _sampling_params(state: ServerState, make: Callable[[], SamplingParams]) -> SamplingParams:
+    try:
+        params = make()
+    except ValueError as exc:
+        raise APIError(400, str(exc)) from exc
+    check_token_params(state, params)
+    return params
+
+
+class _Run:
+    """One API request's engine requests (one per prompt) and how their outputs reach the client."""
+
+    def __init__(self, state: ServerState, request: Request, prompts: list[Prompt], params: list[SamplingParams],
+                 response_id: str) -> None:
+        state.admit(len(prompts))
+        self.state, self.request, self.prompts, self.params = state, request, prompts, params
+        self.response_id = response_id
+        self.outcomes = [RunOutcome() for _ in prompts]
+        self.log: dict[str, Any] = request.scope.setdefault(LOG_FIELDS_KEY, {})
+        self.started = time.monotonic()
+
+    def _outputs(self) -> AsyncIterator[tuple[int, RequestOutput]]:
+        rid = self.request.scope[REQUEST_ID_KEY]
+        streams = [run_engine(self.state, f"{rid}-{i}", p, sp, o)
+                   for i, (p, sp, o) in enumerate(zip(self.prompts, self.params, self.outcomes, strict=True))]
+        return merge(streams)
+
+    def usage(self, builders: list[Any]) -> UsageInfo:
+        prompt_tokens = sum(len(p.token_ids) for p in self.prompts)
+        completion_tokens = sum(len(b.token_ids) for b in builders)
+        return UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                         total_tokens=prompt_tokens + completion_tokens)
+
+    def _failure(self) -> APIError | None:
+        """The error to report when some engine request did not finish normally."""
+        if any(o.timed_out for o in self.outcomes):
+            return APIError(504, f"request timed out after {self.state.settings.request_timeout} s")
+        if any(o.aborted for o in self.outcomes):
+            return APIError(503, "request aborted: server is shutting down", code="shutting_down")
+        return None
+
+    def _finish_log(self, builders: list[Any] | None = None) -> None:
+        firsts = [o.first_token_time for o in self.outcomes if o.first_token_time is not None]
+        self.log["ttft_s"] = round(min(firsts) - self.started, 4) if firsts else None
+        if builders is not None:
+            usage = self.usage(builders)
+            self.log.update(prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens)
+            self.log["finish_reasons"] = [b.finish_reason for b in builders]
+            if self.state.settings.log_requests_text:
+                self.log["completions"] = [b.text for b in builders]
+
+    async def collect(self, on_output: Callable[[int, RequestOutput], list[Any]], builders: list[Any]) -> bool:
+        """Run to completion (True); a client that disconnects meanwhile aborts the engine requests (False)."""
+
+        async def consume() -> None:
+            outputs = self._outputs()
+            try:
+                async for index, out in outputs:
+                    on_output(index, out)
+            finally:
+                await outputs.aclose()
+
+        completed = await _until_disconnect(self.request, consume())
+        self._finish_log(builders)
+        if not completed:
+            return False
+        failure = self._failure()
+        if failure is not None:
+            raise failure
+        return True
+
+    async def stream(self, on_output: Callable[[int, RequestOutput], list[Any]],
+                     make_chunk: Callable[..., BaseModel], include_usage: bool, builders: list[Any],
+                     first_chunk: BaseModel | None = None) -> StreamingResponse:
+        """An SSE response. The first engine output is awaited here, so invalid input is still a 4xx."""
+        outputs = self._outputs()
+        try:
+            first = await anext(outputs)
+        except StopAsyncIteration:
+            first = None
+        except BaseException:
+            await outputs.aclose()
+            raise
+
+        async def events() -> AsyncIterator[str]:
+            try:
+                if first_chunk is not None:
+                    yield _sse(first_chunk)
+                pending = [first] if first is not None else []
+                while True:
+                    if pending:
+                        index, out = pending.pop()
+                    else:
+                        try:
+                            index, out = await anext(outputs)
+                        except StopAsyncIteration:
+                            break
+                    choices = on_output(index, out)
+                    if choices:
+                        yield _sse(make_chunk(choices))
+                failure = self._failure()
+                if failure is not None:
+                    yield f"data: {_json(error_body(failure.status, failure.message, code=failure.code))}\n\n"
+                elif include_usage:
+                    yield _sse(make_chunk([], usage=self.usage(builders)))
+                yield "data: [DONE]\n\n"
+            finally:
+                await outputs.aclose()
+                self._finish_log(builders)
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+async def _until_disconnect(request: Request, work: Awaitable[None]) -> bool:
+    """Await `work` (True), cancelling it if the client disconnects first (False)."""
+    task = asyncio.ensure_future(work)
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+    if task.cancelled():
+        return False
+    task.result()  # re-raise what the work raised
+    return True
+
+
+def _sse(model: BaseModel) -> str:
+    return f"data: {model.model_dump_json()}\n\n"
+
+
+def _json(obj: Any) -> str:
+    return json.dumps(obj, separators=(",", ":"))
