@@ -59,6 +59,8 @@ class ModelConfig:
             )
         if model_type not in ("llama", "mistral", "qwen2"):
             raise ValueError(f"unsupported model_type {model_type!r}: expected llama, mistral, qwen2 or gpt2")
+        rope = cfg.get("rope_parameters") or {}  # transformers >= 5 nests rope_theta and scaling here
+        scaling = cfg.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
         return cls(
             arch="llama",
             vocab_size=cfg["vocab_size"],
@@ -70,8 +72,8 @@ class ModelConfig:
             max_position_embeddings=cfg.get("max_position_embeddings", 2048),
             head_dim=cfg.get("head_dim") or 0,
             norm_eps=cfg.get("rms_norm_eps", 1e-6),
-            rope_theta=cfg.get("rope_theta", 10000.0),
-            rope_scaling=cfg.get("rope_scaling"),
+            rope_theta=cfg.get("rope_theta", rope.get("rope_theta", 10000.0)),
+            rope_scaling=scaling,
             tie_word_embeddings=cfg.get("tie_word_embeddings", False),
             attention_bias=cfg.get("attention_bias", model_type == "qwen2"),
             bos_token_id=cfg.get("bos_token_id"),

@@ -121,7 +121,9 @@ class Tokenizer:
         """Build from GGUF metadata (llama.cpp's "gpt2" byte-level BPE vocabularies); path or gguf.GGUFReader."""
         from gguf import GGUFReader
 
-        reader = path_or_reader if isinstance(path_or_reader, GGUFReader) else GGUFReader(str(path_or_reader))
+        from engine.gguf_loader import open_gguf
+
+        reader = path_or_reader if isinstance(path_or_reader, GGUFReader) else open_gguf(path_or_reader)
         meta = {
             name: _field_value(field)
             for name, field in reader.fields.items()

@@ -70,7 +70,7 @@ def load_model(path: str, device: str, dtype: torch.dtype, max_positions: int,
         bar = tqdm(total=total, desc="loading weights", unit="tensor", disable=not progress, leave=False)
         tensors = _hf_tensors(Path(path), bar)
     else:
-        from engine.gguf_loader import gguf_tensors, gguf_tensor_count
+        from engine.gguf_loader import gguf_tensor_count, gguf_tensors
 
         bar = tqdm(total=gguf_tensor_count(path), desc="loading weights", unit="tensor",
                    disable=not progress, leave=False)

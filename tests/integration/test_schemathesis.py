@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
+from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 
 from tests.integration.live_server import API_KEY, LiveServer
@@ -50,6 +51,11 @@ def test_no_server_errors(server: LiveServer, mode: GenerationMode) -> None:
             if response.status_code >= 400:
                 assert set(response.json()["error"]) == {"message", "type", "param", "code"}, label
 
-        run()
+        try:
+            run()
+        except Unsatisfiable:
+            # Operations without parameters or body (GET /health ...) have no invalid input to generate.
+            assert mode is GenerationMode.NEGATIVE and operation.method.upper() == "GET", operation.label
+            continue
         checked.append(operation.label)
     assert {"POST /v1/completions", "POST /v1/chat/completions", "POST /tokenize"} <= set(checked)

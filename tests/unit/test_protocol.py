@@ -1,0 +1,81 @@
+"""Request models: bounds, cross-field rules, and the SamplingParams they turn into."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from service.protocol import ChatCompletionRequest, ChatDelta, CompletionRequest, TokenizeRequest
+
+
+def completion(**fields: object) -> CompletionRequest:
+    return CompletionRequest.model_validate({"prompt": "hi", **fields})
+
+
+@pytest.mark.parametrize(("prompt", "expected"), [
+    ("hello", ["hello"]),
+    (["a", "b"], ["a", "b"]),
+    ([1, 2, 3], [[1, 2, 3]]),
+    ([[1, 2], [3]], [[1, 2], [3]]),
+])
+def test_prompt_forms(prompt: object, expected: list) -> None:
+    assert completion(prompt=prompt).prompts() == expected
+
+
+@pytest.mark.parametrize("fields", [
+    {"temperature": -0.1}, {"temperature": 2.5}, {"top_p": 0}, {"top_p": 1.5}, {"n": 0}, {"n": 17},
+    {"max_tokens": 0}, {"presence_penalty": -3}, {"frequency_penalty": 2.1}, {"logprobs": 21}, {"seed": -1},
+    {"top_k": -2}, {"min_p": 1.5}, {"repetition_penalty": 0}, {"min_tokens": -1},
+    {"stop": ""}, {"stop": [""]}, {"stop": ["x"] * 17}, {"logit_bias": {"a": 1.0}}, {"logit_bias": {"5": 101}},
+    {"prompt": []}, {"prompt": [-1]}, {"prompt": [[]]}, {"prompt": 3},
+    {"max_tokens": "4"}, {"n": 1.0}, {"n": True}, {"echo": "yes"},
+    {"unknown": 1}, {"suffix": "x"}, {"best_of": 3},
+    {"stream_options": {"include_usage": True}},  # without stream
+    {"min_tokens": 5, "max_tokens": 4},
+])
+def test_completion_rejects(fields: dict) -> None:
+    with pytest.raises(ValidationError):
+        completion(**fields)
+
+
+def test_completion_to_sampling_params() -> None:
+    request = completion(n=2, temperature=0.5, top_p=0.9, stop="END", seed=3, logit_bias={"7": -5.0},
+                         logprobs=2, echo=True, top_k=10, min_p=0.1, repetition_penalty=1.2, min_tokens=1,
+                         ignore_eos=True, presence_penalty=0.5, frequency_penalty=-0.5)
+    params = request.to_sampling_params(max_tokens=9)
+    assert (params.n, params.max_tokens, params.temperature, params.top_p) == (2, 9, 0.5, 0.9)
+    assert params.stop == ["END"] and params.seed == 3 and params.logit_bias == {7: -5.0}
+    assert params.logprobs == 2 and params.prompt_logprobs == 2
+    assert (params.top_k, params.min_p, params.repetition_penalty, params.min_tokens) == (10, 0.1, 1.2, 1)
+    assert params.ignore_eos and (params.presence_penalty, params.frequency_penalty) == (0.5, -0.5)
+    # Without echo, no prompt logprobs are computed.
+    assert completion(logprobs=1).to_sampling_params(4).prompt_logprobs is None
+
+
+def test_chat_rules_and_params() -> None:
+    messages = [{"role": "developer", "content": [{"type": "text", "text": "be "}, {"type": "text", "text": "brief"}]},
+                {"role": "user", "content": "hi"}]
+    request = ChatCompletionRequest.model_validate({"messages": messages, "max_completion_tokens": 7,
+                                                    "logprobs": True, "top_logprobs": 3})
+    assert request.requested_max_tokens == 7
+    assert request.messages[0].as_template_dict() == {"role": "system", "content": "be brief"}
+    params = request.to_sampling_params(7)
+    assert params.logprobs == 3 and params.max_tokens == 7
+    assert ChatCompletionRequest.model_validate({"messages": messages}).to_sampling_params(5).logprobs is None
+    for bad in ({"top_logprobs": 2}, {"max_tokens": 2, "max_completion_tokens": 3}, {"messages": []},
+                {"tools": []}, {"response_format": {"type": "json_object"}}):
+        with pytest.raises(ValidationError):
+            ChatCompletionRequest.model_validate({"messages": messages, **bad})
+
+
+def test_tokenize_needs_exactly_one_input() -> None:
+    assert TokenizeRequest.model_validate({"prompt": "x"}).prompt == "x"
+    for bad in ({}, {"prompt": "x", "messages": [{"role": "user", "content": "y"}]}):
+        with pytest.raises(ValidationError):
+            TokenizeRequest.model_validate(bad)
+
+
+def test_chat_delta_carries_only_what_changed() -> None:
+    assert ChatDelta(content="x").model_dump() == {"content": "x"}
+    assert ChatDelta().model_dump() == {}
+    assert ChatDelta(role="assistant", content="").model_dump() == {"role": "assistant", "content": ""}

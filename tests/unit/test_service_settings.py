@@ -1,0 +1,52 @@
+"""Settings: every field is a `kvserve serve` flag and a KVSERVE_* env var; flags win over env."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from service.cli import build_parser, settings_from_args
+from service.settings import Settings
+
+
+def parse(*argv: str) -> Settings:
+    return settings_from_args(build_parser().parse_args(["serve", *argv]))
+
+
+def test_every_setting_is_a_flag() -> None:
+    serve = build_parser()._subparsers._group_actions[0].choices["serve"]  # noqa: SLF001 - argparse has no API
+    dests = {action.dest for action in serve._actions}
+    assert set(Settings.model_fields) <= dests
+
+
+def test_defaults_env_and_flags(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in Settings.model_fields:
+        monkeypatch.delenv(f"KVSERVE_{name.upper()}", raising=False)
+    defaults = parse()
+    assert (defaults.model, defaults.host, defaults.port, defaults.model_name) == \
+        ("smollm2-135m", "127.0.0.1", 8000, "smollm2-135m")
+    monkeypatch.setenv("KVSERVE_PORT", "9001")
+    monkeypatch.setenv("KVSERVE_MAX_NUM_SEQS", "4")
+    monkeypatch.setenv("KVSERVE_API_KEYS", "a, b")
+    monkeypatch.setenv("KVSERVE_LOG_REQUESTS_TEXT", "true")
+    from_env = parse()
+    assert (from_env.port, from_env.max_num_seqs, from_env.api_keys, from_env.log_requests_text) == \
+        (9001, 4, ["a", "b"], True)
+    flags = parse("--port", "9002", "--api-key", "c", "--api-key", "d", "--no-log-requests-text",
+                  "--served-model-name", "m")
+    assert (flags.port, flags.api_keys, flags.log_requests_text, flags.model_name) == (9002, ["c", "d"], False, "m")
+    assert flags.engine_config_kwargs() == {"device": "auto", "dtype": "auto", "max_num_seqs": 4}
+
+
+def test_api_key_file_adds_keys(tmp_path: Path) -> None:
+    key_file = tmp_path / "keys"
+    key_file.write_text("# team keys\nk1\n\nk2\n")
+    assert parse("--api-key", "k0", "--api-key-file", str(key_file)).api_keys == ["k0", "k1", "k2"]
+
+
+@pytest.mark.parametrize("argv", [["--port", "http"], ["--port", "70000"], ["--log-format", "xml"],
+                                  ["--max-num-seqs", "0"], ["--api-key-file", "/nonexistent/keys"]])
+def test_invalid_settings_are_rejected(argv: list[str]) -> None:
+    with pytest.raises(ValueError):
+        parse(*argv)
