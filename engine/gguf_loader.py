@@ -214,7 +214,44 @@ def dequantize_tensor(t: ReaderTensor) -> torch.Tensor:
         return torch.from_numpy(raw).view(torch.bfloat16)
     if t.tensor_type == Q.F32:
         return torch.from_numpy(np.array(t.data, dtype=np.float32))
+    if t.tensor_type in _FAST_DEQUANT:
+        raw = torch.from_numpy(np.ascontiguousarray(t.data).view(np.uint8))
+        return _FAST_DEQUANT[t.tensor_type](raw)
     return torch.from_numpy(dequantize(t.data, t.tensor_type))
+
+
+# The common 32-value block formats, vectorised in torch: ~10x faster than gguf's numpy path on 2 cores,
+# which is most of a cold start. Each row of `raw` holds whole blocks; the result keeps the row shape.
+def _blocks(raw: torch.Tensor, block_bytes: int) -> torch.Tensor:
+    return raw.reshape(*raw.shape[:-1], raw.shape[-1] // block_bytes, block_bytes)
+
+
+def _f16(blocks: torch.Tensor, start: int) -> torch.Tensor:
+    return blocks[..., start:start + 2].contiguous().view(torch.float16).float()
+
+
+def _nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """16 bytes -> 32 values: low nibbles are values 0-15, high nibbles 16-31."""
+    return torch.cat([packed & 0x0F, packed >> 4], dim=-1).float()
+
+
+def _dequant_q8_0(raw: torch.Tensor) -> torch.Tensor:
+    b = _blocks(raw, 34)
+    values = b[..., 2:].contiguous().view(torch.int8).float() * _f16(b, 0)
+    return values.flatten(-2)
+
+
+def _dequant_q4_0(raw: torch.Tensor) -> torch.Tensor:
+    b = _blocks(raw, 18)
+    return ((_nibbles(b[..., 2:]) - 8.0) * _f16(b, 0)).flatten(-2)
+
+
+def _dequant_q4_1(raw: torch.Tensor) -> torch.Tensor:
+    b = _blocks(raw, 20)
+    return (_nibbles(b[..., 4:]) * _f16(b, 0) + _f16(b, 2)).flatten(-2)
+
+
+_FAST_DEQUANT = {Q.Q8_0: _dequant_q8_0, Q.Q4_0: _dequant_q4_0, Q.Q4_1: _dequant_q4_1}
 
 
 def _llama_name(name: str) -> str:

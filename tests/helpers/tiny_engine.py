@@ -9,7 +9,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from tests.helpers.tiny_models import randomize
+from helpers.tiny_models import randomize
 
 VOCAB = 320
 CORPUS = [

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from transformers import AutoModelForCausalLM
 
 from engine import EngineConfig, LLMEngine, SamplingParams
-from tests.helpers.tiny_engine import make_tiny_model_dir
+from helpers.tiny_engine import make_tiny_model_dir
 
 
 @pytest.fixture(scope="module")

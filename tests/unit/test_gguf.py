@@ -210,3 +210,16 @@ def test_unexpected_gguf_tensor_is_named(tmp_path: Path) -> None:
     bad = _copy_gguf(src, tmp_path / "bad.gguf", {}, {"blk.0.attn_sinks.weight": np.zeros(4, np.float32)})
     with pytest.raises(ValueError, match="blk.0.attn_sinks.weight"):
         load_model(bad, "cpu", torch.float32, 64, progress=False)
+
+
+@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_0, Q.Q4_1])
+def test_fast_dequantizers_equal_gguf_reference(qtype) -> None:
+    """The torch block decoders used on the load path give gguf's numpy results exactly."""
+    from gguf.quants import dequantize, quantize
+
+    from engine.gguf_loader import _FAST_DEQUANT
+
+    values = np.random.default_rng(0).standard_normal((16, 128)).astype(np.float32)
+    packed = quantize(values, qtype)
+    got = _FAST_DEQUANT[qtype](torch.from_numpy(packed.view(np.uint8))).numpy()
+    np.testing.assert_array_equal(got, dequantize(packed, qtype))

@@ -1,0 +1,49 @@
+# kvserve: `make serve` to run the server, `make test` to run the tests. Needs Python 3.11 and make.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PORT ?= 8000
+MODEL ?= smollm2-135m
+PYTEST_ARGS ?=
+
+.PHONY: serve test test-fast lint venv dev-deps model bench bench-peers clean
+
+$(BIN)/kvserve: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# CPU build of torch first: a plain `torch` requirement would pull a multi-GB CUDA build.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e .
+	touch $@
+
+venv: $(BIN)/kvserve
+
+$(VENV)/.dev-deps: $(BIN)/kvserve
+	$(BIN)/pip install -q -e '.[dev]'
+	scripts/install_browser.sh $(BIN)
+	touch $@
+
+dev-deps: $(VENV)/.dev-deps
+
+model: venv  ## fetch the default model into $$KVSERVE_HOME (~/.cache/kvserve) unless it is there
+	$(BIN)/kvserve pull $(MODEL)
+
+serve: model  ## serve the default model on http://127.0.0.1:$(PORT)
+	$(BIN)/kvserve serve --model $(MODEL) --port $(PORT)
+
+test: dev-deps model  ## unit, integration and browser tests, plus the deployment checks
+	$(BIN)/ruff check engine service bench tests
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	PATH=$(CURDIR)/$(BIN):$$PATH scripts/check_deploy.sh
+
+test-fast: dev-deps  ## the tests that need no real model
+	$(BIN)/python -m pytest -q -m 'not slow and not e2e' tests/unit
+
+lint: dev-deps
+	$(BIN)/ruff check engine service bench tests
+
+clean:
+	rm -rf $(VENV) .pytest_cache artifacts
+
+include deploy/check.mk
+-include bench/bench.mk
