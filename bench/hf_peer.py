@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -53,9 +54,18 @@ class _TokenClock:
         pass
 
 
-def hf_generate(model, prompts: list[list[int]], max_new_tokens: int, pad_id: int,
-                clock: bool = False) -> tuple[float, int, list[float]]:
-    """Greedy generate exactly max_new_tokens per prompt; (seconds, new tokens, per-token times if clock)."""
+@dataclass
+class HFRun:
+    """One generate() call: wall seconds, new tokens, arrival time of each new token (batch 1), output ids."""
+
+    seconds: float
+    new_tokens: int
+    token_times: list[float]
+    output_ids: list[list[int]]
+
+
+def hf_generate(model, prompts: list[list[int]], max_new_tokens: int, pad_id: int, clock: bool = False) -> HFRun:
+    """Greedy generate exactly max_new_tokens per prompt; with clock, note when each token arrives."""
     ids, mask = left_padded(prompts, pad_id)
     streamer = _TokenClock() if clock else None
     start = time.perf_counter()
@@ -64,6 +74,6 @@ def hf_generate(model, prompts: list[list[int]], max_new_tokens: int, pad_id: in
                              min_new_tokens=max_new_tokens, pad_token_id=pad_id, streamer=streamer,
                              temperature=None, top_p=None, top_k=None)
     seconds = time.perf_counter() - start
-    new_tokens = (out.shape[1] - ids.shape[1]) * out.shape[0]
+    new = out[:, ids.shape[1]:]
     times = [t - start for t in streamer.times] if streamer else []
-    return seconds, new_tokens, times
+    return HFRun(seconds, new.numel(), times, new.tolist())

@@ -13,8 +13,16 @@ import gc
 import json
 import time
 
-from bench.common import (HF_MODEL_DIR, chat_prompt_ids, fmt, load_tokenizer, machine_info, markdown_table,
-                          parse_int_list, write_report)
+from bench.common import (
+    HF_MODEL_DIR,
+    chat_prompt_ids,
+    fmt,
+    load_tokenizer,
+    machine_info,
+    markdown_table,
+    parse_int_list,
+    write_report,
+)
 
 Results = dict[str, dict[str, float]]  # batch size (as str, JSON-friendly) -> {"tok_s", "tokens", "seconds"}
 
@@ -51,8 +59,8 @@ def run_transformers(prompts: list[list[int]], batch_sizes: list[int], max_token
     hf_generate(model, prompts[:2], 4, pad_id)
     results: Results = {}
     for size in batch_sizes:
-        seconds, tokens, _ = hf_generate(model, prompts[:size], max_tokens, pad_id)
-        results[str(size)] = _entry(tokens, seconds)
+        run = hf_generate(model, prompts[:size], max_tokens, pad_id)
+        results[str(size)] = _entry(run.new_tokens, run.seconds)
         print(f"transformers batch {size}: {results[str(size)]['tok_s']:.1f} tok/s", flush=True)
     del model
     gc.collect()

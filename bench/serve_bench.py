@@ -11,10 +11,25 @@ import argparse
 import asyncio
 import time
 
-from bench.common import (chat_prompt_ids, fmt, load_tokenizer, machine_info, markdown_table, parse_int_list,
-                          random_prompt_ids, summarize, write_report)
-from bench.openai_client import (RequestResult, base_url_of, completion_body, make_client, served_model,
-                                 stream_completion)
+from bench.common import (
+    chat_prompt_ids,
+    fmt,
+    load_tokenizer,
+    machine_info,
+    markdown_table,
+    parse_int_list,
+    random_prompt_ids,
+    summarize,
+    write_report,
+)
+from bench.openai_client import (
+    RequestResult,
+    base_url_of,
+    completion_body,
+    make_client,
+    served_model,
+    stream_completion,
+)
 
 Prompt = str | list[int]
 

@@ -51,7 +51,15 @@ class _Request:
     params: SamplingParams
     samples: list[_Sample]
     metrics: RequestMetrics
-    prompt_logprobs: list[TokenLogprob | None] | None = None
+    prompt_logprob_by_position: dict[int, TokenLogprob] = field(default_factory=dict)
+    prompt_logprobs_sent: bool = False
+
+    @property
+    def prompt_logprobs(self) -> list[TokenLogprob | None] | None:
+        """All prompt logprobs (None first: nothing predicts token 0), once every position has one."""
+        if self.params.prompt_logprobs is None or len(self.prompt_logprob_by_position) < len(self.prompt_ids) - 1:
+            return None
+        return [None] + [self.prompt_logprob_by_position[i] for i in range(1, len(self.prompt_ids))]
 
     @property
     def finished(self) -> bool:
@@ -267,15 +275,15 @@ class LLMEngine:
         sample_.delta_text += new_text
 
     def _record_prompt_logprobs(self, request: _Request, result: StepLogits) -> None:
-        """Logprob of each prompt token given the ones before it (None for the first)."""
-        if request.prompt_logprobs is None:
-            request.prompt_logprobs = [None]
+        """Logprob of each prompt token given the ones before it, by position (a recompute overwrites)."""
         ids = request.prompt_ids
         first = result.first_position
         last = min(first + result.logits.shape[0], len(ids) - 1)  # predictions of positions first+1 .. last
         if last > first:
-            request.prompt_logprobs += prompt_logprobs(result.logits[: last - first], ids[first + 1:last + 1],
-                                                       request.params.prompt_logprobs or 0)
+            entries = prompt_logprobs(result.logits[: last - first], ids[first + 1:last + 1],
+                                      request.params.prompt_logprobs or 0)
+            for offset, entry in enumerate(entries):
+                request.prompt_logprob_by_position[first + 1 + offset] = entry
 
     def _apply_aborts(self) -> list[RequestOutput]:
         with self._abort_lock:
@@ -319,5 +327,10 @@ class LLMEngine:
         if finished:
             metrics.finished_time = time.monotonic()
             del self._requests[request.request_id]
+        # Prompt logprobs go out once complete (the first output after prefill, for echo in streams) and at the end.
+        prompt_lp = request.prompt_logprobs
+        complete = prompt_lp is not None
+        send_prompt_lp = complete and (finished or not request.prompt_logprobs_sent)
+        request.prompt_logprobs_sent |= send_prompt_lp
         return RequestOutput(request.request_id, request.prompt, request.prompt_ids, completions, finished,
-                             request.prompt_logprobs if finished else None, metrics)
+                             prompt_lp if send_prompt_lp else None, metrics)

@@ -10,6 +10,7 @@ from contextlib import asynccontextmanager
 from importlib import import_module
 
 from fastapi import APIRouter, Depends, FastAPI
+from fastapi.openapi.utils import get_openapi
 
 from service.auth import require_api_key
 from service.errors import install_error_handlers
@@ -74,9 +75,25 @@ def create_app(settings: Settings | None = None, *, loaded: LoadedModel | None =
     inspect_router = _inspect_router()
     if inspect_router is not None:
         app.include_router(inspect_router, dependencies=keyed)
+    _document_400_not_422(app)
     app.add_middleware(RequestContextMiddleware, max_request_bytes=settings.max_request_bytes,
                        on_error=metrics.observe_error)
     return app
+
+
+def _document_400_not_422(app: FastAPI) -> None:
+    """Invalid bodies get 400 here (OpenAI's status), so the schema must not promise FastAPI's 422."""
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
+            for path in schema.get("paths", {}).values():
+                for operation in path.values():
+                    operation.get("responses", {}).pop("422", None)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 async def _load(state: ServerState) -> None:

@@ -53,7 +53,8 @@ _STREAM_DOC = {"text/event-stream": {"schema": {"type": "string"},
 CLIENT_CLOSED = 499  # nginx's "client closed request": only the request log and metrics see it
 
 
-@router.get("/v1/models", response_model=ModelList, responses=_ERRORS)
+@router.get("/v1/models", response_model=ModelList,
+            responses={code: _ERRORS[code] for code in (401, 503)})
 async def list_models(state: ServerState = Depends(get_state)) -> ModelList:
     """The one served model."""
     engine = state.require_engine()
@@ -188,6 +189,7 @@ class _Run:
             self.log.update(prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens)
             self.log["finish_reasons"] = [b.finish_reason for b in builders]
             if self.state.settings.log_requests_text:
+                self.log["prompts"] = [p.text for p in self.prompts]
                 self.log["completions"] = [b.text for b in builders]
 
     async def collect(self, on_output: Callable[[int, RequestOutput], list[Any]], builders: list[Any]) -> bool:

@@ -6,8 +6,7 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-
-from tests.integration.live_server import API_KEY, LiveServer, start_server
+from live_server import API_KEY, LiveServer, start_server
 
 
 @pytest.fixture(scope="session")

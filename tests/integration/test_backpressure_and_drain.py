@@ -10,8 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-
-from tests.integration.live_server import LiveServer, start_server
+from live_server import LiveServer, start_server
 
 LONG = {"prompt": "Count slowly:", "ignore_eos": True, "temperature": 0}
 

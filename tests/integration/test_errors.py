@@ -6,8 +6,7 @@ import json
 
 import httpx
 import pytest
-
-from tests.integration.live_server import API_KEY, SERVED_NAME, LiveServer
+from live_server import API_KEY, SERVED_NAME, LiveServer
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 OK_COMPLETION = {"prompt": "Hello", "max_tokens": 2}

@@ -5,8 +5,7 @@ from __future__ import annotations
 import time
 
 import httpx
-
-from tests.integration.live_server import API_KEY, LiveServer
+from live_server import API_KEY, LiveServer
 
 METRIC_NAMES = [
     "kvserve_num_requests_running", "kvserve_num_requests_waiting", "kvserve_kv_cache_usage_ratio",

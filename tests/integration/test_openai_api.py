@@ -6,9 +6,8 @@ import math
 
 import httpx
 import pytest
+from live_server import SERVED_NAME, LiveServer
 from openai import OpenAI
-
-from tests.integration.live_server import SERVED_NAME, LiveServer
 
 PROMPT = "The three primary colors are"
 CHAT = [{"role": "user", "content": "Name a fruit."}]

@@ -7,9 +7,8 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 from hypothesis.errors import Unsatisfiable
+from live_server import API_KEY, LiveServer
 from schemathesis import GenerationMode
-
-from tests.integration.live_server import API_KEY, LiveServer
 
 GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions")
 MAX_EXAMPLES = 30

@@ -159,6 +159,7 @@ def test_logprobs_match_reference_log_softmax(tiny_dir: str) -> None:
     engine = make_engine(tiny_dir)
     reference = AutoModelForCausalLM.from_pretrained(tiny_dir, torch_dtype=torch.float32).eval()
     ids = random_prompts(1, seed=6, vocab=engine.model_config.vocab_size, lo=12, hi=12)[0]
+    alone(engine, ids, SamplingParams(max_tokens=2))  # the prompt is now in the prefix cache
     engine.add_request("lp", ids, SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, logprobs=3,
                                                  prompt_logprobs=2))
     final = None

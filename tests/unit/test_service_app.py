@@ -172,3 +172,28 @@ async def test_context_limit(max_tokens: int | None, status: int) -> None:
     assert response.status_code == status, response.text
     if status == 200:
         assert response.json()["usage"]["completion_tokens"] == (max_tokens or 61)
+
+
+async def test_one_json_log_line_per_request_without_text(caplog: pytest.LogCaptureFixture) -> None:
+    from service.logging_setup import JsonFormatter
+
+    for log_text in (False, True):
+        caplog.clear()
+        with caplog.at_level("INFO", logger="kvserve.request"):
+            async with client_for(make_app(FakeEngine(), log_requests_text=log_text)) as client:
+                await client.post("/v1/completions", json={"prompt": "secret", "max_tokens": 2})
+        records = [r for r in caplog.records if r.name == "kvserve.request"]
+        assert len(records) == 1
+        line = json.loads(JsonFormatter().format(records[0]))
+        assert line["status"] == 200 and line["prompt_tokens"] == 6 and line["completion_tokens"] == 2
+        assert {"request_id", "latency_s", "ttft_s"} <= set(line)
+        assert ("secret" in json.dumps(line)) is log_text
+
+
+def test_openapi_promises_400_not_422_and_declares_the_key() -> None:
+    schema = make_app(FakeEngine(), api_keys=["k"]).openapi()
+    for path, operations in schema["paths"].items():
+        for operation in operations.values():
+            assert "422" not in operation["responses"], path
+            keyed = path.startswith("/v1/") or path in ("/tokenize", "/detokenize")
+            assert bool(operation.get("security")) is keyed, path

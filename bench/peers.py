@@ -1,0 +1,186 @@
+"""Driver: start each server in turn (kvserve, vLLM CPU, llama.cpp), wait for health, benchmark it, stop it.
+
+Runs the serving benchmark (bench.serve_bench) and, with --offline, the offline-style throughput
+(bench.offline_throughput's OpenAI mode) against every server, so all figures come from one sitting with
+the same prompts and the same client. Peers are started with ../shared/peers/serve.sh (set PEERS_SH).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from bench import offline_throughput, serve_bench
+from bench.common import PEERS_DIR, fmt, machine_info, markdown_table, parse_int_list, write_report
+
+PEERS_SH = Path(os.environ.get("PEERS_SH", Path(__file__).resolve().parents[2] / "shared" / "peers" / "serve.sh"))
+SERVERS = ("kvserve", "vllm", "llama")
+
+
+def server_command(name: str, port: int, model: str) -> list[str]:
+    """The command line that serves the default model on 127.0.0.1:port."""
+    if name == "kvserve":
+        return [sys.executable, "-m", "service.cli", "serve", "--model", model, "--port", str(port),
+                "--served-model-name", "smollm2-135m", "--log-level", "warning"]
+    if name in ("vllm", "llama"):
+        return ["bash", str(PEERS_SH), name, str(port)]
+    raise ValueError(f"unknown server {name!r}; choose from {', '.join(SERVERS)}")
+
+
+def is_up(base: str) -> bool:
+    """True when /health and /v1/models both answer 200 (llama.cpp answers 503 while loading)."""
+    try:
+        return all(httpx.get(f"{base}{path}", timeout=5).status_code == 200 for path in ("/health", "/v1/models"))
+    except httpx.HTTPError:
+        return False
+
+
+def start_server(name: str, port: int, model: str, log_dir: Path, timeout: float) -> subprocess.Popen:
+    """Start one server in its own process group; return once it is healthy (or raise with its log tail)."""
+    base = f"http://127.0.0.1:{port}"
+    if is_up(base):
+        raise RuntimeError(f"something already serves on {base}; pick another --port")
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_path = log_dir / f"{name}.log"
+    log = log_path.open("w")
+    proc = subprocess.Popen(server_command(name, port, model), stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    print(f"started {name} (pid {proc.pid}), waiting for {base}/health; log {log_path}", flush=True)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{name} exited with {proc.returncode}:\n{log_path.read_text()[-2000:]}")
+        if is_up(base):
+            print(f"{name} up after {timeout - (deadline - time.monotonic()):.0f} s", flush=True)
+            return proc
+        time.sleep(2)
+    stop_server(proc)
+    raise RuntimeError(f"{name} not healthy after {timeout:.0f} s:\n{log_path.read_text()[-2000:]}")
+
+
+def stop_server(proc: subprocess.Popen, grace: float = 30.0) -> None:
+    """SIGTERM the server's process group (vLLM has child processes), SIGKILL it if it lingers."""
+    if proc.poll() is not None:
+        return
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+_VLLM_BENCH_KEYS = {"output_tok_s": r"Output token throughput \(tok/s\):\s*([\d.]+)",
+                    "ttft_p50_ms": r"Median TTFT \(ms\):\s*([\d.]+)", "ttft_p99_ms": r"P99 TTFT \(ms\):\s*([\d.]+)",
+                    "itl_p50_ms": r"Median ITL \(ms\):\s*([\d.]+)", "itl_p99_ms": r"P99 ITL \(ms\):\s*([\d.]+)"}
+
+
+def parse_vllm_bench(text: str) -> dict[str, float]:
+    """The headline figures of `vllm bench serve`'s printed summary."""
+    found = {key: re.search(pattern, text) for key, pattern in _VLLM_BENCH_KEYS.items()}
+    return {key: float(match.group(1)) for key, match in found.items() if match}
+
+
+def vllm_bench_serve(port: int, concurrency: int, num_prompts: int, args: argparse.Namespace) -> dict[str, float]:
+    """vLLM's own client (`vllm bench serve`, random dataset) against the server on `port`."""
+    cmd = [str(PEERS_DIR / "vllm" / "bin" / "vllm"), "bench", "serve", "--backend", "openai",
+           "--base-url", f"http://127.0.0.1:{port}", "--model", "smollm2-135m",
+           "--tokenizer", str(PEERS_DIR / "models" / "smollm2-135m-hf"), "--dataset-name", "random",
+           "--random-input-len", str(args.input_len), "--random-output-len", str(args.max_tokens),
+           "--num-prompts", str(num_prompts), "--max-concurrency", str(concurrency), "--ignore-eos"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    if done.returncode:
+        raise RuntimeError(f"vllm bench serve failed:\n{(done.stdout + done.stderr)[-2000:]}")
+    return parse_vllm_bench(done.stdout)
+
+
+def bench_one(name: str, args: argparse.Namespace, prompts: list, levels: list[tuple[int, int]]) -> dict:
+    """Start `name`, run the selected benchmarks against it, stop it."""
+    proc = start_server(name, args.port, args.model, Path(args.log_dir), args.start_timeout)
+    url = f"http://127.0.0.1:{args.port}"
+    try:
+        result: dict = {"serve": asyncio.run(serve_bench.run_bench(url, prompts, levels, args.max_tokens,
+                                                                    args.ignore_eos, api_key=args.api_key))}
+        if args.offline:
+            result["offline"] = offline_throughput.run_openai(url, prompts, args.batch_sizes, args.max_tokens,
+                                                              args.api_key)
+        if args.vllm_bench and name == "kvserve":
+            result["vllm_bench"] = {str(c): vllm_bench_serve(args.port, c, n, args) for c, n in levels}
+        return result
+    finally:
+        stop_server(proc)
+
+
+def vllm_bench_table(results: dict[str, dict]) -> str:
+    """`vllm bench serve` figures, one row per (server, concurrency)."""
+    rows = [[name, conc] + [fmt(figures.get(key)) for key in _VLLM_BENCH_KEYS]
+            for name, result in results.items() for conc, figures in result.get("vllm_bench", {}).items()]
+    return markdown_table(["server", "conc", "out tok/s", "TTFT p50 ms", "TTFT p99 ms", "ITL p50 ms", "ITL p99 ms"],
+                          rows)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m bench.peers", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--servers", default="kvserve,vllm,llama", help=f"comma-separated, from {SERVERS}")
+    parser.add_argument("--port", type=int, default=8123, help="port every server is started on, in turn")
+    parser.add_argument("--model", default="smollm2-135m", help="kvserve's --model (peers serve SmolLM2)")
+    parser.add_argument("--start-timeout", type=float, default=900.0,
+                        help="seconds to wait for health (vLLM's first start compiles for minutes)")
+    parser.add_argument("--offline", action="store_true", help="also measure offline-style batch throughput")
+    parser.add_argument("--batch-sizes", type=parse_int_list, default=[1, 16, 64], help="for --offline")
+    parser.add_argument("--offline-baseline", default=None, metavar="JSON",
+                        help="bench.offline_throughput output (kvserve in-process + transformers) to merge in")
+    parser.add_argument("--vllm-bench", action="store_true", help="also run `vllm bench serve` against kvserve")
+    serve_bench.add_arguments(parser)
+    parser.add_argument("--log-dir", default="bench/results/logs")
+    parser.add_argument("--output", default="bench/results/peers.json")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    names = [n.strip() for n in args.servers.split(",") if n.strip()]
+    for name in names:
+        server_command(name, args.port, args.model)  # unknown names fail before anything starts
+    levels = serve_bench.levels_from(args.concurrency, args.num_prompts)
+    prompts = serve_bench.make_prompts(args, max([n for _, n in levels] + args.batch_sizes))
+    results: dict[str, dict] = {}
+    for name in names:
+        try:
+            results[name] = bench_one(name, args, prompts, levels)
+        except RuntimeError as exc:  # one broken peer should not lose the others' figures
+            print(f"{name}: {exc}", file=sys.stderr, flush=True)
+            results[name] = {"error": str(exc)}
+    ok = {name: r for name, r in results.items() if "serve" in r}
+    sections = [f"Serving ({args.dataset} prompts, {args.max_tokens} output tokens, streaming)\n\n"
+                + serve_bench.serving_table({name: r["serve"] for name, r in ok.items()})]
+    if args.offline:
+        systems = {}
+        if args.offline_baseline:
+            systems.update(json.loads(Path(args.offline_baseline).read_text())["systems"])
+        systems.update({f"{name} (HTTP)": r["offline"] for name, r in ok.items()})
+        reference = "kvserve" if "kvserve" in systems else "kvserve (HTTP)"
+        sections.append("Offline-style throughput, output tok/s\n\n"
+                        + offline_throughput.throughput_table(systems, args.batch_sizes, reference))
+    if any("vllm_bench" in r for r in ok.values()):
+        sections.append("`vllm bench serve` (random dataset)\n\n" + vllm_bench_table(ok))
+    failed = [f"{name}: failed, see {args.log_dir}/{name}.log" for name, r in results.items() if "error" in r]
+    data = {"config": {k: v for k, v in vars(args).items() if k != "api_key"}, "machine": machine_info(),
+            "results": results}
+    write_report(args.output, data, "\n\n".join(sections + failed))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
