@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -66,6 +67,12 @@ def random_prompt_ids(count: int, length: int, vocab_size: int, seed: int = 0,
     return prompts
 
 
+def warmup_prompts(prompts: Sequence[str | list[int]]) -> list:
+    """Short heads of two prompts: warm-up requests that leave no full prompt block in a prefix cache."""
+    return [p[:8] for p in prompts[:2]]
+
+
+@functools.lru_cache(maxsize=4)
 def load_tokenizer(model: str):
     """kvserve's tokenizer for a registry name, GGUF file or HF dir (no model weights loaded)."""
     from engine.models_registry import resolve_model

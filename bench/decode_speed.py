@@ -32,7 +32,7 @@ def bench_kvserve(model: str, prompt: list[int], max_tokens: int, runs: int, dev
 
     llm = LLM(model, device=device, dtype=dtype)
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
-    llm.generate([prompt], SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
+    llm.generate([prompt[:8]], SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
     measured, ids = [], []
     for _ in range(runs):
         start = time.perf_counter()

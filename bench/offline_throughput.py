@@ -21,6 +21,7 @@ from bench.common import (
     machine_info,
     markdown_table,
     parse_int_list,
+    warmup_prompts,
     write_report,
 )
 
@@ -38,7 +39,7 @@ def run_kvserve(model: str, prompts: list[list[int]], batch_sizes: list[int], ma
 
     llm = LLM(model, device=device, dtype=dtype, max_num_seqs=max(64, *batch_sizes))
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
-    llm.generate(prompts[:2], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
+    llm.generate(warmup_prompts(prompts), SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
     results: Results = {}
     for size in batch_sizes:
         start = time.perf_counter()
@@ -56,7 +57,7 @@ def run_transformers(prompts: list[list[int]], batch_sizes: list[int], max_token
     from bench.hf_peer import hf_generate, load_hf_model
 
     model = load_hf_model()
-    hf_generate(model, prompts[:2], 4, pad_id)
+    hf_generate(model, warmup_prompts(prompts), 4, pad_id)
     results: Results = {}
     for size in batch_sizes:
         run = hf_generate(model, prompts[:size], max_tokens, pad_id)
@@ -76,19 +77,19 @@ async def _openai_batches(url: str, prompts: list[str] | list[list[int]], batch_
     async with make_client(max(batch_sizes), api_key) as client:
         model = await served_model(client, base)
 
-        async def batch(size: int, tokens: int) -> tuple[int, float]:
-            bodies = [completion_body(model, p, tokens, stream=False) for p in prompts[:size]]
+        async def batch(batch_prompts: list, tokens: int) -> tuple[int, float]:
+            bodies = [completion_body(model, p, tokens, stream=False) for p in batch_prompts]
             start = time.perf_counter()
             done = await asyncio.gather(*(complete(client, f"{base}/v1/completions", b) for b in bodies))
             seconds = time.perf_counter() - start
             failed = [r.error for r in done if not r.ok]
             if failed:
-                raise RuntimeError(f"{len(failed)} of {size} requests failed, first: {failed[0]}")
+                raise RuntimeError(f"{len(failed)} of {len(bodies)} requests failed, first: {failed[0]}")
             return sum(r.output_tokens for r in done), seconds
 
-        await batch(min(2, len(prompts)), 4)  # warm-up
+        await batch(warmup_prompts(prompts), 4)
         for size in batch_sizes:
-            tokens, seconds = await batch(size, max_tokens)
+            tokens, seconds = await batch(prompts[:size], max_tokens)
             if tokens != size * max_tokens:
                 print(f"warning: {url} returned {tokens} tokens, expected {size * max_tokens} (ignore_eos honoured?)")
             results[str(size)] = _entry(tokens, seconds)

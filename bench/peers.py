@@ -21,7 +21,7 @@ from pathlib import Path
 import httpx
 
 from bench import offline_throughput, serve_bench
-from bench.common import PEERS_DIR, fmt, machine_info, markdown_table, parse_int_list, write_report
+from bench.common import PEERS_DIR, QUESTIONS, fmt, machine_info, markdown_table, parse_int_list, write_report
 
 PEERS_SH = Path(os.environ.get("PEERS_SH", Path(__file__).resolve().parents[2] / "shared" / "peers" / "serve.sh"))
 SERVERS = ("kvserve", "vllm", "llama")
@@ -52,9 +52,9 @@ def start_server(name: str, port: int, model: str, log_dir: Path, timeout: float
         raise RuntimeError(f"something already serves on {base}; pick another --port")
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"{name}.log"
-    log = log_path.open("w")
-    proc = subprocess.Popen(server_command(name, port, model), stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    with log_path.open("w") as log:  # the child keeps its own descriptor
+        proc = subprocess.Popen(server_command(name, port, model), stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
     print(f"started {name} (pid {proc.pid}), waiting for {base}/health; log {log_path}", flush=True)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -96,7 +96,7 @@ def vllm_bench_serve(port: int, concurrency: int, num_prompts: int, args: argpar
     cmd = [str(PEERS_DIR / "vllm" / "bin" / "vllm"), "bench", "serve", "--backend", "openai",
            "--base-url", f"http://127.0.0.1:{port}", "--model", "smollm2-135m",
            "--tokenizer", str(PEERS_DIR / "models" / "smollm2-135m-hf"), "--dataset-name", "random",
-           "--random-input-len", str(args.input_len), "--random-output-len", str(args.max_tokens),
+           "--random-input-len", str(args.vllm_input_len), "--random-output-len", str(args.max_tokens),
            "--num-prompts", str(num_prompts), "--max-concurrency", str(concurrency), "--ignore-eos"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
     if done.returncode:
@@ -112,10 +112,18 @@ def bench_one(name: str, args: argparse.Namespace, prompts: list, levels: list[t
         result: dict = {"serve": asyncio.run(serve_bench.run_bench(url, prompts, levels, args.max_tokens,
                                                                     args.ignore_eos, api_key=args.api_key))}
         if args.offline:
-            result["offline"] = offline_throughput.run_openai(url, prompts, args.batch_sizes, args.max_tokens,
-                                                              args.api_key)
+            try:
+                result["offline"] = offline_throughput.run_openai(url, prompts, args.batch_sizes,
+                                                                  args.max_tokens, args.api_key)
+            except (RuntimeError, httpx.HTTPError) as exc:  # keep the serving figures
+                print(f"{name} offline: {exc}", file=sys.stderr, flush=True)
+                result["offline_error"] = str(exc)
         if args.vllm_bench and name == "kvserve":
-            result["vllm_bench"] = {str(c): vllm_bench_serve(args.port, c, n, args) for c, n in levels}
+            try:
+                result["vllm_bench"] = {str(c): vllm_bench_serve(args.port, c, n, args) for c, n in levels}
+            except (RuntimeError, OSError, subprocess.TimeoutExpired) as exc:  # keep kvserve's own figures
+                print(f"vllm bench serve: {exc}", file=sys.stderr, flush=True)
+                result["vllm_bench_error"] = str(exc)
         return result
     finally:
         stop_server(proc)
@@ -143,8 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="bench.offline_throughput output (kvserve in-process + transformers) to merge in")
     parser.add_argument("--vllm-bench", action="store_true", help="also run `vllm bench serve` against kvserve")
     serve_bench.add_arguments(parser)
-    parser.add_argument("--log-dir", default="bench/results/logs")
-    parser.add_argument("--output", default="bench/results/peers.json")
+    parser.add_argument("--log-dir", default="artifacts/bench/logs")
+    parser.add_argument("--output", default="artifacts/bench/peers.json")
     return parser
 
 
@@ -155,11 +163,14 @@ def main(argv: list[str] | None = None) -> int:
         server_command(name, args.port, args.model)  # unknown names fail before anything starts
     levels = serve_bench.levels_from(args.concurrency, args.num_prompts)
     prompts = serve_bench.make_prompts(args, max([n for _, n in levels] + args.batch_sizes))
+    # vllm bench serve's random prompts get the length of ours, so its figures compare with ours
+    lengths = [len(p) for p in serve_bench.prompt_ids(args, len(QUESTIONS))]
+    args.vllm_input_len = round(sum(lengths) / len(lengths))
     results: dict[str, dict] = {}
     for name in names:
         try:
             results[name] = bench_one(name, args, prompts, levels)
-        except RuntimeError as exc:  # one broken peer should not lose the others' figures
+        except (RuntimeError, OSError, httpx.HTTPError) as exc:  # one broken peer must not lose the others' figures
             print(f"{name}: {exc}", file=sys.stderr, flush=True)
             results[name] = {"error": str(exc)}
     ok = {name: r for name, r in results.items() if "serve" in r}
@@ -169,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         systems = {}
         if args.offline_baseline:
             systems.update(json.loads(Path(args.offline_baseline).read_text())["systems"])
-        systems.update({f"{name} (HTTP)": r["offline"] for name, r in ok.items()})
+        systems.update({f"{name} (HTTP)": r["offline"] for name, r in ok.items() if "offline" in r})
         reference = "kvserve" if "kvserve" in systems else "kvserve (HTTP)"
         sections.append("Offline-style throughput, output tok/s\n\n"
                         + offline_throughput.throughput_table(systems, args.batch_sizes, reference))

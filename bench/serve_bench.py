@@ -20,6 +20,7 @@ from bench.common import (
     parse_int_list,
     random_prompt_ids,
     summarize,
+    warmup_prompts,
     write_report,
 )
 from bench.openai_client import (
@@ -74,7 +75,8 @@ async def run_bench(url: str, prompts: list[Prompt], levels: list[tuple[int, int
     endpoint = f"{base}/v1/completions"
     async with make_client(max(c for c, _ in levels), api_key) as client:
         model = model or await served_model(client, base)
-        warm = await run_level(client, endpoint, [completion_body(model, p, 4, True) for p in prompts[:2]], 2)
+        warm_bodies = [completion_body(model, p, 4, True) for p in warmup_prompts(prompts)]
+        warm = await run_level(client, endpoint, warm_bodies, 2)
         if warm["failed"]:
             raise RuntimeError(f"warm-up against {url} failed: {warm['errors']}")
         out = []
@@ -112,15 +114,20 @@ def levels_from(concurrency: list[int], num_prompts: list[int]) -> list[tuple[in
     return list(zip(concurrency, num_prompts, strict=True))
 
 
-def make_prompts(args: argparse.Namespace, count: int) -> list[Prompt]:
-    """Chat prompts (the fixed question list) or random token ids, as ids or decoded text."""
+def prompt_ids(args: argparse.Namespace, count: int) -> list[list[int]]:
+    """Chat prompts (the fixed question list) or --input-len random token ids."""
     tokenizer = load_tokenizer(args.tokenizer)
     if args.dataset == "chat":
-        ids = chat_prompt_ids(tokenizer, count)
-    else:
-        special = {*tokenizer.eos_token_ids, *([tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else [])}
-        ids = random_prompt_ids(count, args.input_len, tokenizer.vocab_size, args.seed, avoid=special)
+        return chat_prompt_ids(tokenizer, count)
+    special = {*tokenizer.eos_token_ids, *([tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else [])}
+    return random_prompt_ids(count, args.input_len, tokenizer.vocab_size, args.seed, avoid=special)
+
+
+def make_prompts(args: argparse.Namespace, count: int) -> list[Prompt]:
+    """The prompts to send: token ids, or their text with --text-prompts."""
+    ids = prompt_ids(args, count)
     if args.text_prompts:
+        tokenizer = load_tokenizer(args.tokenizer)
         return [tokenizer.decode(p, skip_special_tokens=False) for p in ids]
     return ids
 

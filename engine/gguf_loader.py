@@ -215,7 +215,7 @@ def dequantize_tensor(t: ReaderTensor) -> torch.Tensor:
     if t.tensor_type == Q.F32:
         return torch.from_numpy(np.array(t.data, dtype=np.float32))
     if t.tensor_type in _FAST_DEQUANT:
-        raw = torch.from_numpy(np.ascontiguousarray(t.data).view(np.uint8))
+        raw = torch.from_numpy(np.array(t.data, copy=True).view(np.uint8))  # writable: torch warns on read-only maps
         return _FAST_DEQUANT[t.tensor_type](raw)
     return torch.from_numpy(dequantize(t.data, t.tensor_type))
 

@@ -8,7 +8,7 @@ from torch import nn
 
 from engine.attention import AttentionMetadata, paged_attention
 from engine.config import ModelConfig
-from engine.models.layers import set_param
+from engine.models.layers import Linear, pack_linears, pack_weight, set_param, vocab_projection
 
 
 def _frozen(module: nn.Module) -> nn.Module:
@@ -22,8 +22,8 @@ class GPT2Attention(nn.Module):
         super().__init__()
         self.num_heads = self.num_kv_heads = cfg.num_heads
         self.head_dim = cfg.head_dim
-        self.c_attn = _frozen(nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size))
-        self.c_proj = _frozen(nn.Linear(cfg.hidden_size, cfg.hidden_size))
+        self.c_attn = Linear(cfg.hidden_size, 3 * cfg.hidden_size, bias=True)
+        self.c_proj = Linear(cfg.hidden_size, cfg.hidden_size, bias=True)
         self.scale = self.head_dim ** -0.5
         self.k_cache = self.v_cache = torch.empty(0)
 
@@ -43,8 +43,8 @@ class GPT2Block(nn.Module):
         self.ln_1 = _frozen(nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps))
         self.attn = GPT2Attention(cfg)
         self.ln_2 = _frozen(nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps))
-        self.c_fc = _frozen(nn.Linear(cfg.hidden_size, cfg.intermediate_size))
-        self.c_proj = _frozen(nn.Linear(cfg.intermediate_size, cfg.hidden_size))
+        self.c_fc = Linear(cfg.hidden_size, cfg.intermediate_size, bias=True)
+        self.c_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=True)
 
     @property
     def self_attn(self) -> GPT2Attention:
@@ -68,6 +68,7 @@ class GPT2LMHeadModel(nn.Module):
         self.wpe = _frozen(nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size))
         self.h = nn.ModuleList(GPT2Block(cfg) for _ in range(cfg.num_layers))
         self.ln_f = _frozen(nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps))
+        self.lm_head_packed: torch.Tensor | None = None
 
     @property
     def layers(self) -> nn.ModuleList:
@@ -86,10 +87,11 @@ class GPT2LMHeadModel(nn.Module):
         return self.ln_f(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.ln_f(hidden), self.wte.weight).float()
+        return vocab_projection(self.ln_f(hidden), self.wte.weight, self.lm_head_packed).float()
 
     def post_load(self, device: torch.device, dtype: torch.dtype) -> None:
-        pass
+        pack_linears(self)
+        self.lm_head_packed = pack_weight(self.wte.weight)
 
     def load_weight(self, name: str, tensor: torch.Tensor) -> None:
         """Take one tensor under its HF name (with or without the `transformer.` prefix)."""

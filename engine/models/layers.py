@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -92,3 +93,49 @@ def check_loaded(model: nn.Module) -> None:
     if missing:
         shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
         raise ValueError(f"checkpoint is missing {len(missing)} tensors: {shown}")
+
+
+def _onednn_available() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+class Linear(nn.Linear):
+    """nn.Linear that can use a weight prepacked for oneDNN on CPU.
+
+    On a small-core CPU, MKL's sgemm repacks the weight on every call; at the row counts of decoding
+    (1-64) that costs more than the multiply. A prepacked oneDNN weight is 1.5-2.5x faster there.
+    The original weight stays for everything else (tied embeddings, the inspection path).
+    """
+
+    packed: torch.Tensor | None = None
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
+        super().__init__(in_features, out_features, bias=bias)
+        for p in self.parameters():
+            p.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None and x.device.type == "cpu":
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        return F.linear(x, self.weight, self.bias)
+
+
+def pack_weight(weight: torch.Tensor) -> torch.Tensor | None:
+    """A oneDNN-packed copy of an fp32 CPU weight, or None where that path does not apply."""
+    if weight.device.type != "cpu" or weight.dtype != torch.float32 or not _onednn_available():
+        return None
+    return torch.ops.mkldnn._reorder_linear_weight(weight, 16)  # 16: a batch-size hint for the layout
+
+
+def pack_linears(model: nn.Module) -> None:
+    """Prepack every Linear of a CPU fp32 model (a no-op elsewhere)."""
+    for module in model.modules():
+        if isinstance(module, Linear):
+            module.packed = pack_weight(module.weight)
+
+
+def vocab_projection(x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor | None) -> torch.Tensor:
+    """x @ weight.T (the LM head), through the packed copy when there is one."""
+    if packed is not None and x.device.type == "cpu":
+        return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+    return F.linear(x, weight)

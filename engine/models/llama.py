@@ -12,15 +12,15 @@ from torch import nn
 
 from engine.attention import AttentionMetadata, paged_attention
 from engine.config import ModelConfig
-from engine.models.layers import RMSNorm, RotaryEmbedding, set_param
-
-
-def _linear(in_dim: int, out_dim: int, bias: bool = False) -> nn.Linear:
-    layer = nn.Linear(in_dim, out_dim, bias=bias)
-    layer.weight.requires_grad_(False)
-    if bias:
-        layer.bias.requires_grad_(False)
-    return layer
+from engine.models.layers import (
+    Linear,
+    RMSNorm,
+    RotaryEmbedding,
+    pack_linears,
+    pack_weight,
+    set_param,
+    vocab_projection,
+)
 
 
 class LlamaAttention(nn.Module):
@@ -29,8 +29,8 @@ class LlamaAttention(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
-        self.qkv_proj = _linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias)
-        self.o_proj = _linear(self.q_size, cfg.hidden_size)
+        self.qkv_proj = Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias)
+        self.o_proj = Linear(self.q_size, cfg.hidden_size)
         self.rotary = rotary
         self.scale = self.head_dim ** -0.5
         self.k_cache = self.v_cache = torch.empty(0)  # views into the engine's KV tensor, set by the runner
@@ -53,8 +53,8 @@ class LlamaAttention(nn.Module):
 class LlamaMLP(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.gate_up_proj = _linear(cfg.hidden_size, 2 * cfg.intermediate_size)
-        self.down_proj = _linear(cfg.intermediate_size, cfg.hidden_size)
+        self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
@@ -103,7 +103,8 @@ class LlamaForCausalLM(nn.Module):
         self.config = cfg
         self._fused_loaded: set[tuple[str, int]] = set()
         self.model = LlamaModel(cfg, max_positions)
-        self.lm_head = None if cfg.tie_word_embeddings else _linear(cfg.hidden_size, cfg.vocab_size)
+        self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size)
+        self.lm_head_packed: torch.Tensor | None = None
 
     @property
     def layers(self) -> nn.ModuleList:
@@ -124,7 +125,7 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final norm and LM head, in fp32 for stable sampling."""
         weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(self.model.norm(hidden), weight).float()
+        return vocab_projection(self.model.norm(hidden), weight, self.lm_head_packed).float()
 
     def post_load(self, device: torch.device, dtype: torch.dtype) -> None:
         expected = {(f"model.layers.{i}.{part}", index) for i in range(self.config.num_layers)
@@ -133,6 +134,8 @@ class LlamaForCausalLM(nn.Module):
         if missing:
             raise ValueError(f"checkpoint is missing {len(missing)} q/k/v or gate/up tensors, e.g. {missing[0]}")
         self.model.rotary.build(device, dtype)
+        pack_linears(self)
+        self.lm_head_packed = pack_weight(self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight)
 
     def load_weight(self, name: str, tensor: torch.Tensor) -> None:
         """Take one tensor under its Hugging Face name (e.g. model.layers.0.self_attn.q_proj.weight)."""

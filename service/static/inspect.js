@@ -147,7 +147,7 @@
     const layer = $("layer"), head = $("head");
     layer.replaceChildren(...Array.from({length: S.info.layers}, (_, i) => new Option(String(i), String(i))));
     const heads = Array.from({length: S.info.heads}, (_, i) => new Option(String(i), String(i)));
-    head.replaceChildren(...heads, new Option("mean of heads", "mean"), new Option("max of heads", "max"));
+    head.replaceChildren(...heads, new Option("mean of all", "mean"), new Option("max of all", "max"));
     layer.value = String(S.layer);
     head.value = S.head;
   }
@@ -212,9 +212,12 @@
       return;
     }
     const image = new ImageData(n, n);
+    const stretch = $("stretch").checked;
     for (let q = 0; q < n; q++) {
+      let top = 1;
+      if (stretch) { top = 1e-6; for (let k = 0; k <= q; k++) top = Math.max(top, m[q * n + k]); }
       for (let k = 0; k < n; k++) {
-        const rgb = k > q ? MASKED : colour(m[q * n + k]);
+        const rgb = k > q ? MASKED : colour(m[q * n + k] / top);
         const o = (q * n + k) * 4;
         image.data[o] = rgb[0]; image.data[o + 1] = rgb[1]; image.data[o + 2] = rgb[2]; image.data[o + 3] = 255;
       }
@@ -397,6 +400,7 @@
     $("layer").addEventListener("change", (e) => openLayer(Number(e.target.value)));
     $("layer-prev").addEventListener("click", () => S.info && S.layer > 0 && openLayer(S.layer - 1));
     $("layer-next").addEventListener("click", () => S.info && S.layer < S.info.layers - 1 && openLayer(S.layer + 1));
+    $("stretch").addEventListener("change", drawHeatmap);
     $("head").addEventListener("change", (e) => { S.head = e.target.value; drawGrid(); drawHeatmap(); updateFocus(); });
 
     const strip = $("strip");

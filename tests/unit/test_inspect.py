@@ -19,6 +19,7 @@ from engine.inspect import (
     greedy_generate,
     select,
 )
+from engine.tokenizer import Tokenizer
 from engine.weights import load_model
 from tests.helpers.tiny_models import save_hf, tiny_gpt2, tiny_llama
 
@@ -191,9 +192,9 @@ def smollm2_pair(smollm2_gguf_path: Path):
 
 
 @pytest.mark.slow
-def test_smollm2_weights_and_lens_match_transformers(smollm2_pair) -> None:
+def test_smollm2_weights_and_lens_match_transformers(smollm2_pair, smollm2_gguf_path: Path) -> None:
     hf, model = smollm2_pair
-    ids = [1, 504, 2767, 29050, 260, 29462, 1373, 357]  # a short prompt's ids (BOS + 7 tokens)
+    ids = Tokenizer.load(str(smollm2_gguf_path)).encode("The dog chased the llama because it")
     out = hf_outputs(hf, ids)
     with torch.no_grad():
         got = [weights for weights, _ in eager_layers(model, ids)]

@@ -1,0 +1,18 @@
+# Benchmarks (bench/README.md). Included by the top Makefile. Run them on a quiet machine: figures taken
+# while other jobs share the CPU mean nothing. Results (JSON + markdown) land in $(BENCH_OUT).
+BENCH_OUT ?= artifacts/bench
+BENCH_ARGS ?=
+BENCH_PEERS_ARGS ?=
+PEERS ?= $(HOME)/.cache/kvserve-peers
+
+bench: dev-deps model  ## kvserve beside transformers, in-process: offline throughput, batch-1 decode, cold start
+	$(BIN)/python -m bench.offline_throughput --output $(BENCH_OUT)/offline.json $(BENCH_ARGS)
+	$(BIN)/python -m bench.decode_speed --output $(BENCH_OUT)/decode.json
+	$(BIN)/python -m bench.cold_start --output $(BENCH_OUT)/cold_start.json
+
+bench-peers: dev-deps model  ## kvserve, vLLM CPU and llama.cpp servers in turn, same prompts and client
+	@test -x $(PEERS)/vllm/bin/vllm -a -x $(PEERS)/llama.cpp/llama-server || \
+		{ echo "peers missing under $(PEERS): run ../shared/peers/setup.sh first"; exit 1; }
+	$(BIN)/python -m bench.peers --offline --vllm-bench --output $(BENCH_OUT)/peers.json \
+		--log-dir $(BENCH_OUT)/logs \
+		$(if $(wildcard $(BENCH_OUT)/offline.json),--offline-baseline $(BENCH_OUT)/offline.json) $(BENCH_PEERS_ARGS)

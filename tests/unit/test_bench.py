@@ -1,0 +1,268 @@
+"""The benchmarks' pure parts: statistics, tables, prompt sets, and the OpenAI client on a fake local server."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import numpy as np
+import pytest
+import torch
+
+from bench.cold_start import time_to_first_byte
+from bench.common import markdown_table, parse_int_list, percentile, random_prompt_ids, summarize
+from bench.decode_speed import common_prefix, speeds
+from bench.hf_peer import left_padded
+from bench.offline_throughput import run_openai, throughput_table
+from bench.openai_client import (
+    RequestResult,
+    base_url_of,
+    complete,
+    completion_body,
+    make_client,
+    sse_data,
+    stream_completion,
+)
+from bench.peers import parse_vllm_bench
+from bench.serve_bench import aggregate, levels_from, run_bench, run_level
+
+# --- statistics and formatting ---
+
+
+@pytest.mark.parametrize("q", [0, 1, 25, 50, 90, 99, 100])
+def test_percentile_matches_numpy(q: float) -> None:
+    rng = np.random.default_rng(int(q))
+    for size in (1, 2, 7, 100):
+        values = rng.exponential(size=size).tolist()
+        assert percentile(values, q) == pytest.approx(float(np.percentile(values, q)))
+
+
+def test_percentile_edges() -> None:
+    assert math.isnan(percentile([], 50))
+    assert percentile([3.0, 1.0, 2.0], 50) == 2.0  # unsorted input
+    with pytest.raises(ValueError):
+        percentile([1.0], 101)
+
+
+def test_summarize() -> None:
+    stats = summarize([1.0, 2.0, 3.0, 10.0])
+    assert stats["mean"] == 4.0
+    assert stats["p50"] == 2.5
+    assert stats["p99"] == pytest.approx(float(np.percentile([1, 2, 3, 10], 99)))
+    assert all(math.isnan(v) for v in summarize([]).values())
+
+
+def test_markdown_table_and_int_lists() -> None:
+    table = markdown_table(["a", "b"], [[1, "x"], [2, "y"]]).splitlines()
+    assert table == ["| a | b |", "|---|---|", "| 1 | x |", "| 2 | y |"]
+    assert parse_int_list("1,16, 64") == [1, 16, 64]
+    for bad in ("", "a,b", "0,1"):
+        with pytest.raises(ValueError):
+            parse_int_list(bad)
+
+
+def test_random_prompts_are_reproducible_and_avoid_special_ids() -> None:
+    first = random_prompt_ids(4, 50, vocab_size=10, seed=3, avoid=[0, 1, 2])
+    assert first == random_prompt_ids(4, 50, vocab_size=10, seed=3, avoid=[0, 1, 2])
+    assert first != random_prompt_ids(4, 50, vocab_size=10, seed=4, avoid=[0, 1, 2])
+    assert all(len(p) == 50 and all(3 <= t < 10 for t in p) for p in first)
+
+
+def test_throughput_table_ratios() -> None:
+    systems = {"kvserve": {"1": {"tok_s": 40.0}, "16": {"tok_s": 300.0}},
+               "vllm": {"1": {"tok_s": 20.0}, "16": {"tok_s": 150.0}},
+               "llama": {"1": {"tok_s": 80.0}}}
+    rows = throughput_table(systems, [1, 16]).splitlines()
+    assert rows[0] == "| batch | kvserve tok/s | vllm tok/s | llama tok/s | kvserve/vllm | kvserve/llama |"
+    assert rows[2] == "| 1 | 40.0 | 20.0 | 80.0 | 2.00× | 0.50× |"
+    assert rows[3] == "| 16 | 300.0 | 150.0 | - | 2.00× | - |"
+
+
+def test_aggregate_level() -> None:
+    results = [RequestResult(ok=True, output_tokens=10, ttft=0.1, e2e=1.0, itls=[0.1] * 9),
+               RequestResult(ok=True, output_tokens=30, ttft=0.3, e2e=2.0, itls=[0.05] * 29),
+               RequestResult(ok=False, error="HTTP 500: boom")]
+    level = aggregate(results, duration=4.0, concurrency=2)
+    assert (level["requests"], level["failed"], level["errors"]) == (3, 1, ["HTTP 500: boom"])
+    assert level["output_tokens"] == 40 and level["output_tok_s"] == 10.0
+    assert level["ttft_ms"]["p50"] == pytest.approx(200.0)
+    assert level["itl_ms"]["p50"] == pytest.approx(50.0)  # 29 of the 38 gaps are 50 ms
+    assert level["tpot_ms"]["mean"] == pytest.approx((900 / 9 + 1700 / 29) / 2)
+    assert level["e2e_s"]["p99"] == pytest.approx(1.99)
+
+
+def test_levels_from() -> None:
+    assert levels_from([1, 16], [8]) == [(1, 8), (16, 8)]
+    assert levels_from([1, 16], [8, 32]) == [(1, 8), (16, 32)]
+    with pytest.raises(ValueError):
+        levels_from([1, 16, 64], [8, 32])
+
+
+def test_small_helpers() -> None:
+    assert base_url_of("http://h:1/v1/") == "http://h:1" and base_url_of("http://h:1") == "http://h:1"
+    assert common_prefix([1, 2, 3, 4], [1, 2, 9, 4]) == 2 and common_prefix([1], []) == 0
+    assert speeds(11, wall=2.0, first_token=0.5, last_token=1.5) == {"decode_tok_s": 10.0, "e2e_tok_s": 5.5,
+                                                                    "ttft_s": 0.5}
+    ids, mask = left_padded([[5, 6, 7], [8]], pad_id=0)
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8]]
+    assert torch.equal(mask, torch.tensor([[1, 1, 1], [0, 0, 1]]))
+
+
+def test_parse_vllm_bench_summary() -> None:
+    text = """============ Serving Benchmark Result ============
+Output token throughput (tok/s):          291.35
+Median TTFT (ms):                         120.50
+P99 TTFT (ms):                            900.00
+Median ITL (ms):                          45.10
+P99 ITL (ms):                             80.70
+"""
+    assert parse_vllm_bench(text) == {"output_tok_s": 291.35, "ttft_p50_ms": 120.5, "ttft_p99_ms": 900.0,
+                                      "itl_p50_ms": 45.1, "itl_p99_ms": 80.7}
+
+
+def test_time_to_first_byte_comes_before_exit() -> None:
+    cmd = [sys.executable, "-c", "import sys, time; sys.stdout.write('x'); sys.stdout.flush(); time.sleep(0.3)"]
+    first, total = time_to_first_byte(cmd)
+    assert 0 < first < total
+    with pytest.raises(RuntimeError):
+        time_to_first_byte([sys.executable, "-c", "raise SystemExit(3)"])
+
+
+# --- the OpenAI client against a fake server ---
+
+def test_sse_data_keeps_only_data_payloads() -> None:
+    lines = [": keep-alive", "", "event: x", 'data: {"a": 1}', "data:[DONE]"]
+    assert list(sse_data(lines)) == ['{"a": 1}', "[DONE]"]
+
+
+class _FakeOpenAI(BaseHTTPRequestHandler):
+    """/v1/models and /v1/completions; one token per chunk, word i is "t{i} "; prompt "fail" gets a 400."""
+
+    send_usage = True
+    lock = threading.Lock()
+    in_flight = 0
+    max_in_flight = 0
+
+    def log_message(self, *args) -> None:
+        pass
+
+    def _json(self, status: int, data: dict) -> None:
+        payload = json.dumps(data).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def do_GET(self) -> None:
+        self._json(200, {"object": "list", "data": [{"id": "fake-model", "object": "model"}]})
+
+    def do_POST(self) -> None:
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        if body["prompt"] == "fail":
+            self._json(400, {"error": {"message": "bad prompt"}})
+            return
+        cls = type(self)
+        with cls.lock:
+            cls.in_flight += 1
+            cls.max_in_flight = max(cls.max_in_flight, cls.in_flight)
+        try:
+            words = [f"t{i} " for i in range(body["max_tokens"])]
+            usage = {"prompt_tokens": 3, "completion_tokens": len(words), "total_tokens": 3 + len(words)}
+            if not body.get("stream"):
+                time.sleep(0.02)
+                self._json(200, {"choices": [{"index": 0, "text": "".join(words), "finish_reason": "length"}],
+                                 "usage": usage})
+                return
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.end_headers()
+            chunks = [{"choices": [{"index": 0, "text": ""}]}]  # a role-like chunk with no token in it
+            chunks += [{"choices": [{"index": 0, "text": w, "finish_reason": None}]} for w in words]
+            if cls.send_usage and body.get("stream_options", {}).get("include_usage"):
+                chunks.append({"choices": [], "usage": usage})
+            for chunk in chunks:
+                self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
+                self.wfile.flush()
+                time.sleep(0.005)
+            self.wfile.write(b"data: [DONE]\n\n")
+        finally:
+            with cls.lock:
+                cls.in_flight -= 1
+
+
+@pytest.fixture()
+def fake_server() -> Iterator[tuple[str, type[_FakeOpenAI]]]:
+    handler = type("Handler", (_FakeOpenAI,), {"lock": threading.Lock(), "in_flight": 0, "max_in_flight": 0})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", handler
+    server.shutdown()
+    server.server_close()
+
+
+async def _stream(url: str, prompt: str | list[int], max_tokens: int) -> RequestResult:
+    async with make_client(2) as client:
+        body = completion_body("fake-model", prompt, max_tokens, stream=True)
+        return await stream_completion(client, f"{url}/v1/completions", body)
+
+
+def test_stream_completion_times_every_token(fake_server) -> None:
+    url, _ = fake_server
+    result = asyncio.run(_stream(url, [1, 2, 3], 5))
+    assert result.ok and result.error == ""
+    assert result.text == "t0 t1 t2 t3 t4 "
+    assert result.output_tokens == 5
+    assert len(result.itls) == 4  # gaps between 5 content chunks; the empty first chunk is not a token
+    assert 0 < result.ttft <= result.e2e
+    assert result.tpot == pytest.approx((result.e2e - result.ttft) / 4)
+
+
+def test_stream_completion_counts_chunks_without_usage(fake_server) -> None:
+    url, handler = fake_server
+    handler.send_usage = False
+    result = asyncio.run(_stream(url, "hello", 3))
+    assert result.ok and result.output_tokens == 3 and len(result.itls) == 2
+
+
+def test_errors_are_reported_not_raised(fake_server) -> None:
+    url, _ = fake_server
+    result = asyncio.run(_stream(url, "fail", 3))
+    assert not result.ok and result.error.startswith("HTTP 400") and "bad prompt" in result.error
+
+    async def closed_port() -> RequestResult:
+        async with make_client(1) as client:
+            return await complete(client, "http://127.0.0.1:9/v1/completions", {"prompt": "x"})
+
+    refused = asyncio.run(closed_port())
+    assert not refused.ok and "ConnectError" in refused.error
+
+
+def test_run_level_respects_concurrency(fake_server) -> None:
+    url, handler = fake_server
+
+    async def go() -> dict:
+        async with make_client(3) as client:
+            bodies = [completion_body("fake-model", [i], 8, stream=True) for i in range(9)]
+            return await run_level(client, f"{url}/v1/completions", bodies, concurrency=3)
+
+    level = asyncio.run(go())
+    assert level["requests"] == 9 and level["failed"] == 0 and level["output_tokens"] == 72
+    assert 1 <= handler.max_in_flight <= 3
+
+
+def test_run_bench_and_offline_mode_end_to_end(fake_server) -> None:
+    url, handler = fake_server
+    run = asyncio.run(run_bench(url + "/v1", [[1, 2], [3]], [(1, 2), (4, 4)], max_tokens=6))
+    assert run["model"] == "fake-model"
+    assert [lv["output_tokens"] for lv in run["levels"]] == [12, 24]
+    offline = run_openai(url, [[1], [2], [3], [4]], [1, 4], max_tokens=7)
+    assert {size: entry["tokens"] for size, entry in offline.items()} == {"1": 7, "4": 28}
+    assert handler.max_in_flight <= 4
