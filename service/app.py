@@ -7,15 +7,15 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from importlib import import_module
 
-from fastapi import APIRouter, Depends, FastAPI
+from fastapi import Depends, FastAPI
 from fastapi.openapi.utils import get_openapi
 
 from service.auth import require_api_key
 from service.errors import install_error_handlers
 from service.metrics import ServiceMetrics
 from service.middleware import RequestContextMiddleware
+from service.routes import inspect as inspect_routes
 from service.routes import openai as openai_routes
 from service.routes import ops as ops_routes
 from service.settings import Settings
@@ -32,17 +32,6 @@ def load_model(settings: Settings, metrics: ServiceMetrics) -> LoadedModel:
     async_engine = AsyncEngine(engine, on_step=metrics.observe_step)
     async_engine.start()
     return LoadedModel(engine=async_engine, tokenizer=engine.tokenizer, max_model_len=engine.max_model_len)
-
-
-def _inspect_router() -> APIRouter | None:
-    """The attention-inspection routes, when that module exists."""
-    try:
-        module = import_module("service.routes.inspect")
-    except ModuleNotFoundError as exc:
-        if exc.name != "service.routes.inspect":
-            raise
-        return None
-    return getattr(module, "router", None)
 
 
 def create_app(settings: Settings | None = None, *, loaded: LoadedModel | None = None) -> FastAPI:
@@ -72,9 +61,7 @@ def create_app(settings: Settings | None = None, *, loaded: LoadedModel | None =
     app.include_router(openai_routes.router, dependencies=keyed)
     app.include_router(ops_routes.tokenizer_router, dependencies=keyed)
     app.include_router(ops_routes.router)
-    inspect_router = _inspect_router()
-    if inspect_router is not None:
-        app.include_router(inspect_router, dependencies=keyed)
+    app.include_router(inspect_routes.router, dependencies=keyed)
     _document_400_not_422(app)
     app.add_middleware(RequestContextMiddleware, max_request_bytes=settings.max_request_bytes,
                        on_error=metrics.observe_error)

@@ -6,12 +6,12 @@ import random
 
 import pytest
 import torch
+from helpers.tiny_engine import make_tiny_model_dir
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transformers import AutoModelForCausalLM
 
 from engine import EngineConfig, LLMEngine, SamplingParams
-from helpers.tiny_engine import make_tiny_model_dir
 
 
 @pytest.fixture(scope="module")
