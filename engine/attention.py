@@ -22,7 +22,7 @@ class PrefillSpan:
     num_queries: int
     context_len: int  # keys visible to the last query: cached tokens + this chunk
     context_slots: torch.Tensor | None  # (context_len,) cache slots, None when the chunk is the whole context
-    mask: torch.Tensor | None = None  # (num_queries, context_len) bool, built once per step, shared by layers
+    mask: torch.Tensor | None = None  # (1, 1, group * num_queries, context_len) bool, built once per step
 
 
 @dataclass(slots=True)
@@ -30,16 +30,24 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # (T,) where each new token's K/V is written
     prefills: list[PrefillSpan] = field(default_factory=list)
     num_prefill_tokens: int = 0  # decodes occupy [num_prefill_tokens, T)
-    decode_block_tables: torch.Tensor | None = None  # (B, max_blocks)
-    decode_mask: torch.Tensor | None = None  # (B, 1, 1, max_blocks * block_size) bool: key is valid
+    decode_block_ids: torch.Tensor | None = None  # (B * max_blocks,) each decode's block table, padded, flat
+    decode_mask: torch.Tensor | None = None  # (B, 1, group, max_blocks * block_size) bool: key is valid
+
+
+def grouped_mask(mask: torch.Tensor, group: int) -> torch.Tensor:
+    """(B, Q, K) mask -> (B, 1, group * Q, K), matching queries folded by `_grouped_sdpa`.
+
+    Built once per step by the runner, since every layer uses the same mask.
+    """
+    return mask.unsqueeze(1).repeat(1, 1, group, 1)
 
 
 def build_prefill_mask(num_queries: int, context_len: int, device: torch.device) -> torch.Tensor:
-    """Causal mask for a chunk whose first query sits at position context_len - num_queries."""
+    """(1, Q, K) causal mask for a chunk whose first query sits at position context_len - num_queries."""
     offset = context_len - num_queries
     q_pos = torch.arange(num_queries, device=device).unsqueeze(1) + offset
     k_pos = torch.arange(context_len, device=device).unsqueeze(0)
-    return k_pos <= q_pos
+    return (k_pos <= q_pos).unsqueeze(0)
 
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -52,7 +60,7 @@ def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: t
 
 def _grouped_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                   is_causal: bool, scale: float) -> torch.Tensor:
-    """q (B, H, Q, D), k/v (B, KVH, K, D), mask broadcastable to (B, 1, Q, K) -> (B, H, Q, D)."""
+    """q (B, H, Q, D), k/v (B, KVH, K, D), mask (B, 1, group * Q, K) from grouped_mask -> (B, H, Q, D)."""
     batch, heads, num_q, head_dim = q.shape
     kv_heads = k.shape[1]
     group = heads // kv_heads
@@ -61,9 +69,7 @@ def _grouped_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch
     # Fold the `group` query heads sharing one KV head into the query axis: (B, KVH, group * Q, D).
     q = q.reshape(batch, kv_heads, group * num_q, head_dim)
     if is_causal:
-        mask = torch.ones(num_q, k.shape[2], dtype=torch.bool, device=q.device).tril(k.shape[2] - num_q)
-    if mask is not None:
-        mask = mask.expand(batch, 1, num_q, mask.shape[-1]).repeat(1, 1, group, 1)
+        mask = grouped_mask(torch.ones(1, num_q, k.shape[2], dtype=torch.bool, device=q.device).tril(), group)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
     return out.reshape(batch, heads, num_q, head_dim)
 
@@ -83,17 +89,16 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
             ks, vs = k[rows], v[rows]
             mask, causal = None, True
         else:
-            ks, vs = flat_k[span.context_slots], flat_v[span.context_slots]
+            ks, vs = flat_k.index_select(0, span.context_slots), flat_v.index_select(0, span.context_slots)
             mask, causal = span.mask, False
         ks = ks.transpose(0, 1).unsqueeze(0)  # (1, KVH, K, D)
         vs = vs.transpose(0, 1).unsqueeze(0)
         out[rows] = _grouped_sdpa(qs, ks, vs, mask, causal, scale)[0].transpose(0, 1)
-    if meta.decode_block_tables is not None:
-        tables = meta.decode_block_tables
-        batch = tables.shape[0]
-        # (B, max_blocks, block_size, KVH, D) -> (B, KVH, L, D)
-        ks = k_cache[tables].flatten(1, 2).transpose(1, 2)
-        vs = v_cache[tables].flatten(1, 2).transpose(1, 2)
+    if meta.decode_block_ids is not None:
         qs = q[meta.num_prefill_tokens:].unsqueeze(2)  # (B, H, 1, D)
+        batch = qs.shape[0]
+        # index_select on whole blocks is a few memcpys; (B, max_blocks * block_size, KVH, D) -> (B, KVH, L, D)
+        ks = k_cache.index_select(0, meta.decode_block_ids).view(batch, -1, kv_heads, head_dim).transpose(1, 2)
+        vs = v_cache.index_select(0, meta.decode_block_ids).view(batch, -1, kv_heads, head_dim).transpose(1, 2)
         out[meta.num_prefill_tokens:] = _grouped_sdpa(qs, ks, vs, meta.decode_mask, False, scale).view(batch, -1, head_dim)
     return out

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from engine.attention import AttentionMetadata, PrefillSpan, build_prefill_mask
+from engine.attention import AttentionMetadata, PrefillSpan, build_prefill_mask, grouped_mask
 from engine.config import ModelConfig
 from engine.kv_cache import BlockManager
 from engine.sampling_params import SamplingParams
@@ -40,6 +40,7 @@ class ModelRunner:
         self.model, self.cfg = model, cfg
         self.device = torch.device(device)
         self.block_size = block_size
+        self.group = cfg.num_heads // cfg.num_kv_heads  # query heads per KV head
         # One tensor for the whole cache, allocated once; each layer's attention holds views into it.
         self.kv_cache = torch.zeros(2, cfg.num_layers, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim,
                                     dtype=dtype, device=self.device)
@@ -122,7 +123,7 @@ class ModelRunner:
             if seq.num_computed_tokens > 0:
                 span.context_slots = torch.tensor([self._slot(seq, p) for p in range(context_len)],
                                                   dtype=torch.long, device=device)
-                span.mask = build_prefill_mask(n, context_len, device)
+                span.mask = grouped_mask(build_prefill_mask(n, context_len, device), self.group)
             meta.prefills.append(span)
             start += n
         meta.num_prefill_tokens = start
@@ -130,7 +131,7 @@ class ModelRunner:
             max_blocks = max(len(d.seq.block_table) for d in decodes)
             tables = [d.seq.block_table + [0] * (max_blocks - len(d.seq.block_table)) for d in decodes]
             context_lens = torch.tensor([d.seq.num_computed_tokens + 1 for d in decodes], device=device)
-            meta.decode_block_tables = torch.tensor(tables, dtype=torch.long, device=device)
+            meta.decode_block_ids = torch.tensor(tables, dtype=torch.long, device=device).flatten()
             key_pos = torch.arange(max_blocks * self.block_size, device=device)
-            meta.decode_mask = (key_pos.unsqueeze(0) < context_lens.unsqueeze(1))[:, None, None, :]
+            meta.decode_mask = grouped_mask((key_pos.unsqueeze(0) < context_lens.unsqueeze(1)).unsqueeze(1), self.group)
         return meta
