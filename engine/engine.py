@@ -102,8 +102,9 @@ class LLMEngine:
             if self.device.startswith("cuda"):
                 free, _ = torch.cuda.mem_get_info(torch.device(self.device))
                 budget = int(free * self.config.kv_cache_fraction)
-            else:
-                budget = CPU_KV_CACHE_CAP
+            else:  # never more than max_num_seqs full-length sequences could use
+                blocks_per_seq = -(-max_len // self.config.block_size)
+                budget = min(CPU_KV_CACHE_CAP, self.config.max_num_seqs * blocks_per_seq * per_block)
         num_blocks = budget // per_block
         if num_blocks < 1:
             raise ValueError(f"kv_cache_bytes={budget} holds no block of {self.config.block_size} tokens "

@@ -58,7 +58,8 @@ def _serve(args: argparse.Namespace) -> int:
 def _generate(args: argparse.Namespace) -> int:
     from engine import LLM, SamplingParams
 
-    llm = LLM(args.model, device=args.device, dtype=args.dtype, progress=True)
+    # One prompt: one sequence, so the KV cache is sized for one full-length sequence, not a server's worth.
+    llm = LLM(args.model, device=args.device, dtype=args.dtype, progress=True, max_num_seqs=1)
     prompt: str | list[int] = args.prompt
     if args.chat:
         prompt = llm.chat_prompt([{"role": "user", "content": args.prompt}])
