@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -30,6 +31,16 @@ class StepLogits:
     first_position: int  # position of the token whose logits are row 0
 
 
+def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Zeroed memory. On CPU (fp32) numpy's calloc maps zero pages lazily: a 1 GiB cache costs nothing at start.
+
+    It must be zeros, not empty: padded key slots are masked, but 0 * NaN from garbage would still be NaN.
+    """
+    if device.type == "cpu" and dtype == torch.float32:
+        return torch.from_numpy(np.zeros(shape, dtype=np.float32))
+    return torch.zeros(shape, dtype=dtype, device=device)
+
+
 def wants_prompt_logits(seq: Sequence) -> bool:
     return seq.params.prompt_logprobs is not None and seq.num_output_tokens == 0
 
@@ -42,8 +53,8 @@ class ModelRunner:
         self.block_size = block_size
         self.group = cfg.num_heads // cfg.num_kv_heads  # query heads per KV head
         # One tensor for the whole cache, allocated once; each layer's attention holds views into it.
-        self.kv_cache = torch.zeros(2, cfg.num_layers, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim,
-                                    dtype=dtype, device=self.device)
+        self.kv_cache = _zeros((2, cfg.num_layers, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim),
+                               dtype, self.device)
         for i, layer in enumerate(model.layers):
             layer.self_attn.k_cache = self.kv_cache[0, i]
             layer.self_attn.v_cache = self.kv_cache[1, i]

@@ -64,8 +64,11 @@ class GPT2LMHeadModel(nn.Module):
     def __init__(self, cfg: ModelConfig, max_positions: int) -> None:
         super().__init__()
         self.config = cfg
-        self.wte = _frozen(nn.Embedding(cfg.vocab_size, cfg.hidden_size))
-        self.wpe = _frozen(nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size))
+        # Passing the (meta) weights skips the random init, which on meta costs ~2 s of first-use tracing.
+        self.wte = _frozen(nn.Embedding(cfg.vocab_size, cfg.hidden_size,
+                                        _weight=torch.empty(cfg.vocab_size, cfg.hidden_size)))
+        self.wpe = _frozen(nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size,
+                                        _weight=torch.empty(cfg.max_position_embeddings, cfg.hidden_size)))
         self.h = nn.ModuleList(GPT2Block(cfg) for _ in range(cfg.num_layers))
         self.ln_f = _frozen(nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps))
         self.lm_head_packed: torch.Tensor | None = None
