@@ -78,8 +78,10 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
                     v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """q (T, H, D), k/v (T, KVH, D) for the new tokens -> attention output (T, H, D)."""
     write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
-    out = torch.empty_like(q)
     kv_heads, head_dim = k.shape[-2:]
+    if not meta.prefills:  # decode-only step (the common case while serving): no output assembly
+        return _decode_attention(q, k_cache, v_cache, meta, scale)
+    out = torch.empty_like(q)
     flat_k = k_cache.view(-1, kv_heads, head_dim)
     flat_v = v_cache.view(-1, kv_heads, head_dim)
     for span in meta.prefills:
@@ -95,10 +97,16 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
         vs = vs.transpose(0, 1).unsqueeze(0)
         out[rows] = _grouped_sdpa(qs, ks, vs, mask, causal, scale)[0].transpose(0, 1)
     if meta.decode_block_ids is not None:
-        qs = q[meta.num_prefill_tokens:].unsqueeze(2)  # (B, H, 1, D)
-        batch = qs.shape[0]
-        # index_select on whole blocks is a few memcpys; (B, max_blocks * block_size, KVH, D) -> (B, KVH, L, D)
-        ks = k_cache.index_select(0, meta.decode_block_ids).view(batch, -1, kv_heads, head_dim).transpose(1, 2)
-        vs = v_cache.index_select(0, meta.decode_block_ids).view(batch, -1, kv_heads, head_dim).transpose(1, 2)
-        out[meta.num_prefill_tokens:] = _grouped_sdpa(qs, ks, vs, meta.decode_mask, False, scale).view(batch, -1, head_dim)
+        out[meta.num_prefill_tokens:] = _decode_attention(q[meta.num_prefill_tokens:], k_cache, v_cache, meta, scale)
     return out
+
+
+def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
+                      scale: float) -> torch.Tensor:
+    """One query per sequence, batched: q (B, H, D) -> (B, H, D)."""
+    batch, _, head_dim = q.shape
+    kv_heads = k_cache.shape[-2]
+    # index_select on whole blocks is a few memcpys; (B, max_blocks * block_size, KVH, D) -> (B, KVH, L, D)
+    ks = k_cache.index_select(0, meta.decode_block_ids).view(batch, -1, kv_heads, head_dim).transpose(1, 2)
+    vs = v_cache.index_select(0, meta.decode_block_ids).view(batch, -1, kv_heads, head_dim).transpose(1, 2)
+    return _grouped_sdpa(q.unsqueeze(2), ks, vs, meta.decode_mask, False, scale).view(batch, -1, head_dim)
