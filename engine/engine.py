@@ -53,6 +53,7 @@ class _Request:
     metrics: RequestMetrics
     prompt_logprob_by_position: dict[int, TokenLogprob] = field(default_factory=dict)
     prompt_logprobs_sent: bool = False
+    aborted: bool = False
 
     @property
     def prompt_logprobs(self) -> list[TokenLogprob | None] | None:
@@ -63,7 +64,7 @@ class _Request:
 
     @property
     def finished(self) -> bool:
-        return len(self.samples) == self.params.n and all(s.seq.is_finished for s in self.samples)
+        return self.aborted or (len(self.samples) == self.params.n and all(s.seq.is_finished for s in self.samples))
 
 
 class LLMEngine:
@@ -297,8 +298,7 @@ class LLMEngine:
             for sample_ in request.samples:
                 if not sample_.seq.is_finished:
                     self.scheduler.finish(sample_.seq, "abort")
-            while len(request.samples) < request.params.n:  # never forked: close the other outputs too
-                request.samples.append(request.samples[0])
+            request.aborted = True
             outputs.append(self._output(request))
         return outputs
 
@@ -315,6 +315,9 @@ class LLMEngine:
                 delta_logprobs=sample_.delta_logprobs if sample_.logprobs is not None else None,
             ))
             sample_.delta_text, sample_.delta_ids, sample_.delta_logprobs = "", [], []
+        # An n > 1 request aborted before its prompt finished never forked: its other outputs end empty.
+        completions += [CompletionOutput(index=i, finish_reason="abort")
+                        for i in range(len(completions), request.params.n) if request.aborted]
         finished = request.finished
         metrics = request.metrics
         seqs = [s.seq for s in request.samples]
@@ -322,7 +325,7 @@ class LLMEngine:
         firsts = [s.first_token_time for s in seqs if s.first_token_time]
         metrics.first_token_time = min(firsts) if firsts else None
         metrics.last_token_time = max((s.last_token_time or 0 for s in seqs), default=None) or None
-        metrics.num_generation_tokens = sum(s.num_output_tokens for s in {id(s): s for s in seqs}.values())
+        metrics.num_generation_tokens = sum(s.num_output_tokens for s in seqs)
         metrics.num_cached_tokens = seqs[0].num_cached_prompt_tokens
         metrics.num_preemptions = sum(s.num_preemptions for s in seqs)
         if finished:

@@ -248,3 +248,14 @@ def _shared_small_engine(path: str) -> LLMEngine:
         per_block = 2 * 2 * 4 * 2 * 16 * 4
         _ENGINES[path] = make_engine(path, kv_cache_bytes=48 * per_block, max_num_seqs=8, max_num_batched_tokens=32)
     return _ENGINES[path]
+
+
+def test_abort_before_fork_closes_every_sample(tiny_dir: str) -> None:
+    engine = make_engine(tiny_dir, max_num_batched_tokens=16)
+    engine.add_request("n", list(range(2, 60)), SamplingParams(n=3, max_tokens=5, temperature=1.0))
+    engine.step()  # a first prompt chunk only: the samples have not forked yet
+    engine.abort("n")
+    (out,) = engine.step()
+    assert out.finished and [o.finish_reason for o in out.outputs] == ["abort"] * 3
+    assert [o.index for o in out.outputs] == [0, 1, 2]
+    assert_all_free(engine)
