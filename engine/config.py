@@ -119,6 +119,7 @@ class EngineConfig:
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     enable_prefix_caching: bool = True
     num_threads: int | None = None  # torch intra-op threads on CPU; None: torch's default
+    cache_converted: bool = True  # keep a converted copy of a GGUF in $KVSERVE_HOME/converted (CPU fp32)
     seed: int = 0
 
     def __post_init__(self) -> None:

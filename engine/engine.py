@@ -6,13 +6,15 @@ A step is: apply aborts, schedule, run the model, sample, detokenize and check s
 from __future__ import annotations
 
 import itertools
+import os
 import threading
 import time
 from dataclasses import dataclass, field
 
 import torch
 
-from engine.config import EngineConfig, resolve_device, resolve_dtype
+from engine.config import EngineConfig, ModelConfig, resolve_device, resolve_dtype
+from engine.converted import load_converted, save_converted
 from engine.kv_cache import BlockManager
 from engine.models_registry import resolve_model
 from engine.outputs import CompletionOutput, EngineStats, RequestMetrics, RequestOutput, TokenLogprob
@@ -79,10 +81,9 @@ class LLMEngine:
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
         torch.manual_seed(config.seed)
-        model_cfg = read_model_config(path)
-        max_len = min(config.max_model_len or model_cfg.max_position_embeddings, model_cfg.max_position_embeddings)
-        self.model, self.model_config = load_model(path, self.device, self.dtype, max_len, progress=progress)
-        self.tokenizer = Tokenizer.load(path)
+        self.model, self.model_config, self.tokenizer = self._load(path, progress)
+        max_len = min(config.max_model_len or self.model_config.max_position_embeddings,
+                      self.model_config.max_position_embeddings)
         num_blocks = self._num_kv_blocks(max_len)
         self.max_model_len = min(max_len, num_blocks * config.block_size)
         self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
@@ -95,6 +96,20 @@ class LLMEngine:
         self._abort_lock = threading.Lock()
         self._stats = EngineStats(num_kv_blocks_total=num_blocks)
         self.last_step_tokens = 0
+
+    def _load(self, path: str, progress: bool) -> tuple[torch.nn.Module, ModelConfig, Tokenizer]:
+        """Model, config and tokenizer; a GGUF on CPU fp32 goes through the converted-model cache."""
+        cacheable = (self.config.cache_converted and os.path.isfile(path) and self.device == "cpu"
+                     and self.dtype == torch.float32)
+        if cacheable and (cached := load_converted(path, self.device, self.dtype, self.config.max_model_len)):
+            return cached
+        model_cfg = read_model_config(path)
+        max_len = min(self.config.max_model_len or model_cfg.max_position_embeddings, model_cfg.max_position_embeddings)
+        model, model_cfg = load_model(path, self.device, self.dtype, max_len, progress=progress)
+        tokenizer = Tokenizer.load(path)
+        if cacheable:
+            save_converted(path, self.dtype, model, model_cfg, tokenizer)
+        return model, model_cfg, tokenizer
 
     def _num_kv_blocks(self, max_len: int) -> int:
         per_block = kv_bytes_per_block(self.model_config, self.dtype, self.config.block_size)

@@ -116,6 +116,24 @@ class Tokenizer:
             eos = next(iter(gen_eos), None)
         return cls(backend, bos, eos, set(gen_eos), _dir_chat_template(root, tok_cfg))
 
+    _STATE_FILE = "kvserve_tokenizer.json"
+
+    def save_state(self, directory: Path) -> None:
+        """Write everything this tokenizer is made of, for from_state (the converted-model cache)."""
+        self._tok.save(str(directory / "tokenizer.json"))
+        state = {"bos_token_id": self.bos_token_id, "eos_token_id": self.eos_token_id,
+                 "eos_token_ids": sorted(self.eos_token_ids), "chat_template": self.chat_template,
+                 "vocab_size": self.vocab_size}
+        (directory / self._STATE_FILE).write_text(json.dumps(state))
+
+    @classmethod
+    def from_state(cls, directory: Path) -> Tokenizer:
+        """The exact tokenizer save_state wrote."""
+        state = json.loads((directory / cls._STATE_FILE).read_text())
+        backend = HFTokenizer.from_file(str(directory / "tokenizer.json"))
+        return cls(backend, state["bos_token_id"], state["eos_token_id"], set(state["eos_token_ids"]),
+                   state["chat_template"], state["vocab_size"])
+
     @classmethod
     def from_gguf(cls, path_or_reader: Any) -> Tokenizer:
         """Build from GGUF metadata (llama.cpp's "gpt2" byte-level BPE vocabularies); path or gguf.GGUFReader."""

@@ -59,8 +59,7 @@ class RotaryEmbedding(nn.Module):
         self.theta, self.scaling = theta, scaling
         self.cos: torch.Tensor | None = None
         self.sin: torch.Tensor | None = None
-        self._positions: torch.Tensor | None = None
-        self._cos_sin: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._lookup: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # (positions, cos, sin)
 
     def build(self, device: torch.device, dtype: torch.dtype) -> None:
         """Fill the cos/sin tables once the model has left the meta device."""
@@ -72,10 +71,15 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """q (T, H, D), k (T, KVH, D) rotated by their positions (T,)."""
-        if positions is not self._positions:  # every layer gets the same positions tensor: look up once
-            self._positions = positions
-            self._cos_sin = (self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1))
-        cos, sin = self._cos_sin
+        # Every layer of a forward pass gets the same positions tensor: look cos/sin up once. The cache is
+        # one tuple, swapped atomically and checked against our own tensor, because the inspection path
+        # runs the same modules from another thread.
+        cached = self._lookup
+        if cached is not None and cached[0] is positions:
+            _, cos, sin = cached
+        else:
+            cos, sin = self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+            self._lookup = (positions, cos, sin)
         return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
 
 

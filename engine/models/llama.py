@@ -133,7 +133,7 @@ class LlamaForCausalLM(nn.Module):
         expected = {(f"model.layers.{i}.{part}", index) for i in range(self.config.num_layers)
                     for part, index in self._FUSED_SLOTS}
         missing = sorted(expected - self._fused_loaded)
-        if missing:
+        if self._fused_loaded and missing:  # empty when the fused tensors were assigned whole (converted copy)
             raise ValueError(f"checkpoint is missing {len(missing)} q/k/v or gate/up tensors, e.g. {missing[0]}")
         self.model.rotary.build(device, dtype)
         pack_linears(self)

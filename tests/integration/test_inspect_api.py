@@ -113,22 +113,24 @@ def test_api_key_required_but_page_open(server: LiveServer) -> None:
 
 
 def test_serving_continues_while_inspecting(http: httpx.Client) -> None:
-    # A logit lens over every layer and position of a 200-token prompt takes seconds here; a short
-    # completion sent meanwhile must finish before it does.
+    # Greedy generation of 48 tokens on the eager path, then a logit lens over every layer and position
+    # of ~250 tokens, takes seconds here; a short completion sent meanwhile must finish before it does.
     started = threading.Event()
 
     def inspect() -> float:
         started.set()
-        response = post(http, "/v1/logit_lens", prompt="x " * 199, top_k=1)
+        response = post(http, "/v1/logit_lens", prompt="x " * 199, max_tokens=48, top_k=1)
         assert response.status_code == 200, response.text
         return time.monotonic()
 
     with ThreadPoolExecutor(1) as pool:
         job = pool.submit(inspect)
         started.wait()
-        time.sleep(1.0)  # let the inspection reach its worker thread
+        time.sleep(0.5)  # let the inspection reach its worker thread
         completion = post(http, "/v1/completions", prompt=PROMPT, max_tokens=4, temperature=0)
         completed_at = time.monotonic()
         assert completion.status_code == 200 and completion.json()["usage"]["completion_tokens"] == 4
+        if job.done():
+            job.result()  # an inspection that failed says why here
         assert not job.done(), "the inspection finished before the completion: the test proves nothing"
         assert job.result() > completed_at

@@ -127,3 +127,42 @@ def test_unsupported_model_type(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="mamba"):
         load_model(str(tmp_path), "cpu", torch.float32, 64, progress=False)
+
+
+def test_rotary_lookup_is_safe_across_threads() -> None:
+    """The inspection path runs the same modules in another thread than the engine loop."""
+    import threading
+
+    from engine.models.layers import RotaryEmbedding
+
+    rotary = RotaryEmbedding(head_dim=16, max_positions=256, theta=10000.0, scaling=None)
+    rotary.build(torch.device("cpu"), torch.float32)
+    q, k = torch.randn(40, 4, 16), torch.randn(40, 2, 16)
+    failures = []
+
+    def worker(offset: int) -> None:
+        positions = torch.arange(offset, offset + 40)
+        cos, sin = rotary.cos[positions].unsqueeze(1), rotary.sin[positions].unsqueeze(1)
+        from engine.models.layers import rotate_half
+
+        want = q * cos + rotate_half(q) * sin
+        for _ in range(300):
+            positions = torch.arange(offset, offset + 40)  # a new tensor each pass, as each forward has
+            got, _ = rotary(positions, q, k)
+            if not torch.equal(got, want):
+                failures.append(offset)
+                return
+
+    import sys
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible, so a race shows
+    try:
+        threads = [threading.Thread(target=worker, args=(offset,)) for offset in (0, 100, 200)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert not failures

@@ -1,0 +1,59 @@
+"""The converted-model cache: a second start from the same GGUF skips the GGUF and behaves identically."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from engine import EngineConfig, LLMEngine, SamplingParams
+from engine.converted import converted_dir
+
+pytestmark = pytest.mark.slow
+
+
+def _greedy(engine: LLMEngine, prompt: str) -> list[int]:
+    engine.add_request("r", prompt, SamplingParams(max_tokens=12, temperature=0, logprobs=2))
+    final = None
+    while engine.has_unfinished():
+        for out in engine.step():
+            final = out
+    return final.outputs[0].token_ids, [lp.logprob for lp in final.outputs[0].logprobs]
+
+
+def test_second_start_loads_the_converted_copy(smollm2_gguf_path, tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("KVSERVE_HOME", str(tmp_path))
+    gguf = tmp_path / "model.gguf"
+    shutil.copy(smollm2_gguf_path, gguf)
+    options = EngineConfig(device="cpu", dtype="float32", max_num_seqs=2, max_model_len=256)
+    first = LLMEngine(str(gguf), options, progress=False)
+    cache = converted_dir(str(gguf), first.dtype)
+    assert (cache / "complete").is_file()
+
+    import engine.gguf_loader as gguf_loader
+
+    def no_gguf(*args, **kwargs):
+        raise AssertionError("the second start must not read the GGUF")
+
+    monkeypatch.setattr(gguf_loader, "open_gguf", no_gguf)
+    second = LLMEngine(str(gguf), options, progress=False)
+
+    text = "<|im_start|>user\nWhat is a llama? 🦙<|im_end|>\n"
+    assert second.tokenizer.encode(text) == first.tokenizer.encode(text)
+    assert second.tokenizer.eos_token_ids == first.tokenizer.eos_token_ids
+    assert second.tokenizer.chat_template == first.tokenizer.chat_template
+    assert second.model_config == first.model_config
+    ids_a, lps_a = _greedy(first, "The capital of France is")
+    ids_b, lps_b = _greedy(second, "The capital of France is")
+    assert ids_a == ids_b
+    assert lps_a == pytest.approx(lps_b, abs=1e-5)
+
+
+def test_a_changed_file_gets_a_new_copy(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("KVSERVE_HOME", str(tmp_path))
+    path = tmp_path / "m.gguf"
+    path.write_bytes(b"GGUF one")
+    before = converted_dir(str(path), torch.float32)
+    path.write_bytes(b"GGUF two, longer")
+    assert converted_dir(str(path), torch.float32) != before
