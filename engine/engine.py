@@ -16,6 +16,7 @@ import torch
 from engine.config import EngineConfig, ModelConfig, resolve_device, resolve_dtype
 from engine.converted import load_converted, save_converted
 from engine.kv_cache import BlockManager
+from engine.models.cpu_matmul import pack_linears, resolve_quantization
 from engine.models_registry import resolve_model
 from engine.outputs import CompletionOutput, EngineStats, RequestMetrics, RequestOutput, TokenLogprob
 from engine.runner import ModelRunner, StepLogits, kv_bytes_per_block, wants_prompt_logits
@@ -81,7 +82,9 @@ class LLMEngine:
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
         torch.manual_seed(config.seed)
+        self.quantization = resolve_quantization(config.quantization, self.device, self.dtype)
         self.model, self.model_config, self.tokenizer = self._load(path, progress)
+        pack_linears(self.model, self.quantization)
         max_len = min(config.max_model_len or self.model_config.max_position_embeddings,
                       self.model_config.max_position_embeddings)
         num_blocks = self._num_kv_blocks(max_len)

@@ -59,7 +59,8 @@ def _generate(args: argparse.Namespace) -> int:
     from engine import LLM, SamplingParams
 
     # One prompt: one sequence, so the KV cache is sized for one full-length sequence, not a server's worth.
-    llm = LLM(args.model, device=args.device, dtype=args.dtype, progress=True, max_num_seqs=1)
+    llm = LLM(args.model, device=args.device, dtype=args.dtype, quantization=args.quantization, progress=True,
+              max_num_seqs=1)
     prompt: str | list[int] = args.prompt
     if args.chat:
         prompt = llm.chat_prompt([{"role": "user", "content": args.prompt}])
@@ -96,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--model", default="smollm2-135m", help="registry name, GGUF file or HF dir")
     generate.add_argument("--device", default="auto")
     generate.add_argument("--dtype", default="auto")
+    generate.add_argument("--quantization", default="auto", choices=("auto", "none", "fp16", "int8"),
+                          help="CPU matmul weights (see kvserve serve --help)")
     generate.set_defaults(run=_generate)
 
     pull = commands.add_parser("pull", help="download a registry model and print its path")

@@ -8,7 +8,8 @@ from torch import nn
 
 from engine.attention import AttentionMetadata, paged_attention
 from engine.config import ModelConfig
-from engine.models.layers import Linear, pack_linears, pack_weight, set_param, vocab_projection
+from engine.models.cpu_matmul import Kernel, vocab_projection
+from engine.models.layers import Linear, set_param
 
 
 def _frozen(module: nn.Module) -> nn.Module:
@@ -71,7 +72,7 @@ class GPT2LMHeadModel(nn.Module):
                                         _weight=torch.empty(cfg.max_position_embeddings, cfg.hidden_size)))
         self.h = nn.ModuleList(GPT2Block(cfg) for _ in range(cfg.num_layers))
         self.ln_f = _frozen(nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps))
-        self.lm_head_packed: torch.Tensor | None = None
+        self.lm_head_kernel: Kernel | None = None  # set by cpu_matmul.pack_linears
 
     @property
     def layers(self) -> nn.ModuleList:
@@ -90,11 +91,14 @@ class GPT2LMHeadModel(nn.Module):
         return self.ln_f(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return vocab_projection(self.ln_f(hidden), self.wte.weight, self.lm_head_packed).float()
+        return vocab_projection(self.ln_f(hidden), self.wte.weight, self.lm_head_kernel).float()
+
+    @property
+    def lm_head_weight(self) -> torch.Tensor:
+        return self.wte.weight
 
     def post_load(self, device: torch.device, dtype: torch.dtype) -> None:
-        pack_linears(self)
-        self.lm_head_packed = pack_weight(self.wte.weight)
+        pass  # nothing to derive: GPT-2 has no rotary tables
 
     def load_weight(self, name: str, tensor: torch.Tensor) -> None:
         """Take one tensor under its HF name (with or without the `transformer.` prefix)."""

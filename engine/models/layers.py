@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -58,19 +59,18 @@ class RotaryEmbedding(nn.Module):
         self.head_dim, self.max_positions = head_dim, max_positions
         self.theta, self.scaling = theta, scaling
         self.cos: torch.Tensor | None = None
-        self.sin: torch.Tensor | None = None
+        self.sin: torch.Tensor | None = None  # with the sign of rotate-half folded in: (-sin, +sin) halves
         self._lookup: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # (positions, cos, sin)
 
     def build(self, device: torch.device, dtype: torch.dtype) -> None:
         """Fill the cos/sin tables once the model has left the meta device."""
         inv_freq = rope_inv_freq(self.head_dim, self.theta, self.scaling)
         freqs = torch.outer(torch.arange(self.max_positions, dtype=torch.float32), inv_freq)
-        emb = torch.cat([freqs, freqs], dim=-1)
-        self.cos = emb.cos().to(device=device, dtype=dtype)
-        self.sin = emb.sin().to(device=device, dtype=dtype)
+        self.cos = torch.cat([freqs, freqs], dim=-1).cos().to(device=device, dtype=dtype)
+        self.sin = torch.cat([-freqs, freqs], dim=-1).sin().to(device=device, dtype=dtype)
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """q (T, H, D), k (T, KVH, D) rotated by their positions (T,)."""
+    def forward(self, positions: torch.Tensor, qk: torch.Tensor) -> torch.Tensor:
+        """q and k heads side by side, (T, H + KVH, D), rotated by their positions (T,)."""
         # Every layer of a forward pass gets the same positions tensor: look cos/sin up once. The cache is
         # one tuple, swapped atomically and checked against our own tensor, because the inspection path
         # runs the same modules from another thread.
@@ -80,12 +80,8 @@ class RotaryEmbedding(nn.Module):
         else:
             cos, sin = self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
             self._lookup = (positions, cos, sin)
-        return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+        # rotate_half(x) = (-x2, x1) = roll(x) * (-1, +1), and the signs are already in `sin`.
+        return qk * cos + qk.roll(self.head_dim // 2, dims=-1) * sin
 
 
 def set_param(module: nn.Module, name: str, value: torch.Tensor) -> None:
@@ -105,19 +101,13 @@ def check_loaded(model: nn.Module) -> None:
         raise ValueError(f"checkpoint is missing {len(missing)} tensors: {shown}")
 
 
-def _onednn_available() -> bool:
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-
-
 class Linear(nn.Linear):
-    """nn.Linear that can use a weight prepacked for oneDNN on CPU.
+    """nn.Linear whose CPU forward can run a kernel over a weight packed once at load (see cpu_matmul).
 
-    On a small-core CPU, MKL's sgemm repacks the weight on every call; at the row counts of decoding
-    (1-64) that costs more than the multiply. A prepacked oneDNN weight is 1.5-2.5x faster there.
-    The original weight stays for everything else (tied embeddings, the inspection path).
+    The original weight stays for everything else (tied embeddings, the inspection path, CUDA).
     """
 
-    packed: torch.Tensor | None = None
+    kernel: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
         super().__init__(in_features, out_features, bias=bias)
@@ -125,27 +115,6 @@ class Linear(nn.Linear):
             p.requires_grad_(False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is not None and x.device.type == "cpu":
-            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        if self.kernel is not None and x.device.type == "cpu":
+            return self.kernel(x)
         return F.linear(x, self.weight, self.bias)
-
-
-def pack_weight(weight: torch.Tensor) -> torch.Tensor | None:
-    """A oneDNN-packed copy of an fp32 CPU weight, or None where that path does not apply."""
-    if weight.device.type != "cpu" or weight.dtype != torch.float32 or not _onednn_available():
-        return None
-    return torch.ops.mkldnn._reorder_linear_weight(weight, 16)  # 16: a batch-size hint for the layout
-
-
-def pack_linears(model: nn.Module) -> None:
-    """Prepack every Linear of a CPU fp32 model (a no-op elsewhere)."""
-    for module in model.modules():
-        if isinstance(module, Linear):
-            module.packed = pack_weight(module.weight)
-
-
-def vocab_projection(x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor | None) -> torch.Tensor:
-    """x @ weight.T (the LM head), through the packed copy when there is one."""
-    if packed is not None and x.device.type == "cpu":
-        return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
-    return F.linear(x, weight)

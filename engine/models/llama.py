@@ -12,15 +12,8 @@ from torch import nn
 
 from engine.attention import AttentionMetadata, paged_attention
 from engine.config import ModelConfig
-from engine.models.layers import (
-    Linear,
-    RMSNorm,
-    RotaryEmbedding,
-    pack_linears,
-    pack_weight,
-    set_param,
-    vocab_projection,
-)
+from engine.models.cpu_matmul import Kernel, vocab_projection
+from engine.models.layers import Linear, RMSNorm, RotaryEmbedding, set_param
 
 
 class LlamaAttention(nn.Module):
@@ -37,12 +30,10 @@ class LlamaAttention(nn.Module):
 
     def project(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Rotated q (T, H, D) and k, v (T, KVH, D); shared with the inspection path."""
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(-1, self.num_heads, self.head_dim)
-        k = k.view(-1, self.num_kv_heads, self.head_dim)
-        v = v.view(-1, self.num_kv_heads, self.head_dim)
-        q, k = self.rotary(positions, q, k)
-        return q, k, v
+        qk, v = self.qkv_proj(x).split([self.q_size + self.kv_size, self.kv_size], dim=-1)
+        qk = self.rotary(positions, qk.view(-1, self.num_heads + self.num_kv_heads, self.head_dim))
+        q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
+        return q, k, v.view(-1, self.num_kv_heads, self.head_dim)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         q, k, v = self.project(x, positions)
@@ -106,7 +97,7 @@ class LlamaForCausalLM(nn.Module):
         self._fused_loaded: set[tuple[str, int]] = set()
         self.model = LlamaModel(cfg, max_positions)
         self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size)
-        self.lm_head_packed: torch.Tensor | None = None
+        self.lm_head_kernel: Kernel | None = None  # set by cpu_matmul.pack_linears
 
     @property
     def layers(self) -> nn.ModuleList:
@@ -126,8 +117,11 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final norm and LM head, in fp32 for stable sampling."""
-        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return vocab_projection(self.model.norm(hidden), weight, self.lm_head_packed).float()
+        return vocab_projection(self.model.norm(hidden), self.lm_head_weight, self.lm_head_kernel).float()
+
+    @property
+    def lm_head_weight(self) -> torch.Tensor:
+        return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
     def post_load(self, device: torch.device, dtype: torch.dtype) -> None:
         expected = {(f"model.layers.{i}.{part}", index) for i in range(self.config.num_layers)
@@ -136,8 +130,6 @@ class LlamaForCausalLM(nn.Module):
         if self._fused_loaded and missing:  # empty when the fused tensors were assigned whole (converted copy)
             raise ValueError(f"checkpoint is missing {len(missing)} q/k/v or gate/up tensors, e.g. {missing[0]}")
         self.model.rotary.build(device, dtype)
-        pack_linears(self)
-        self.lm_head_packed = pack_weight(self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight)
 
     def load_weight(self, name: str, tensor: torch.Tensor) -> None:
         """Take one tensor under its Hugging Face name (e.g. model.layers.0.self_attn.q_proj.weight)."""

@@ -59,8 +59,13 @@ def assert_all_free(engine: LLMEngine) -> None:
     assert not engine.scheduler.running and not engine.scheduler.waiting
 
 
-def test_greedy_batch_equals_alone_with_staggered_arrivals(tiny_dir: str) -> None:
-    engine = make_engine(tiny_dir)
+# Every CPU weight format must keep a request's output independent of what else is in the batch.
+QUANTIZATIONS = ["none", "fp16", "int8"]
+
+
+@pytest.mark.parametrize("quantization", QUANTIZATIONS)
+def test_greedy_batch_equals_alone_with_staggered_arrivals(tiny_dir: str, quantization: str) -> None:
+    engine = make_engine(tiny_dir, quantization=quantization)
     vocab = engine.model_config.vocab_size
     prompts = random_prompts(32, seed=1, vocab=vocab)
     params = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
@@ -72,8 +77,9 @@ def test_greedy_batch_equals_alone_with_staggered_arrivals(tiny_dir: str) -> Non
     assert_all_free(engine)
 
 
-def test_seeded_sampling_same_alone_and_batched(tiny_dir: str) -> None:
-    engine = make_engine(tiny_dir)
+@pytest.mark.parametrize("quantization", QUANTIZATIONS)
+def test_seeded_sampling_same_alone_and_batched(tiny_dir: str, quantization: str) -> None:
+    engine = make_engine(tiny_dir, quantization=quantization)
     prompts = random_prompts(6, seed=2, vocab=engine.model_config.vocab_size)
     seeded = SamplingParams(max_tokens=16, temperature=1.0, top_p=0.9, seed=1234, ignore_eos=True)
     expected = alone(engine, prompts[0], seeded)
@@ -156,7 +162,7 @@ def test_stop_string_across_token_boundaries(tiny_dir: str) -> None:
 
 
 def test_logprobs_match_reference_log_softmax(tiny_dir: str) -> None:
-    engine = make_engine(tiny_dir)
+    engine = make_engine(tiny_dir, quantization="none")  # exact fp32 weights
     reference = AutoModelForCausalLM.from_pretrained(tiny_dir, torch_dtype=torch.float32).eval()
     ids = random_prompts(1, seed=6, vocab=engine.model_config.vocab_size, lo=12, hi=12)[0]
     alone(engine, ids, SamplingParams(max_tokens=2))  # the prompt is now in the prefix cache

@@ -137,21 +137,24 @@ def test_rotary_lookup_is_safe_across_threads() -> None:
 
     rotary = RotaryEmbedding(head_dim=16, max_positions=256, theta=10000.0, scaling=None)
     rotary.build(torch.device("cpu"), torch.float32)
-    q, k = torch.randn(40, 4, 16), torch.randn(40, 2, 16)
-    failures = []
+    qk = torch.randn(40, 6, 16)
+    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, 16, 2, dtype=torch.float32) / 16))
+    failures: list[object] = []
 
     def worker(offset: int) -> None:
-        positions = torch.arange(offset, offset + 40)
-        cos, sin = rotary.cos[positions].unsqueeze(1), rotary.sin[positions].unsqueeze(1)
-        from engine.models.layers import rotate_half
-
-        want = q * cos + rotate_half(q) * sin
-        for _ in range(300):
-            positions = torch.arange(offset, offset + 40)  # a new tensor each pass, as each forward has
-            got, _ = rotary(positions, q, k)
-            if not torch.equal(got, want):
-                failures.append(offset)
-                return
+        # HF's formulation written out: x * cos + rotate_half(x) * sin, rotate_half(x) = (-x2, x1).
+        angles = torch.outer(torch.arange(offset, offset + 40, dtype=torch.float32), inv_freq)
+        cos, sin = torch.cat([angles, angles], -1).cos()[:, None], torch.cat([angles, angles], -1).sin()[:, None]
+        want = qk * cos + torch.cat([-qk[..., 8:], qk[..., :8]], dim=-1) * sin
+        try:
+            for _ in range(300):
+                positions = torch.arange(offset, offset + 40)  # a new tensor each pass, as each forward has
+                got = rotary(positions, qk)
+                if not torch.allclose(got, want, atol=1e-5):
+                    failures.append(offset)
+                    return
+        except Exception as exc:  # a thread's exception would otherwise only be a warning
+            failures.append(exc)
 
     import sys
 

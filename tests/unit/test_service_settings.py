@@ -34,9 +34,9 @@ def test_defaults_env_and_flags(monkeypatch: pytest.MonkeyPatch) -> None:
     assert (from_env.port, from_env.max_num_seqs, from_env.api_keys, from_env.log_requests_text) == \
         (9001, 4, ["a", "b"], True)
     flags = parse("--port", "9002", "--api-key", "c", "--api-key", "d", "--no-log-requests-text",
-                  "--served-model-name", "m")
+                  "--served-model-name", "m", "--quantization", "int8")
     assert (flags.port, flags.api_keys, flags.log_requests_text, flags.model_name) == (9002, ["c", "d"], False, "m")
-    assert flags.engine_config_kwargs() == {"device": "auto", "dtype": "auto", "max_num_seqs": 4}
+    assert flags.engine_config_kwargs() == {"device": "auto", "dtype": "auto", "quantization": "int8", "max_num_seqs": 4}
 
 
 def test_api_key_file_adds_keys(tmp_path: Path) -> None:
@@ -46,7 +46,7 @@ def test_api_key_file_adds_keys(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("argv", [["--port", "http"], ["--port", "70000"], ["--log-format", "xml"],
-                                  ["--max-num-seqs", "0"], ["--api-key-file", "/nonexistent/keys"]])
+                                  ["--max-num-seqs", "0"], ["--quantization", "int4"], ["--api-key-file", "/nonexistent/keys"]])
 def test_invalid_settings_are_rejected(argv: list[str]) -> None:
     with pytest.raises(ValueError):
         parse(*argv)

@@ -35,7 +35,9 @@ def hf_model(smollm2_gguf_path: Path) -> torch.nn.Module:
 @pytest.fixture(scope="module")
 def llm(smollm2_gguf_path: Path) -> LLM:
     # A small KV cache: the default takes a fraction of free memory, which costs time to allocate here.
-    return LLM(str(smollm2_gguf_path), device="cpu", dtype="float32", kv_cache_bytes=64 << 20, max_model_len=512)
+    # quantization="none": exact fp32 weights, the ones transformers computes with.
+    return LLM(str(smollm2_gguf_path), device="cpu", dtype="float32", quantization="none",
+               kv_cache_bytes=64 << 20, max_model_len=512)
 
 
 @pytest.fixture(scope="module")
@@ -77,3 +79,35 @@ def test_greedy_continuations_match_transformers(llm: LLM, hf_model: torch.nn.Mo
         assert _strip_eos(got, eos) == _strip_eos(expected, eos), llm.tokenizer.decode(expected)
         assert output.outputs[0].finish_reason == ("length" if len(expected) == 32 and expected[-1] not in eos
                                                    else "stop")
+
+
+# A passage the model has not been tuned on, long enough that the averages below are stable.
+PASSAGE = (
+    "The lighthouse keeper climbed the spiral stairs every evening at dusk, carrying a can of oil and a cloth. "
+    "He cleaned the great lens until it shone, trimmed the wick, and lit the lamp. Ships passing the rocky "
+    "headland relied on its beam to find the channel into the harbour. In winter the storms were fierce, and "
+    "waves broke over the gallery rail, but the light never went out. When electricity finally reached the "
+    "island, an automatic lamp replaced him, and the keeper moved to a cottage in the village, where he "
+    "taught the children how to read the weather from the shape of the clouds and the colour of the sea."
+)
+
+
+@pytest.mark.parametrize(("quantization", "max_kl", "min_top1", "max_ppl_ratio"),
+                         [("fp16", 1e-3, 0.99, 1.005), ("int8", 0.15, 0.75, 1.15)])
+def test_quantized_weights_stay_close_to_fp32(smollm2_gguf_path: Path, llm: LLM, quantization: str,
+                                              max_kl: float, min_top1: float, max_ppl_ratio: float) -> None:
+    """The documented cost of each faster weight format, measured on a passage (figures in the README)."""
+    quantized = LLM(str(smollm2_gguf_path), device="cpu", dtype="float32", quantization=quantization,
+                    kv_cache_bytes=16 << 20, max_model_len=512)
+    ids = llm.engine.tokenizer.encode(PASSAGE)
+    exact = llm.engine.runner.logits_for(ids).log_softmax(-1)
+    approx = quantized.engine.runner.logits_for(ids).log_softmax(-1)
+    kl = (exact.exp() * (exact - approx)).sum(-1).mean().item()
+    top1 = (exact.argmax(-1) == approx.argmax(-1)).float().mean().item()
+    targets = torch.tensor(ids[1:])[:, None]
+    nll_exact = -exact[:-1].gather(1, targets).mean().item()
+    nll_approx = -approx[:-1].gather(1, targets).mean().item()
+    ppl_ratio = float(torch.tensor(nll_approx - nll_exact).exp())
+    print(f"{quantization}: KL {kl:.5f}, top-1 agreement {top1:.3f}, perplexity ratio {ppl_ratio:.4f}")
+    assert kl < max_kl and top1 > min_top1 and ppl_ratio < max_ppl_ratio
+    assert kl > 0  # the format really is in use: its logits are not fp32's

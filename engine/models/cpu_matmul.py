@@ -1,0 +1,148 @@
+"""How the CPU matmuls hold their weights: `quantization` none, fp16 or int8 (auto picks fp16).
+
+Decoding on a small CPU is a stream of weight reads (batch 1) or of fp32 multiply-adds (batch 64),
+and PyTorch's default `F.linear` is slow at both, because MKL repacks the weight on every call. So each
+`Linear` (and the LM head) gets a kernel over a weight packed once at load:
+
+- none: oneDNN-prepacked fp32 weights. Exact: what the tests compare with transformers.
+- fp16: fbgemm's fp16 GEMM: weights rounded to fp16 (half the bytes to read), activations and
+  accumulation stay fp32. On SmolLM2 Q4_1 logits move by < 0.05 and perplexity by < 0.01%.
+- int8: fbgemm's int8 GEMM: 7-bit per-output-channel weights, 8-bit activations scaled per row.
+  Fastest, and lossy (SmolLM2: perplexity +6-10%, see the README), so it is opt-in.
+
+fbgemm ships in PyTorch's x86 builds; elsewhere `auto` means none.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+Kernel = Callable[[torch.Tensor], torch.Tensor]
+QUANTIZATIONS = ("auto", "none", "fp16", "int8")
+
+# fbgemm's AVX2 int8 kernel sums pairs of u8 x s8 products in int16; 255 * 63 * 2 < 32767, so 7-bit
+# weights never saturate with full 8-bit activations (the alternative, 7-bit activations, loses more).
+_INT8_WEIGHT_MAX = 63
+
+
+def fbgemm_available() -> bool:
+    return "fbgemm" in torch.backends.quantized.supported_engines
+
+
+def resolve_quantization(name: str | None, device: str, dtype: torch.dtype) -> str:
+    """'auto' (or None) is fp16 where fbgemm runs the CPU fp32 model, else none."""
+    name = name or "auto"
+    if name not in QUANTIZATIONS:
+        raise ValueError(f"unknown quantization {name!r}; choose one of {', '.join(QUANTIZATIONS)}")
+    cpu_fp32 = device == "cpu" and dtype == torch.float32
+    if name == "auto":
+        return "fp16" if cpu_fp32 and fbgemm_available() else "none"
+    if name != "none" and not cpu_fp32:
+        raise ValueError(f"quantization={name} is a CPU fp32 kernel; on {device} with {dtype} use dtype instead")
+    if name != "none" and not fbgemm_available():
+        raise ValueError(f"quantization={name} needs PyTorch's fbgemm backend (x86 CPUs); use none")
+    return name
+
+
+def make_kernel(weight: torch.Tensor, bias: torch.Tensor | None, quantization: str) -> Kernel | None:
+    """x -> x @ weight.T + bias over a packed copy of the weight, or None to use F.linear."""
+    if weight.device.type != "cpu" or weight.dtype != torch.float32:
+        return None
+    if quantization == "fp16":
+        return _fp16_kernel(weight, bias)
+    if quantization == "int8":
+        return _int8_kernel(weight, bias)
+    return _onednn_kernel(weight, bias)
+
+
+def _onednn_kernel(weight: torch.Tensor, bias: torch.Tensor | None) -> Kernel | None:
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
+        return None
+    packed = torch.ops.mkldnn._reorder_linear_weight(weight, 16)  # 16: a batch-size hint for the layout
+    return lambda x: torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
+def _fp16_kernel(weight: torch.Tensor, bias: torch.Tensor | None) -> Kernel:
+    packed = torch.ops.quantized.linear_prepack_fp16(weight, bias)
+
+    def fp16_linear(x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, x.shape[-1])
+        padded = _fp16_padded_rows(rows.shape[0])
+        if padded > rows.shape[0]:
+            rows = torch.cat([rows, rows.new_zeros(padded - rows.shape[0], rows.shape[1])])
+        return torch.ops.quantized.linear_dynamic_fp16(rows, packed)[:x.numel() // x.shape[-1]].view(*x.shape[:-1], -1)
+
+    return fp16_linear
+
+
+# fbgemm's fp16 GEMM cuts the rows into tiles of 1 to 6 rows (blocks of at most 120) by a fixed table, and
+# its 1- and 2-row tiles round differently from the others. A row's result would then depend on how many
+# rows share its call; padding the row count to one whose tiling has no such tile keeps it independent.
+_FP16_BLOCK_ROWS = 120
+
+
+def _fp16_padded_rows(rows: int) -> int:
+    full, rest = divmod(rows, _FP16_BLOCK_ROWS)
+    return full * _FP16_BLOCK_ROWS + (_fp16_safe_row_counts()[rest] if rest else 0)
+
+
+@functools.cache
+def _fp16_safe_row_counts() -> tuple[int, ...]:
+    """For each row count r <= 120, the smallest count >= r whose rows all match a full block's results.
+
+    Measured once (about 10 ms) rather than copied from fbgemm, whose tables differ by CPU generation.
+    """
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(_FP16_BLOCK_ROWS, 256, generator=gen)
+    packed = torch.ops.quantized.linear_prepack_fp16(torch.randn(64, 256, generator=gen), None)
+    reference = torch.ops.quantized.linear_dynamic_fp16(x, packed)
+    safe = [r for r in range(1, _FP16_BLOCK_ROWS + 1)
+            if torch.equal(torch.ops.quantized.linear_dynamic_fp16(x[:r], packed), reference[:r])]
+    return tuple(min(s for s in safe if s >= r) for r in range(_FP16_BLOCK_ROWS + 1))
+
+
+def _int8_kernel(weight: torch.Tensor, bias: torch.Tensor | None) -> Kernel:
+    scales = (weight.abs().amax(dim=1) / _INT8_WEIGHT_MAX).clamp_min(1e-12)
+    zero_points = torch.zeros(weight.shape[0], dtype=torch.long)
+    with warnings.catch_warnings():  # quantized tensors are deprecated as a public API, not in fbgemm
+        warnings.simplefilter("ignore")
+        qweight = torch.quantize_per_channel(weight, scales.double(), zero_points, 0, torch.qint8)
+    packed = torch.ops.quantized.linear_prepack(qweight, None)
+    # fbgemm picks one activation scale for the whole batch from its min and max. Scaling every row to
+    # max |x| = 1 and adding a row holding +1 and -1 pins that range to [-1, 1] whatever else is in the
+    # batch, so each row is quantized alone: a request's output does not depend on its neighbours.
+    sentinel = torch.zeros(1, weight.shape[1])
+    sentinel[0, 0], sentinel[0, -1] = 1.0, -1.0
+
+    def int8_linear(x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, x.shape[-1])
+        row_scale = rows.abs().amax(dim=1, keepdim=True).clamp_min(1e-30)
+        y = torch.ops.quantized.linear_dynamic(torch.cat([rows / row_scale, sentinel]), packed, False)
+        y = y[:-1].mul_(row_scale)
+        if bias is not None:
+            y += bias
+        return y.view(*x.shape[:-1], -1)
+
+    return int8_linear
+
+
+def pack_linears(model: torch.nn.Module, quantization: str) -> None:
+    """Give every Linear of a CPU fp32 model, and its LM head, a packed kernel (a no-op elsewhere)."""
+    from engine.models.layers import Linear
+
+    for module in model.modules():
+        if isinstance(module, Linear):
+            module.kernel = make_kernel(module.weight, module.bias, quantization)
+    model.lm_head_kernel = make_kernel(model.lm_head_weight, None, quantization)
+
+
+def vocab_projection(x: torch.Tensor, weight: torch.Tensor, kernel: Kernel | None) -> torch.Tensor:
+    """x @ weight.T (the LM head), through the packed kernel when there is one."""
+    if kernel is not None and x.device.type == "cpu":
+        return kernel(x)
+    return F.linear(x, weight)
