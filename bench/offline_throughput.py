@@ -33,11 +33,11 @@ def _entry(tokens: int, seconds: float) -> dict[str, float]:
 
 
 def run_kvserve(model: str, prompts: list[list[int]], batch_sizes: list[int], max_tokens: int,
-                device: str = "auto", dtype: str = "auto") -> Results:
+                device: str = "auto", dtype: str = "auto", quantization: str = "auto") -> Results:
     """kvserve's offline API, one generate() call per batch size, after a short warm-up."""
     from engine import LLM, SamplingParams
 
-    llm = LLM(model, device=device, dtype=dtype, max_num_seqs=max(64, *batch_sizes))
+    llm = LLM(model, device=device, dtype=dtype, quantization=quantization, max_num_seqs=max(64, *batch_sizes))
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
     llm.generate(warmup_prompts(prompts), SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
     results: Results = {}
@@ -46,7 +46,7 @@ def run_kvserve(model: str, prompts: list[list[int]], batch_sizes: list[int], ma
         outputs = llm.generate(prompts[:size], params)
         seconds = time.perf_counter() - start
         results[str(size)] = _entry(sum(len(o.outputs[0].token_ids) for o in outputs), seconds)
-        print(f"kvserve batch {size}: {results[str(size)]['tok_s']:.1f} tok/s", flush=True)
+        print(f"kvserve ({quantization}) batch {size}: {results[str(size)]['tok_s']:.1f} tok/s", flush=True)
     del llm
     gc.collect()
     return results
@@ -128,6 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-tokens", type=int, default=128, help="new tokens per prompt (EOS ignored)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--quantizations", default="auto,int8,none",
+                        help="kvserve weight formats to run, comma-separated; auto is reported as plain kvserve")
     parser.add_argument("--threads", type=int, default=None, help="torch threads for the in-process runs")
     parser.add_argument("--no-kvserve", action="store_true", help="skip kvserve in-process")
     parser.add_argument("--no-transformers", action="store_true", help="skip transformers generate")
@@ -157,8 +159,10 @@ def main(argv: list[str] | None = None) -> int:
         with open(path) as f:
             systems.update(json.load(f)["systems"])
     if not args.no_kvserve:
-        systems["kvserve"] = run_kvserve(args.model, prompts, args.batch_sizes, args.max_tokens,
-                                         args.device, args.dtype)
+        for quantization in (q.strip() for q in args.quantizations.split(",") if q.strip()):
+            name = "kvserve" if quantization == "auto" else f"kvserve-{quantization}"
+            systems[name] = run_kvserve(args.model, prompts, args.batch_sizes, args.max_tokens,
+                                        args.device, args.dtype, quantization)
     if not args.no_transformers:
         pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
         systems["transformers"] = run_transformers(prompts, args.batch_sizes, args.max_tokens, pad_id)
@@ -168,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         systems[name] = run_openai(url, server_prompts, args.batch_sizes, args.max_tokens, args.api_key)
     data = {"config": {"model": args.model, "batch_sizes": args.batch_sizes, "max_tokens": args.max_tokens,
                        "prompt_tokens": [len(p) for p in prompts], "device": args.device, "dtype": args.dtype,
+                       "quantizations": args.quantizations,
                        "transformers_model": str(HF_MODEL_DIR)},
             "machine": machine_info(), "systems": systems}
     title = f"Offline throughput, output tok/s ({args.max_tokens} new tokens per prompt, EOS ignored)\n\n"

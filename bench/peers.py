@@ -24,14 +24,15 @@ from bench import offline_throughput, serve_bench
 from bench.common import PEERS_DIR, QUESTIONS, fmt, machine_info, markdown_table, parse_int_list, write_report
 
 PEERS_SH = Path(os.environ.get("PEERS_SH", Path(__file__).resolve().parents[2] / "shared" / "peers" / "serve.sh"))
-SERVERS = ("kvserve", "vllm", "llama")
+SERVERS = ("kvserve", "kvserve-int8", "vllm", "llama")
 
 
 def server_command(name: str, port: int, model: str) -> list[str]:
     """The command line that serves the default model on 127.0.0.1:port."""
-    if name == "kvserve":
+    if name in ("kvserve", "kvserve-int8"):
+        quantization = "int8" if name == "kvserve-int8" else "auto"
         return [sys.executable, "-m", "service.cli", "serve", "--model", model, "--port", str(port),
-                "--served-model-name", "smollm2-135m", "--log-level", "warning"]
+                "--served-model-name", "smollm2-135m", "--log-level", "warning", "--quantization", quantization]
     if name in ("vllm", "llama"):
         return ["bash", str(PEERS_SH), name, str(port)]
     raise ValueError(f"unknown server {name!r}; choose from {', '.join(SERVERS)}")
@@ -140,7 +141,7 @@ def vllm_bench_table(results: dict[str, dict]) -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bench.peers", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--servers", default="kvserve,vllm,llama", help=f"comma-separated, from {SERVERS}")
+    parser.add_argument("--servers", default="kvserve,kvserve-int8,vllm,llama", help=f"comma-separated, from {SERVERS}")
     parser.add_argument("--port", type=int, default=8123, help="port every server is started on, in turn")
     parser.add_argument("--model", default="smollm2-135m", help="kvserve's --model (peers serve SmolLM2)")
     parser.add_argument("--start-timeout", type=float, default=900.0,
