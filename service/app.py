@@ -29,6 +29,9 @@ def load_model(settings: Settings, metrics: ServiceMetrics) -> LoadedModel:
     from engine import AsyncEngine, EngineConfig, LLMEngine
 
     engine = LLMEngine(settings.model, EngineConfig(**settings.engine_config_kwargs()), progress=False)
+    log.info("engine built", extra={"fields": {"device": engine.device, "dtype": str(engine.dtype).removeprefix("torch."),
+                                               "quantization": engine.quantization,
+                                               "kv_cache_blocks": len(engine.blocks.blocks)}})
     async_engine = AsyncEngine(engine, on_step=metrics.observe_step)
     async_engine.start()
     return LoadedModel(engine=async_engine, tokenizer=engine.tokenizer, max_model_len=engine.max_model_len)
