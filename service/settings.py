@@ -20,8 +20,8 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535, description="port to bind (0: any free port)")
     device: str = Field("auto", description="cpu, cuda, cuda:N or auto")
     dtype: str = Field("auto", description="auto (fp32 on CPU, bf16 on CUDA), float32, float16, bfloat16")
-    quantization: Literal["auto", "none", "fp16", "int8"] | None = Field(
-        None, description="CPU matmul weights: auto (fp16 on x86), none (exact fp32), fp16, int8 (fastest, lossy)")
+    quantization: Literal["auto", "none", "bf16", "fp16", "int8"] | None = Field(
+        None, description="CPU matmul weights: auto (bf16 with AMX, else fp16 on x86), none (exact fp32), bf16, fp16, int8 (lossy)")
     max_num_seqs: int | None = Field(None, ge=1, description="most sequences decoded together (default: engine's)")
     max_num_batched_tokens: int | None = Field(None, ge=1, description="most tokens in one forward pass (default: engine's)")
     kv_cache_bytes: int | None = Field(None, gt=0, description="KV cache size in bytes (default: engine's choice)")

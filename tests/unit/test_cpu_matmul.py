@@ -6,9 +6,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.models.cpu_matmul import fbgemm_available, make_kernel, resolve_quantization
+from engine.models.cpu_matmul import (
+    amx_bf16_available,
+    bf16_gemm_available,
+    fbgemm_available,
+    make_kernel,
+    resolve_quantization,
+)
 
 needs_fbgemm = pytest.mark.skipif(not fbgemm_available(), reason="fbgemm runs on x86 builds of PyTorch only")
+needs_bf16 = pytest.mark.skipif(not bf16_gemm_available(), reason="oneDNN bf16 GEMMs need AVX-512 bf16")
+
+
+def available(quantization: str) -> bool:
+    return {"none": True, "bf16": bf16_gemm_available()}.get(quantization, fbgemm_available())
 
 
 def weights(out_features: int = 96, in_features: int = 80, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -55,6 +66,34 @@ def test_fp16_rounds_only_the_weights() -> None:
     assert (got - F.linear(x, w, b)).abs().max() > 1e-5
 
 
+@needs_bf16
+def test_bf16_rounds_weights_inputs_and_outputs() -> None:
+    w, b = weights()
+    x = activations(5)
+    got = make_kernel(w, b, "bf16")(x)
+    # fp32 math over bf16-rounded operands, the sum rounded to bf16 once more.
+    rounded = F.linear(x.bfloat16().double(), w.bfloat16().double(), b.bfloat16().double())
+    torch.testing.assert_close(got, rounded.bfloat16().float(), rtol=8e-3, atol=1e-3)
+    assert (got - F.linear(x, w, b)).abs().max() > 1e-3
+
+
+@pytest.mark.skipif(not bf16_gemm_available(), reason="oneDNN bf16 GEMMs need AVX-512 bf16")
+@pytest.mark.parametrize("threads", [1, 2, 4, 8])
+def test_bf16_rows_stay_independent_at_any_thread_count(threads: int) -> None:
+    """oneDNN's reduction split depends on the thread count; the kernel must find safe blocks for each."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        w, b = weights(out_features=576, in_features=1536, seed=threads)
+        kernel = make_kernel(w, b, "bf16")
+        x = activations(200, in_features=1536)
+        alone = torch.cat([kernel(row) for row in x.split(1)])
+        for size in (2, 17, 33, 48, 64, 65, 100, 129, 160, 200):
+            assert torch.equal(kernel(x[:size]), alone[:size]), f"{size} rows change with their batch"
+    finally:
+        torch.set_num_threads(previous)
+
+
 @needs_fbgemm
 def test_int8_matches_the_written_out_scheme() -> None:
     w, b = weights()
@@ -68,9 +107,10 @@ def test_int8_matches_the_written_out_scheme() -> None:
     assert ((got - exact).abs() / scale).max() < 0.05
 
 
-@needs_fbgemm
-@pytest.mark.parametrize("quantization", ["none", "fp16", "int8"])
+@pytest.mark.parametrize("quantization", ["none", "bf16", "fp16", "int8"])
 def test_rows_do_not_depend_on_the_rest_of_the_batch(quantization: str) -> None:
+    if not available(quantization):
+        pytest.skip(f"{quantization} kernels need this CPU's support")
     w, b = weights(out_features=300, in_features=128)
     kernel = make_kernel(w, b, quantization)
     x = activations(250, in_features=128)
@@ -82,7 +122,7 @@ def test_rows_do_not_depend_on_the_rest_of_the_batch(quantization: str) -> None:
 
 
 def test_resolve_quantization() -> None:
-    cpu_auto = "fp16" if fbgemm_available() else "none"
+    cpu_auto = "bf16" if amx_bf16_available() else "fp16" if fbgemm_available() else "none"
     assert resolve_quantization("auto", "cpu", torch.float32) == cpu_auto
     assert resolve_quantization(None, "cpu", torch.float32) == cpu_auto
     assert resolve_quantization("auto", "cpu", torch.bfloat16) == "none"

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from transformers import AutoModelForCausalLM
 
 from engine import EngineConfig, LLMEngine, SamplingParams
+from engine.models.cpu_matmul import bf16_gemm_available
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +61,8 @@ def assert_all_free(engine: LLMEngine) -> None:
 
 
 # Every CPU weight format must keep a request's output independent of what else is in the batch.
-QUANTIZATIONS = ["none", "fp16", "int8"]
+QUANTIZATIONS = ["none", pytest.param("bf16", marks=pytest.mark.skipif(
+    not bf16_gemm_available(), reason="oneDNN bf16 GEMMs need AVX-512 bf16")), "fp16", "int8"]
 
 
 @pytest.mark.parametrize("quantization", QUANTIZATIONS)
