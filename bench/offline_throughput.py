@@ -128,8 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-tokens", type=int, default=128, help="new tokens per prompt (EOS ignored)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--quantizations", default="auto,int8,none",
-                        help="kvserve weight formats to run, comma-separated; auto is reported as plain kvserve")
+    parser.add_argument("--quantizations", default=None,
+                        help="kvserve weight formats to run, comma-separated, each optionally DTYPE/FORMAT "
+                             "(bfloat16/auto: the whole model in bf16); auto is reported as plain kvserve "
+                             "(default: auto,int8,none, plus bfloat16/auto on CPUs with AMX)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads for the in-process runs")
     parser.add_argument("--no-kvserve", action="store_true", help="skip kvserve in-process")
     parser.add_argument("--no-transformers", action="store_true", help="skip transformers generate")
@@ -144,8 +146,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def variant_name(dtype: str, quantization: str) -> str:
+    """kvserve, kvserve-int8, kvserve-bfloat16 (a dtype with auto weights), kvserve-bfloat16-int8..."""
+    parts = [p for p in (dtype, "" if quantization == "auto" else quantization) if p]
+    return "-".join(["kvserve", *parts])
+
+
+def default_variants() -> str:
+    from engine.models.cpu_matmul import amx_bf16_available
+
+    return "auto,int8,none" + (",bfloat16/auto" if amx_bf16_available() else "")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.quantizations = args.quantizations or default_variants()
     if args.threads:
         import torch
 
@@ -159,10 +174,10 @@ def main(argv: list[str] | None = None) -> int:
         with open(path) as f:
             systems.update(json.load(f)["systems"])
     if not args.no_kvserve:
-        for quantization in (q.strip() for q in args.quantizations.split(",") if q.strip()):
-            name = "kvserve" if quantization == "auto" else f"kvserve-{quantization}"
-            systems[name] = run_kvserve(args.model, prompts, args.batch_sizes, args.max_tokens,
-                                        args.device, args.dtype, quantization)
+        for variant in (v.strip() for v in args.quantizations.split(",") if v.strip()):
+            dtype, _, quantization = variant.rpartition("/")
+            systems[variant_name(dtype, quantization)] = run_kvserve(
+                args.model, prompts, args.batch_sizes, args.max_tokens, args.device, dtype or args.dtype, quantization)
     if not args.no_transformers:
         pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
         systems["transformers"] = run_transformers(prompts, args.batch_sizes, args.max_tokens, pad_id)

@@ -24,15 +24,22 @@ from bench import offline_throughput, serve_bench
 from bench.common import PEERS_DIR, QUESTIONS, fmt, machine_info, markdown_table, parse_int_list, write_report
 
 PEERS_SH = Path(os.environ.get("PEERS_SH", Path(__file__).resolve().parents[2] / "shared" / "peers" / "serve.sh"))
-SERVERS = ("kvserve", "kvserve-int8", "vllm", "llama")
+SERVERS = ("kvserve", "kvserve-int8", "kvserve-bf16", "vllm", "llama")
+# kvserve variants: extra `serve` options. kvserve-bf16 runs the whole model in bf16 (fast with AMX).
+KVSERVE_VARIANTS = {"kvserve": [], "kvserve-int8": ["--quantization", "int8"], "kvserve-bf16": ["--dtype", "bfloat16"]}
+
+
+def default_servers() -> str:
+    from engine.models.cpu_matmul import amx_bf16_available
+
+    return ",".join(["kvserve", "kvserve-int8"] + (["kvserve-bf16"] if amx_bf16_available() else []) + ["vllm", "llama"])
 
 
 def server_command(name: str, port: int, model: str) -> list[str]:
     """The command line that serves the default model on 127.0.0.1:port."""
-    if name in ("kvserve", "kvserve-int8"):
-        quantization = "int8" if name == "kvserve-int8" else "auto"
+    if name in KVSERVE_VARIANTS:
         return [sys.executable, "-m", "service.cli", "serve", "--model", model, "--port", str(port),
-                "--served-model-name", "smollm2-135m", "--log-level", "warning", "--quantization", quantization]
+                "--served-model-name", "smollm2-135m", "--log-level", "warning", *KVSERVE_VARIANTS[name]]
     if name in ("vllm", "llama"):
         return ["bash", str(PEERS_SH), name, str(port)]
     raise ValueError(f"unknown server {name!r}; choose from {', '.join(SERVERS)}")
@@ -141,7 +148,8 @@ def vllm_bench_table(results: dict[str, dict]) -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bench.peers", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--servers", default="kvserve,kvserve-int8,vllm,llama", help=f"comma-separated, from {SERVERS}")
+    parser.add_argument("--servers", default=None,
+                        help=f"comma-separated, from {SERVERS} (default: all; kvserve-bf16 only on CPUs with AMX)")
     parser.add_argument("--port", type=int, default=8123, help="port every server is started on, in turn")
     parser.add_argument("--model", default="smollm2-135m", help="kvserve's --model (peers serve SmolLM2)")
     parser.add_argument("--start-timeout", type=float, default=900.0,
@@ -159,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    names = [n.strip() for n in args.servers.split(",") if n.strip()]
+    names = [n.strip() for n in (args.servers or default_servers()).split(",") if n.strip()]
     for name in names:
         server_command(name, args.port, args.model)  # unknown names fail before anything starts
     levels = serve_bench.levels_from(args.concurrency, args.num_prompts)

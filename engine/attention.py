@@ -26,12 +26,25 @@ class PrefillSpan:
 
 
 @dataclass(slots=True)
+class DecodeGroup:
+    """Decodes whose block tables have the same length, rows [start, start+count) of the decode rows.
+
+    Grouping by length keeps each sequence's keys padded exactly as when it decodes alone: SDPA rounds
+    differently for different padded lengths, which would make a request's output depend on its batch.
+    """
+
+    start: int
+    count: int
+    block_ids: torch.Tensor  # (count * num_blocks,) the group's block tables, flat
+    mask: torch.Tensor  # (count, 1, group, num_blocks * block_size) bool: key is valid
+
+
+@dataclass(slots=True)
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # (T,) where each new token's K/V is written
     prefills: list[PrefillSpan] = field(default_factory=list)
     num_prefill_tokens: int = 0  # decodes occupy [num_prefill_tokens, T)
-    decode_block_ids: torch.Tensor | None = None  # (B * max_blocks,) each decode's block table, padded, flat
-    decode_mask: torch.Tensor | None = None  # (B, 1, group, max_blocks * block_size) bool: key is valid
+    decode_groups: list[DecodeGroup] = field(default_factory=list)
 
 
 def grouped_mask(mask: torch.Tensor, group: int) -> torch.Tensor:
@@ -96,17 +109,28 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
         ks = ks.transpose(0, 1).unsqueeze(0)  # (1, KVH, K, D)
         vs = vs.transpose(0, 1).unsqueeze(0)
         out[rows] = _grouped_sdpa(qs, ks, vs, mask, causal, scale)[0].transpose(0, 1)
-    if meta.decode_block_ids is not None:
+    if meta.decode_groups:
         out[meta.num_prefill_tokens:] = _decode_attention(q[meta.num_prefill_tokens:], k_cache, v_cache, meta, scale)
     return out
 
 
 def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
                       scale: float) -> torch.Tensor:
-    """One query per sequence, batched: q (B, H, D) -> (B, H, D)."""
+    """One query per sequence, batched per DecodeGroup: q (B, H, D) -> (B, H, D)."""
+    if len(meta.decode_groups) == 1:
+        return _decode_group(q, k_cache, v_cache, meta.decode_groups[0], scale)
+    out = torch.empty_like(q)
+    for group in meta.decode_groups:
+        rows = slice(group.start, group.start + group.count)
+        out[rows] = _decode_group(q[rows], k_cache, v_cache, group, scale)
+    return out
+
+
+def _decode_group(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, group: DecodeGroup,
+                  scale: float) -> torch.Tensor:
     batch, _, head_dim = q.shape
     kv_heads = k_cache.shape[-2]
-    # index_select on whole blocks is a few memcpys; (B, max_blocks * block_size, KVH, D) -> (B, KVH, L, D)
-    ks = k_cache.index_select(0, meta.decode_block_ids).view(batch, -1, kv_heads, head_dim).transpose(1, 2)
-    vs = v_cache.index_select(0, meta.decode_block_ids).view(batch, -1, kv_heads, head_dim).transpose(1, 2)
-    return _grouped_sdpa(q.unsqueeze(2), ks, vs, meta.decode_mask, False, scale).view(batch, -1, head_dim)
+    # index_select on whole blocks is a few memcpys; (B, num_blocks * block_size, KVH, D) -> (B, KVH, L, D)
+    ks = k_cache.index_select(0, group.block_ids).view(batch, -1, kv_heads, head_dim).transpose(1, 2)
+    vs = v_cache.index_select(0, group.block_ids).view(batch, -1, kv_heads, head_dim).transpose(1, 2)
+    return _grouped_sdpa(q.unsqueeze(2), ks, vs, group.mask, False, scale).view(batch, -1, head_dim)

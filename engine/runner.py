@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
-from engine.attention import AttentionMetadata, PrefillSpan, build_prefill_mask, grouped_mask
+from engine.attention import AttentionMetadata, DecodeGroup, PrefillSpan, build_prefill_mask, grouped_mask
 from engine.config import ModelConfig
 from engine.kv_cache import BlockManager
 from engine.sampling_params import SamplingParams
@@ -86,7 +87,8 @@ class ModelRunner:
             self.kv_cache[:, :, dst].copy_(self.kv_cache[:, :, src])
         # Prefill chunks first, then single-token decodes, which share one batched attention call.
         prefills = [s for s in batch.scheduled if s.num_new_tokens > 1]
-        decodes = [s for s in batch.scheduled if s.num_new_tokens == 1]
+        # Decodes sorted by block-table length, so each length's rows are contiguous (see DecodeGroup).
+        decodes = sorted((s for s in batch.scheduled if s.num_new_tokens == 1), key=lambda s: len(s.seq.block_table))
         ordered = prefills + decodes
         ids, positions, slots = [], [], []
         for item in ordered:
@@ -138,11 +140,13 @@ class ModelRunner:
             meta.prefills.append(span)
             start += n
         meta.num_prefill_tokens = start
-        if decodes:
-            max_blocks = max(len(d.seq.block_table) for d in decodes)
-            tables = [d.seq.block_table + [0] * (max_blocks - len(d.seq.block_table)) for d in decodes]
-            context_lens = torch.tensor([d.seq.num_computed_tokens + 1 for d in decodes], device=device)
-            meta.decode_block_ids = torch.tensor(tables, dtype=torch.long, device=device).flatten()
-            key_pos = torch.arange(max_blocks * self.block_size, device=device)
-            meta.decode_mask = grouped_mask((key_pos.unsqueeze(0) < context_lens.unsqueeze(1)).unsqueeze(1), self.group)
+        start = 0
+        for num_blocks, same_length in itertools.groupby(decodes, key=lambda d: len(d.seq.block_table)):
+            members = list(same_length)
+            block_ids = torch.tensor([b for d in members for b in d.seq.block_table], dtype=torch.long, device=device)
+            context_lens = torch.tensor([d.seq.num_computed_tokens + 1 for d in members], device=device)
+            key_pos = torch.arange(num_blocks * self.block_size, device=device)
+            mask = grouped_mask((key_pos.unsqueeze(0) < context_lens.unsqueeze(1)).unsqueeze(1), self.group)
+            meta.decode_groups.append(DecodeGroup(start, len(members), block_ids, mask))
+            start += len(members)
         return meta

@@ -60,7 +60,11 @@ def resolve_quantization(name: str | None, device: str, dtype: torch.dtype) -> s
 
 def make_kernel(weight: torch.Tensor, bias: torch.Tensor | None, quantization: str) -> Kernel | None:
     """x -> x @ weight.T + bias over a packed copy of the weight, or None to use F.linear."""
-    if weight.device.type != "cpu" or weight.dtype != torch.float32:
+    if weight.device.type != "cpu":
+        return None
+    if weight.dtype == torch.bfloat16:  # a bf16 model (--dtype bfloat16): the same kernel, minus the casts
+        return _bf16_kernel(weight, bias) if bf16_gemm_available() else None
+    if weight.dtype != torch.float32:
         return None
     if quantization == "fp16":
         return _fp16_kernel(weight, bias)
@@ -104,7 +108,8 @@ def _bf16_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> Kernel:
     # Batch-size hint 1 when packing: larger hints pick layouts whose rounding depends on the row count.
     packed = torch.ops.mkldnn._reorder_linear_weight(weight.bfloat16(), 1)
     bias16 = None if bias is None else bias.bfloat16()
-    return lambda x: torch.ops.mkldnn._linear_pointwise(x.bfloat16(), packed, bias16, "none", [], "").float()
+    # Output in the input's dtype: fp32 models cast in and out, bf16 models (casts are no-ops) do not.
+    return lambda x: torch.ops.mkldnn._linear_pointwise(x.bfloat16(), packed, bias16, "none", [], "").to(x.dtype)
 
 
 # oneDNN may split a GEMM's reduction across threads once there are enough rows, and then a row's sum is
@@ -196,7 +201,7 @@ def _int8_kernel(weight: torch.Tensor, bias: torch.Tensor | None) -> Kernel:
 
 
 def pack_linears(model: torch.nn.Module, quantization: str) -> None:
-    """Give every Linear of a CPU fp32 model, and its LM head, a packed kernel (a no-op elsewhere).
+    """Give every Linear of a CPU fp32 or bf16 model, and its LM head, a packed kernel (a no-op elsewhere).
 
     Packing runs on all intra-op threads: fbgemm's fp16 packing converts element by element (~1.5 s for
     SmolLM2 on one core), which would otherwise dominate a cold start.

@@ -20,9 +20,7 @@ class RMSNorm(nn.Module):
         if x.dtype == torch.float32:  # one fused kernel instead of five elementwise passes
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         # Lower precisions normalise in fp32 as the reference does, then scale in the model dtype.
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        return self.weight * F.rms_norm(x.float(), self.weight.shape, None, self.eps).to(x.dtype)
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:

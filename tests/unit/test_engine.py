@@ -60,14 +60,16 @@ def assert_all_free(engine: LLMEngine) -> None:
     assert not engine.scheduler.running and not engine.scheduler.waiting
 
 
-# Every CPU weight format must keep a request's output independent of what else is in the batch.
-QUANTIZATIONS = ["none", pytest.param("bf16", marks=pytest.mark.skipif(
-    not bf16_gemm_available(), reason="oneDNN bf16 GEMMs need AVX-512 bf16")), "fp16", "int8"]
+# Every CPU weight format, and a bf16 model, must keep a request's output independent of what else is in
+# the batch.
+needs_bf16 = pytest.mark.skipif(not bf16_gemm_available(), reason="oneDNN bf16 GEMMs need AVX-512 bf16")
+FORMATS = [("float32", "none"), pytest.param("float32", "bf16", marks=needs_bf16), ("float32", "fp16"),
+           ("float32", "int8"), pytest.param("bfloat16", "auto", marks=needs_bf16)]
 
 
-@pytest.mark.parametrize("quantization", QUANTIZATIONS)
-def test_greedy_batch_equals_alone_with_staggered_arrivals(tiny_dir: str, quantization: str) -> None:
-    engine = make_engine(tiny_dir, quantization=quantization)
+@pytest.mark.parametrize(("dtype", "quantization"), FORMATS)
+def test_greedy_batch_equals_alone_with_staggered_arrivals(tiny_dir: str, dtype: str, quantization: str) -> None:
+    engine = make_engine(tiny_dir, dtype=dtype, quantization=quantization)
     vocab = engine.model_config.vocab_size
     prompts = random_prompts(32, seed=1, vocab=vocab)
     params = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
@@ -79,9 +81,9 @@ def test_greedy_batch_equals_alone_with_staggered_arrivals(tiny_dir: str, quanti
     assert_all_free(engine)
 
 
-@pytest.mark.parametrize("quantization", QUANTIZATIONS)
-def test_seeded_sampling_same_alone_and_batched(tiny_dir: str, quantization: str) -> None:
-    engine = make_engine(tiny_dir, quantization=quantization)
+@pytest.mark.parametrize(("dtype", "quantization"), FORMATS)
+def test_seeded_sampling_same_alone_and_batched(tiny_dir: str, dtype: str, quantization: str) -> None:
+    engine = make_engine(tiny_dir, dtype=dtype, quantization=quantization)
     prompts = random_prompts(6, seed=2, vocab=engine.model_config.vocab_size)
     seeded = SamplingParams(max_tokens=16, temperature=1.0, top_p=0.9, seed=1234, ignore_eos=True)
     expected = alone(engine, prompts[0], seeded)
