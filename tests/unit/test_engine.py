@@ -81,6 +81,34 @@ def test_greedy_batch_equals_alone_with_staggered_arrivals(tiny_dir: str, dtype:
     assert_all_free(engine)
 
 
+def test_logprobs_bitwise_equal_next_to_a_much_longer_sequence(tiny_dir: str) -> None:
+    """SDPA rounds differently when a sequence's keys are padded to a longer neighbour's length (seen in
+    fp32 from ~256 keys padded to ~400+); decodes are grouped by block-table length so that never happens."""
+    engine = make_engine(tiny_dir, quantization="none", block_size=16, max_num_batched_tokens=512,
+                         kv_cache_bytes=16 << 20)
+    vocab = engine.model_config.vocab_size
+    # Lengths where it showed: a 270-token context padded to ~490 keys.
+    short = random_prompts(1, seed=5, vocab=vocab, lo=270, hi=270)[0]
+    long = random_prompts(1, seed=6, vocab=vocab, lo=480, hi=480)[0]
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, logprobs=0)
+
+    def logprobs_of(request_id: str) -> list[float]:
+        values = []
+        while engine.has_unfinished():
+            for out in engine.step():
+                if out.finished and out.request_id == request_id:
+                    values = [entry.logprob for entry in out.outputs[0].logprobs]
+        return values
+
+    engine.add_request("short", short, params)
+    expected = logprobs_of("short")
+    engine.add_request("long", long, SamplingParams(max_tokens=30, temperature=0, ignore_eos=True))
+    engine.step()  # the long prompt prefills in one step, then decodes beside the short one
+    engine.add_request("short", short, params)
+    assert logprobs_of("short") == expected
+    assert_all_free(engine)
+
+
 @pytest.mark.parametrize(("dtype", "quantization"), FORMATS)
 def test_seeded_sampling_same_alone_and_batched(tiny_dir: str, dtype: str, quantization: str) -> None:
     engine = make_engine(tiny_dir, dtype=dtype, quantization=quantization)
