@@ -21,10 +21,19 @@ from pathlib import Path
 import httpx
 
 from bench import offline_throughput, serve_bench
-from bench.common import PEERS_DIR, QUESTIONS, fmt, machine_info, markdown_table, parse_int_list, write_report
+from bench.common import (
+    HF_MODEL_DIR,
+    PEERS_DIR,
+    QUESTIONS,
+    fmt,
+    machine_info,
+    markdown_table,
+    parse_int_list,
+    write_report,
+)
 
 PEERS_SH = Path(os.environ.get("PEERS_SH", Path(__file__).resolve().parents[2] / "shared" / "peers" / "serve.sh"))
-SERVERS = ("kvserve", "kvserve-int8", "kvserve-bf16", "vllm", "llama")
+SERVERS = ("kvserve", "kvserve-int8", "kvserve-bf16", "vllm", "vllm-bf16", "llama")
 # kvserve variants: extra `serve` options. kvserve-bf16 runs the whole model in bf16 (fast with AMX).
 KVSERVE_VARIANTS = {"kvserve": [], "kvserve-int8": ["--quantization", "int8"], "kvserve-bf16": ["--dtype", "bfloat16"]}
 
@@ -32,7 +41,18 @@ KVSERVE_VARIANTS = {"kvserve": [], "kvserve-int8": ["--quantization", "int8"], "
 def default_servers() -> str:
     from engine.models.cpu_matmul import amx_bf16_available
 
-    return ",".join(["kvserve", "kvserve-int8"] + (["kvserve-bf16"] if amx_bf16_available() else []) + ["vllm", "llama"])
+    amx = amx_bf16_available()
+    return ",".join(["kvserve", "kvserve-int8"] + ["kvserve-bf16"] * amx + ["vllm"] + ["vllm-bf16"] * amx + ["llama"])
+
+
+def vllm_bf16_command(port: int) -> list[str]:
+    """serve.sh's vLLM, but in bf16 (vLLM's own default for this model): the fair peer for kvserve-bf16."""
+    vllm = PEERS_DIR / "vllm"
+    env = [f"LD_PRELOAD={vllm / 'lib' / 'libiomp5.so'}", f"VLLM_CPU_OMP_THREADS_BIND=0-{(os.cpu_count() or 1) - 1}",
+           "VLLM_CPU_NUM_OF_RESERVED_CPU=0", "VLLM_CPU_KVCACHE_SPACE=4"]
+    return ["env", *env, str(vllm / "bin" / "vllm"), "serve", str(HF_MODEL_DIR),
+            "--served-model-name", "smollm2-135m", "--dtype", "bfloat16", "--max-model-len", "2048",
+            "--host", "127.0.0.1", "--port", str(port)]
 
 
 def server_command(name: str, port: int, model: str) -> list[str]:
@@ -40,6 +60,8 @@ def server_command(name: str, port: int, model: str) -> list[str]:
     if name in KVSERVE_VARIANTS:
         return [sys.executable, "-m", "service.cli", "serve", "--model", model, "--port", str(port),
                 "--served-model-name", "smollm2-135m", "--log-level", "warning", *KVSERVE_VARIANTS[name]]
+    if name == "vllm-bf16":
+        return vllm_bf16_command(port)
     if name in ("vllm", "llama"):
         return ["bash", str(PEERS_SH), name, str(port)]
     raise ValueError(f"unknown server {name!r}; choose from {', '.join(SERVERS)}")
@@ -149,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bench.peers", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--servers", default=None,
-                        help=f"comma-separated, from {SERVERS} (default: all; kvserve-bf16 only on CPUs with AMX)")
+                        help=f"comma-separated, from {SERVERS} (default: all; the bf16 ones only on CPUs with AMX)")
     parser.add_argument("--port", type=int, default=8123, help="port every server is started on, in turn")
     parser.add_argument("--model", default="smollm2-135m", help="kvserve's --model (peers serve SmolLM2)")
     parser.add_argument("--start-timeout", type=float, default=900.0,
