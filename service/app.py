@@ -28,12 +28,13 @@ def load_model(settings: Settings, metrics: ServiceMetrics) -> LoadedModel:
     """Build the engine from settings and start its step loop (blocking; run it in a thread)."""
     from engine import AsyncEngine, EngineConfig, LLMEngine
 
-    engine = LLMEngine(settings.model, EngineConfig(**settings.engine_config_kwargs()), progress=False)
+    config = EngineConfig(**settings.engine_config_kwargs())
+    async_engine = AsyncEngine.launch(lambda: LLMEngine(settings.model, config, progress=False),
+                                      on_step=metrics.observe_step)
+    engine = async_engine.engine
     log.info("engine built", extra={"fields": {"device": engine.device, "dtype": str(engine.dtype).removeprefix("torch."),
                                                "quantization": engine.quantization,
                                                "kv_cache_blocks": len(engine.blocks.blocks)}})
-    async_engine = AsyncEngine(engine, on_step=metrics.observe_step)
-    async_engine.start()
     return LoadedModel(engine=async_engine, tokenizer=engine.tokenizer, max_model_len=engine.max_model_len)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -131,6 +132,35 @@ def _prompt(state: ServerState, body: InspectRequest) -> tuple[str | list[int], 
         raise APIError(400, f"cannot apply the chat template: {exc}", param="messages") from exc
 
 
+def _in_own_thread(work: Callable[[], bytes]) -> asyncio.Future:
+    """Run `work` on a new thread that ends with it, not on asyncio's pool, whose threads live on.
+
+    A live thread that has run parallel torch ops keeps an OpenMP team, and that slows the engine's step
+    thread for as long as it lives (see AsyncEngine.launch); a finished thread gives its team back.
+    """
+    loop = asyncio.get_running_loop()
+    future = loop.create_future()
+
+    def settle(result: bytes | None, error: BaseException | None) -> None:
+        if future.done():
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+
+    def body() -> None:
+        try:
+            result = work()
+        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting handler
+            loop.call_soon_threadsafe(settle, None, exc)
+        else:
+            loop.call_soon_threadsafe(settle, result, None)
+
+    threading.Thread(target=body, name="kvserve-inspect", daemon=True).start()
+    return future
+
+
 async def _run(request: Request, state: ServerState, body: InspectRequest, kind: str,
                report: Callable[[Inspector, Tokens], dict]) -> Response:
     """Tokenize, compute the report and serialize it in a worker thread, one inspection at a time."""
@@ -158,7 +188,7 @@ async def _run(request: Request, state: ServerState, body: InspectRequest, kind:
         await gate.lock.acquire()
     finally:
         gate.waiting -= 1
-    job = asyncio.ensure_future(asyncio.to_thread(work))
+    job = _in_own_thread(work)
     # The lock is released when the thread ends, not when a disconnected client cancels this handler,
     # so two inspections never run at once.
     job.add_done_callback(lambda done: (gate.lock.release(), done.cancelled() or done.exception()))
