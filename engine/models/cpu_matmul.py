@@ -11,7 +11,8 @@ and PyTorch's default `F.linear` is slow at both, because MKL repacks the weight
 - fp16: fbgemm's fp16 GEMM: weights rounded to fp16 (half the bytes to read), activations and
   accumulation stay fp32. On SmolLM2 Q4_1 logits move by < 0.05 and perplexity by < 0.01%.
 - int8: fbgemm's int8 GEMM: 7-bit per-output-channel weights, 8-bit activations scaled per row.
-  Fastest, and lossy (SmolLM2: perplexity +6-10%, see the README), so it is opt-in.
+  Fewest bytes to read (the fastest batch-1 decode), and lossy (SmolLM2: perplexity +6-12%, see the
+  README), so it is opt-in.
 
 Elsewhere `auto` picks fp16 where fbgemm runs (PyTorch's x86 builds), else none.
 """
