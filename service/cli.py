@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 from pydantic import ValidationError
 
-from service.settings import Settings
+from service.settings import Quantization, Settings
 
 # Settings fields whose flag is not simply --field-name.
 _FLAG_NAMES = {"api_keys": "--api-key"}
@@ -97,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--model", default="smollm2-135m", help="registry name, GGUF file or HF dir")
     generate.add_argument("--device", default="auto")
     generate.add_argument("--dtype", default="auto")
-    generate.add_argument("--quantization", default="auto", choices=("auto", "none", "bf16", "fp16", "int8"),
+    generate.add_argument("--quantization", default="auto", choices=typing.get_args(Quantization),
                           help="CPU matmul weights (see kvserve serve --help)")
     generate.set_defaults(run=_generate)
 

@@ -8,6 +8,9 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+# The CPU weight formats (engine.models.cpu_matmul.QUANTIZATIONS), spelled out so the service needs no torch.
+Quantization = Literal["auto", "none", "bf16", "fp16", "int8"]
+
 
 class Settings(BaseSettings):
     """What `kvserve serve` runs with: command line over environment over these defaults."""
@@ -20,7 +23,7 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535, description="port to bind (0: any free port)")
     device: str = Field("auto", description="cpu, cuda, cuda:N or auto")
     dtype: str = Field("auto", description="auto (fp32 on CPU, bf16 on CUDA), float32, float16, bfloat16")
-    quantization: Literal["auto", "none", "bf16", "fp16", "int8"] | None = Field(
+    quantization: Quantization | None = Field(
         None, description="CPU matmul weights: auto (bf16 with AMX, else fp16 on x86), none (exact fp32), bf16, fp16, int8 (lossy)")
     max_num_seqs: int | None = Field(None, ge=1, description="most sequences decoded together (default: engine's)")
     max_num_batched_tokens: int | None = Field(None, ge=1, description="most tokens in one forward pass (default: engine's)")

@@ -77,7 +77,7 @@ def test_bf16_rounds_weights_inputs_and_outputs() -> None:
     assert (got - F.linear(x, w, b)).abs().max() > 1e-3
 
 
-@pytest.mark.skipif(not bf16_gemm_available(), reason="oneDNN bf16 GEMMs need AVX-512 bf16")
+@needs_bf16
 @pytest.mark.parametrize("threads", [1, 2, 4, 8])
 def test_bf16_rows_stay_independent_at_any_thread_count(threads: int) -> None:
     """oneDNN's reduction split depends on the thread count; the kernel must find safe blocks for each."""

@@ -50,3 +50,12 @@ def test_api_key_file_adds_keys(tmp_path: Path) -> None:
 def test_invalid_settings_are_rejected(argv: list[str]) -> None:
     with pytest.raises(ValueError):
         parse(*argv)
+
+
+def test_quantization_choices_match_the_engine() -> None:
+    import typing
+
+    from engine.models.cpu_matmul import QUANTIZATIONS
+    from service.settings import Quantization
+
+    assert typing.get_args(Quantization) == QUANTIZATIONS
