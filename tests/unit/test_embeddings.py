@@ -3,14 +3,13 @@ batched with generation through the same scheduler, no leaked blocks."""
 
 from __future__ import annotations
 
-import json
 import random
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from helpers.tiny_engine import make_tiny_model_dir
+from helpers.tiny_engine import add_sentence_transformers_pooling, make_tiny_model_dir
 from transformers import AutoModelForCausalLM
 
 from engine import EngineConfig, LLMEngine, SamplingParams
@@ -28,14 +27,7 @@ def tiny_dir(tmp_path_factory) -> str:
 def with_pooling(src: str, dst: Path, mode: str) -> str:
     """A copy of the model dir with sentence-transformers files choosing `mode` pooling."""
     shutil.copytree(src, dst)
-    (dst / "modules.json").write_text(json.dumps([
-        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
-        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}]))
-    (dst / "1_Pooling").mkdir()
-    flags = {f"pooling_mode_{m}": m == mode for m in ("cls_token", "mean_tokens", "max_tokens", "lasttoken")}
-    (dst / "1_Pooling" / "config.json").write_text(json.dumps({"word_embedding_dimension": 64, **flags}))
-    return str(dst)
+    return add_sentence_transformers_pooling(dst, mode)
 
 
 def make_engine(path: str, **options) -> LLMEngine:
