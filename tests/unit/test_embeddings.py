@@ -165,3 +165,19 @@ def test_llm_embed(tiny_dir: str) -> None:
     ids = llm.tokenizer.encode(TEXTS[1])
     torch.testing.assert_close(torch.tensor(vectors[1]), reference(tiny_dir, ids, PoolingMethod.LAST, 8),
                                rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("pooling_type, method", [(1, PoolingMethod.MEAN), (2, PoolingMethod.CLS),
+                                                  (3, PoolingMethod.LAST), (None, PoolingMethod.LAST)])
+def test_gguf_pooling_type(tmp_path: Path, pooling_type: int | None, method: PoolingMethod) -> None:
+    import gguf
+
+    path = tmp_path / "embed.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    if pooling_type is not None:
+        writer.add_pooling_type(gguf.PoolingType(pooling_type))  # llama.cpp's {arch}.pooling_type
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    assert read_pooling_method(path, "llama") is method
