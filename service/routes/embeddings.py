@@ -69,6 +69,10 @@ async def create_embeddings(body: EmbeddingRequest, request: Request,
                             state: ServerState = Depends(get_state)) -> EmbeddingResponse:
     """Embeddings of one or more inputs, pooled as the model's sentence-transformers config says."""
     state.check_model(body.model)
+    size = state.require_engine().embedding_size
+    if body.dimensions is not None and size is not None and body.dimensions > size:
+        raise APIError(400, f"dimensions={body.dimensions} is larger than this model's embedding size {size}",
+                       param="dimensions")
     prompts = [_prompt(state, item, i) for i, item in enumerate(_checked_inputs(body))]
     state.admit(len(prompts))
     params = EmbeddingParams(body.dimensions)
