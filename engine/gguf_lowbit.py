@@ -13,7 +13,6 @@ import functools
 
 import torch
 
-QK_K = 256  # values per K-quant super-block
 # IQ4's 16 levels: a non-uniform grid, denser near zero where weights cluster (ggml's kvalues_iq4nl).
 IQ4_LEVELS = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
 
