@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Callable
 
 from engine.engine import LLMEngine
 from engine.outputs import EngineStats, RequestOutput
+from engine.pooling import EmbeddingParams
 from engine.sampling_params import SamplingParams
 
 log = logging.getLogger("kvserve.engine")
@@ -91,8 +92,9 @@ class AsyncEngine:
         self._wakeup.set()
 
     async def generate(self, request_id: str, prompt: str | list[int],
-                       params: SamplingParams) -> AsyncIterator[RequestOutput]:
-        """Yield the request's outputs step by step; closing the iterator early aborts the request."""
+                       params: SamplingParams | EmbeddingParams) -> AsyncIterator[RequestOutput]:
+        """Yield the request's outputs step by step (an embedding request: one, when pooled); closing the
+        iterator early aborts the request."""
         if not self.is_alive:
             raise EngineDeadError("the engine loop is not running")
         if request_id in self._streams:

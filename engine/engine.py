@@ -5,6 +5,7 @@ A step is: apply aborts, schedule, run the model, sample, detokenize and check s
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 import threading
@@ -19,10 +20,11 @@ from engine.kv_cache import BlockManager
 from engine.models.cpu_matmul import pack_linears, resolve_quantization
 from engine.models_registry import resolve_model
 from engine.outputs import CompletionOutput, EngineStats, RequestMetrics, RequestOutput, TokenLogprob
+from engine.pooling import EmbeddingParams, Pooler, PoolingMethod, read_pooling_method
 from engine.runner import ModelRunner, StepLogits, kv_bytes_per_block, wants_prompt_logits
 from engine.sampling import SamplingRow, make_generator, prompt_logprobs, sample
 from engine.sampling_params import SamplingParams
-from engine.scheduler import Scheduler
+from engine.scheduler import Scheduler, SchedulerOutput
 from engine.sequence import Sequence
 from engine.stop import StopStringMatcher
 from engine.tokenizer import IncrementalDetokenizer, Tokenizer
@@ -57,6 +59,8 @@ class _Request:
     prompt_logprob_by_position: dict[int, TokenLogprob] = field(default_factory=dict)
     prompt_logprobs_sent: bool = False
     aborted: bool = False
+    embedding_params: EmbeddingParams | None = None  # set for an embedding request
+    embedding: list[float] | None = None
 
     @property
     def prompt_logprobs(self) -> list[TokenLogprob | None] | None:
@@ -76,7 +80,7 @@ class LLMEngine:
     def __init__(self, model: str, config: EngineConfig | None = None, progress: bool = True) -> None:
         self.config = config = config or EngineConfig()
         self.model_name = model
-        path = resolve_model(model)
+        self.model_path = path = resolve_model(model)
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
         if config.num_threads:
@@ -132,17 +136,16 @@ class LLMEngine:
 
     # ---- requests -------------------------------------------------------------------------------
 
-    def prepare_prompt(self, prompt: str | list[int], params: SamplingParams) -> list[int]:
+    @functools.cached_property
+    def pooling_method(self) -> PoolingMethod:
+        """How embedding requests pool (read on the first one, so a generation server never trips on it)."""
+        return read_pooling_method(self.model_path, self.model_config.arch)
+
+    def prepare_prompt(self, prompt: str | list[int], params: SamplingParams | EmbeddingParams) -> list[int]:
         """Token ids of a prompt, checked against the vocabulary and the context length."""
-        if isinstance(prompt, str):
-            ids = self.tokenizer.encode(prompt)
-        else:
-            ids = list(prompt)
-            bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < self.model_config.vocab_size]
-            if bad:
-                raise ValueError(f"prompt token id {bad[0]!r} is outside the vocabulary [0, {self.model_config.vocab_size})")
-        if not ids:
-            raise ValueError("the prompt is empty")
+        ids = self._prompt_ids(prompt)
+        if isinstance(params, EmbeddingParams):
+            return self._check_embedding_input(ids, params)
         if len(ids) >= self.max_model_len:
             raise ValueError(f"this model's maximum context length is {self.max_model_len} tokens, "
                              f"but the prompt has {len(ids)} tokens (at least one must be left to generate)")
@@ -154,16 +157,44 @@ class LLMEngine:
             raise ValueError(f"n={params.n} is more than max_num_seqs={self.config.max_num_seqs}")
         return ids
 
-    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
+    def _prompt_ids(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            ids = self.tokenizer.encode(prompt)
+        else:
+            ids = list(prompt)
+            bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < self.model_config.vocab_size]
+            if bad:
+                raise ValueError(f"prompt token id {bad[0]!r} is outside the vocabulary [0, {self.model_config.vocab_size})")
+        if not ids:
+            raise ValueError("the prompt is empty")
+        return ids
+
+    def _check_embedding_input(self, ids: list[int], params: EmbeddingParams) -> list[int]:
+        if len(ids) > self.max_model_len:
+            raise ValueError(f"this model's maximum context length is {self.max_model_len} tokens, "
+                             f"but the input has {len(ids)} tokens")
+        hidden = self.model_config.hidden_size
+        if params.dimensions is not None and params.dimensions > hidden:
+            raise ValueError(f"dimensions={params.dimensions} is larger than this model's embedding size {hidden}")
+        self.pooling_method  # noqa: B018 - a config it cannot use fails this request, not the step loop
+        return ids
+
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | EmbeddingParams,
                     arrival_time: float | None = None, prompt_ids: list[int] | None = None) -> None:
-        """Queue a request. ValueError for an empty or too-long prompt or a reused request id."""
+        """Queue a request (generation, or an embedding with EmbeddingParams). ValueError for an empty or
+        too-long prompt or a reused request id."""
         if request_id in self._requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         ids = prompt_ids if prompt_ids is not None else self.prepare_prompt(prompt, params)
         arrival = arrival_time or time.monotonic()
-        leader = Sequence(next(self._seq_ids), request_id, ids, params, arrival_time=arrival)
-        request = _Request(request_id, prompt if isinstance(prompt, str) else None, ids, params,
-                           [self._new_sample(leader)], RequestMetrics(arrival, num_prompt_tokens=len(ids)))
+        embedding = params if isinstance(params, EmbeddingParams) else None
+        seq_params = SamplingParams() if embedding is not None else params  # what the scheduler reads (n = 1)
+        leader = Sequence(next(self._seq_ids), request_id, ids, seq_params, arrival_time=arrival)
+        if embedding is not None:
+            leader.pooler = Pooler(self.pooling_method, len(ids))
+        request = _Request(request_id, prompt if isinstance(prompt, str) else None, ids, seq_params,
+                           [self._new_sample(leader)], RequestMetrics(arrival, num_prompt_tokens=len(ids)),
+                           embedding_params=embedding)
         self._requests[request_id] = request
         self.scheduler.add(leader)
 
@@ -210,8 +241,21 @@ class LLMEngine:
             seq.num_computed_tokens += item.num_new_tokens
             self.blocks.commit(seq)
         self._stats.num_steps += 1
-        touched = self._sample(results)
+        touched = self._sample(results) + self._finish_embeddings(batch)
         return outputs + [self._output(request) for request in touched]
+
+    def _finish_embeddings(self, batch: SchedulerOutput) -> list[_Request]:
+        """Embedding sequences whose whole input is computed: take the pooled vector, free the blocks."""
+        done = []
+        for item in batch.scheduled:
+            seq = item.seq
+            if seq.pooler is None or seq.num_computed_tokens < len(seq):
+                continue
+            request = self._requests[seq.request_id]
+            request.embedding = seq.pooler.result(request.embedding_params.dimensions)
+            self.scheduler.finish(seq, "stop")
+            done.append(request)
+        return done
 
     def _sample(self, results: list[StepLogits]) -> list[_Request]:
         rows: list[SamplingRow] = []
@@ -355,4 +399,4 @@ class LLMEngine:
         send_prompt_lp = complete and (finished or not request.prompt_logprobs_sent)
         request.prompt_logprobs_sent |= send_prompt_lp
         return RequestOutput(request.request_id, request.prompt, request.prompt_ids, completions, finished,
-                             prompt_lp if send_prompt_lp else None, metrics)
+                             prompt_lp if send_prompt_lp else None, metrics, request.embedding)

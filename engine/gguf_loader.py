@@ -19,9 +19,10 @@ from gguf.quants import dequantize
 from tqdm import tqdm
 
 from engine.config import ModelConfig
+from engine.gguf_lowbit import dequant_iq4_nl, dequant_iq4_xs, dequant_q2_k, dequant_q3_k
 
 SUPPORTED_TYPES = frozenset({Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1,
-                             Q.Q4_K, Q.Q5_K, Q.Q6_K})
+                             Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.IQ4_NL, Q.IQ4_XS})
 LLAMA_ARCHS = ("llama", "mistral", "qwen2")
 # llama.cpp's converter interleaves the rotary halves of q/k rows for these (its rope kernel is GPT-J
 # style); Qwen2 keeps HF's layout because llama.cpp runs it with NeoX-style rope.
@@ -251,7 +252,8 @@ def _dequant_q4_1(raw: torch.Tensor) -> torch.Tensor:
     return (_nibbles(b[..., 4:]) * _f16(b, 0) + _f16(b, 2)).flatten(-2)
 
 
-_FAST_DEQUANT = {Q.Q8_0: _dequant_q8_0, Q.Q4_0: _dequant_q4_0, Q.Q4_1: _dequant_q4_1}
+_FAST_DEQUANT = {Q.Q8_0: _dequant_q8_0, Q.Q4_0: _dequant_q4_0, Q.Q4_1: _dequant_q4_1,
+                 Q.Q2_K: dequant_q2_k, Q.Q3_K: dequant_q3_k, Q.IQ4_NL: dequant_iq4_nl, Q.IQ4_XS: dequant_iq4_xs}
 
 
 def _llama_name(name: str) -> str:

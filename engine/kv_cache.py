@@ -74,8 +74,8 @@ class BlockManager:
         if seq.block_table:
             raise RuntimeError("match_prefix on a sequence that already has blocks")
         self.prefix_queries += seq.num_prompt_tokens
-        if not self.enable_prefix_caching or seq.params.prompt_logprobs is not None:
-            return 0  # prompt logprobs need every prompt position's logits, so compute them all
+        if not self.enable_prefix_caching or seq.needs_every_position:
+            return 0  # e.g. prompt logprobs need every prompt position's logits, so compute them all
         prev_hash = None
         for i in range((len(seq) - 1) // self.block_size):
             ids = tuple(seq.token_ids[i * self.block_size:(i + 1) * self.block_size])

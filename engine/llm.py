@@ -8,6 +8,7 @@ from collections.abc import Iterator, Sequence
 from engine.config import EngineConfig
 from engine.engine import LLMEngine
 from engine.outputs import RequestOutput
+from engine.pooling import EmbeddingParams
 from engine.sampling_params import SamplingParams
 
 Prompt = str | list[int]
@@ -26,7 +27,8 @@ class LLM:
         return self.engine.tokenizer
 
     def generate(self, prompts: Prompt | Sequence[Prompt],
-                 params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[RequestOutput]:
+                 params: SamplingParams | EmbeddingParams | Sequence[SamplingParams | EmbeddingParams] | None = None,
+                 ) -> list[RequestOutput]:
         """Run prompts (strings or token-id lists) to completion; outputs in the order given."""
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
@@ -45,6 +47,13 @@ class LLM:
                 if output.finished:
                     done[output.request_id] = output
         return [done[request_id] for request_id in order]
+
+    def embed(self, inputs: Prompt | Sequence[Prompt], dimensions: int | None = None) -> list[list[float]]:
+        """L2-normalized embeddings of texts or token-id lists, pooled as the model's config says."""
+        if isinstance(inputs, str) or (isinstance(inputs, list) and inputs and isinstance(inputs[0], int)):
+            inputs = [inputs]
+        outputs = self.generate(inputs, [EmbeddingParams(dimensions)] * len(inputs))
+        return [output.embedding for output in outputs]
 
     def chat(self, messages: list[dict] | list[list[dict]], params: SamplingParams | None = None) -> list[RequestOutput]:
         """Apply the model's chat template to each conversation, then generate."""

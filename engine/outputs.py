@@ -58,6 +58,7 @@ class RequestOutput:
     finished: bool = False
     prompt_logprobs: list[TokenLogprob | None] | None = None  # first entry None: nothing predicts token 0
     metrics: RequestMetrics | None = None
+    embedding: list[float] | None = None  # an embedding request's pooled, normalized vector, once finished
 
 
 @dataclass(slots=True)

@@ -102,14 +102,18 @@ class ModelRunner:
         pos = torch.tensor(positions, dtype=torch.long, device=self.device)
         hidden = self.model(input_ids, pos, meta)
 
-        wanted, row = [], 0
+        wanted, pooled, row = [], [], 0
         for item in ordered:
             seq, n = item.seq, item.num_new_tokens
-            if wants_prompt_logits(seq):
+            if seq.pooler is not None:
+                pooled.append((item, slice(row, row + n)))
+            elif wants_prompt_logits(seq):
                 wanted.append((item, slice(row, row + n)))
             elif item.completes:
                 wanted.append((item, slice(row + n - 1, row + n)))
             row += n
+        if pooled:
+            self._pool(hidden, pooled)
         if not wanted:
             return []
         picked = torch.cat([hidden[rows] for _, rows in wanted])
@@ -121,6 +125,15 @@ class ModelRunner:
             out.append(StepLogits(item.seq, logits[offset:offset + n], first))
             offset += n
         return out
+
+    def _pool(self, hidden: torch.Tensor, pooled: list[tuple[ScheduledSeq, slice]]) -> None:
+        """Hand embedding sequences their rows' final hidden states (after the final norm, no LM head)."""
+        states = self.model.final_norm(torch.cat([hidden[rows] for _, rows in pooled]))
+        offset = 0
+        for item, rows in pooled:
+            n = rows.stop - rows.start
+            item.seq.pooler.add(states[offset:offset + n], item.seq.num_computed_tokens)
+            offset += n
 
     def _slot(self, seq: Sequence, position: int) -> int:
         return seq.block_table[position // self.block_size] * self.block_size + position % self.block_size

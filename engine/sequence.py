@@ -6,6 +6,7 @@ import enum
 import time
 from dataclasses import dataclass, field
 
+from engine.pooling import Pooler
 from engine.sampling_params import SamplingParams
 
 
@@ -36,6 +37,12 @@ class Sequence:
     first_token_time: float | None = None
     last_token_time: float | None = None
     num_preemptions: int = 0
+    pooler: Pooler | None = None  # set for embedding requests: prefill only, final states pooled
+
+    @property
+    def needs_every_position(self) -> bool:
+        """Prompt logprobs and mean/CLS pooling read every prompt position: no prefix-cache hit may skip one."""
+        return self.params.prompt_logprobs is not None or (self.pooler is not None and self.pooler.needs_every_position)
 
     def __post_init__(self) -> None:
         if not self.token_ids:

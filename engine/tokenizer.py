@@ -15,6 +15,8 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
 from tokenizers import Tokenizer as HFTokenizer
 
+from engine.sentencepiece_vocab import sentencepiece_bpe
+
 # Tokens that end a turn in common chat formats; generation stops on them as on eos.
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>")
 
@@ -136,7 +138,8 @@ class Tokenizer:
 
     @classmethod
     def from_gguf(cls, path_or_reader: Any) -> Tokenizer:
-        """Build from GGUF metadata (llama.cpp's "gpt2" byte-level BPE vocabularies); path or gguf.GGUFReader."""
+        """Build from GGUF metadata: llama.cpp's "gpt2" (byte-level BPE) or "llama" (SentencePiece) vocabularies;
+        path or gguf.GGUFReader."""
         from gguf import GGUFReader
 
         from engine.gguf_loader import open_gguf
@@ -148,20 +151,20 @@ class Tokenizer:
             if name.startswith("tokenizer.")
         }
         kind = meta.get("tokenizer.ggml.model")
-        if kind != "gpt2":
+        if kind not in ("gpt2", "llama"):
             raise ValueError(
-                f"unsupported GGUF tokenizer model {kind!r}: kvserve reads byte-level BPE ('gpt2') vocabularies; "
-                "use the HF directory of this model instead"
+                f"unsupported GGUF tokenizer model {kind!r}: kvserve reads 'gpt2' (byte-level BPE) and 'llama' "
+                "(SentencePiece) vocabularies; use the HF directory of this model instead"
             )
         tokens: list[str] = meta["tokenizer.ggml.tokens"]
-        backend = _byte_level_bpe(tokens, meta)
+        backend = _byte_level_bpe(tokens, meta) if kind == "gpt2" else sentencepiece_bpe(tokens, meta)
 
         def opt_id(key: str) -> int | None:
             value = meta.get(f"tokenizer.ggml.{key}")
             return int(value) if value is not None and 0 <= int(value) < len(tokens) else None
 
         bos, eos = opt_id("bos_token_id"), opt_id("eos_token_id")
-        if meta.get("tokenizer.ggml.add_bos_token", False) and bos is not None:
+        if kind == "gpt2" and meta.get("tokenizer.ggml.add_bos_token", False) and bos is not None:
             backend.post_processor = processors.TemplateProcessing(
                 single=f"{tokens[bos]} $A", special_tokens=[(tokens[bos], bos)]
             )

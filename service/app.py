@@ -15,6 +15,7 @@ from service.auth import require_api_key
 from service.errors import install_error_handlers
 from service.metrics import ServiceMetrics
 from service.middleware import RequestContextMiddleware
+from service.routes import embeddings as embeddings_routes
 from service.routes import inspect as inspect_routes
 from service.routes import openai as openai_routes
 from service.routes import ops as ops_routes
@@ -35,7 +36,8 @@ def load_model(settings: Settings, metrics: ServiceMetrics) -> LoadedModel:
     log.info("engine built", extra={"fields": {"device": engine.device, "dtype": str(engine.dtype).removeprefix("torch."),
                                                "quantization": engine.quantization,
                                                "kv_cache_blocks": len(engine.blocks.blocks)}})
-    return LoadedModel(engine=async_engine, tokenizer=engine.tokenizer, max_model_len=engine.max_model_len)
+    return LoadedModel(engine=async_engine, tokenizer=engine.tokenizer, max_model_len=engine.max_model_len,
+                       embedding_size=engine.model_config.hidden_size)
 
 
 def create_app(settings: Settings | None = None, *, loaded: LoadedModel | None = None) -> FastAPI:
@@ -63,6 +65,7 @@ def create_app(settings: Settings | None = None, *, loaded: LoadedModel | None =
     install_error_handlers(app)
     keyed = [Depends(require_api_key)]
     app.include_router(openai_routes.router, dependencies=keyed)
+    app.include_router(embeddings_routes.router, dependencies=keyed)
     app.include_router(ops_routes.tokenizer_router, dependencies=keyed)
     app.include_router(ops_routes.router)
     app.include_router(inspect_routes.router, dependencies=keyed)

@@ -29,6 +29,8 @@ class ServiceMetrics:
         self.generation_tokens = Counter("kvserve_generation_tokens", "Generated tokens", m, registry=reg)
         self.success = Counter("kvserve_request_success", "Finished sequences by finish reason",
                                [*m, "finish_reason"], registry=reg)
+        self.requests = Counter("kvserve_requests", "Requests answered successfully, by endpoint",
+                                [*m, "endpoint"], registry=reg)
         self.errors = Counter("kvserve_request_errors", "Error responses by HTTP status", [*m, "code"], registry=reg)
         self.preemptions = Counter("kvserve_num_preemptions", "Sequences preempted by the scheduler", m, registry=reg)
         self.prefix_queries = Counter("kvserve_prefix_cache_queries", "Prompt tokens looked up in the prefix cache",
@@ -60,10 +62,14 @@ class ServiceMetrics:
             metric.labels(model_name)
         for reason in ("stop", "length", "abort"):
             self.success.labels(model_name, reason)
+        self.requests.labels(model_name, "/v1/embeddings")
 
     def observe_step(self, num_tokens: int) -> None:
         """AsyncEngine's on_step callback (engine thread; prometheus_client is thread-safe)."""
         self.iteration_tokens.labels(self.model_name).observe(num_tokens)
+
+    def observe_endpoint(self, endpoint: str) -> None:
+        self.requests.labels(self.model_name, endpoint).inc()
 
     def observe_error(self, status: int) -> None:
         self.errors.labels(self.model_name, str(status)).inc()

@@ -42,6 +42,7 @@ class LoadedModel:
     engine: AsyncEngineLike
     tokenizer: Any  # engine.tokenizer.Tokenizer
     max_model_len: int
+    embedding_size: int | None = None  # the hidden size: the length of /v1/embeddings vectors
 
 
 @dataclass

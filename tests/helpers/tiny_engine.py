@@ -42,3 +42,18 @@ def make_tiny_model_dir(path: Path, seed: int = 0) -> str:
     tok.save(str(path / "tokenizer.json"))
     (path / "tokenizer_config.json").write_text('{"bos_token": "<s>", "eos_token": "</s>"}')
     return str(path)
+
+
+def add_sentence_transformers_pooling(path: Path, mode: str) -> str:
+    """Write the sentence-transformers files (modules.json, 1_Pooling/config.json) that choose `mode` pooling:
+    one of cls_token, mean_tokens, max_tokens, lasttoken."""
+    import json
+
+    (path / "modules.json").write_text(json.dumps([
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}]))
+    (path / "1_Pooling").mkdir(exist_ok=True)
+    flags = {f"pooling_mode_{m}": m == mode for m in ("cls_token", "mean_tokens", "max_tokens", "lasttoken")}
+    (path / "1_Pooling" / "config.json").write_text(json.dumps({"word_embedding_dimension": 64, **flags}))
+    return str(path)

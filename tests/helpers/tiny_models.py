@@ -8,6 +8,7 @@ that kvserve undoes each of those steps.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import gguf
@@ -99,13 +100,17 @@ def roundtrip(model: torch.nn.Module, qtype: Q) -> torch.nn.Module:
     return model
 
 
-def write_gguf(model: torch.nn.Module, path: Path, qtype: Q = Q.F32) -> str:
-    """Write an HF Llama, Qwen2 or GPT-2 model as llama.cpp's converter would."""
+def write_gguf(model: torch.nn.Module, path: Path, qtype: Q = Q.F32,
+               vocabulary: Callable[[gguf.GGUFWriter], None] | None = None) -> str:
+    """Write an HF Llama, Qwen2 or GPT-2 model as llama.cpp's converter would; `vocabulary` adds tokenizer keys."""
     cfg = model.config
     arch = {"llama": "llama", "qwen2": "qwen2", "gpt2": "gpt2"}[cfg.model_type]
     writer = gguf.GGUFWriter(str(path), arch)
-    writer.add_bos_token_id(cfg.bos_token_id)
-    writer.add_eos_token_id(cfg.eos_token_id)
+    if vocabulary is not None:
+        vocabulary(writer)
+    else:
+        writer.add_bos_token_id(cfg.bos_token_id)
+        writer.add_eos_token_id(cfg.eos_token_id)
     if arch == "gpt2":
         tensors = _gpt2_tensors(model, writer)
     else:

@@ -113,17 +113,19 @@ def _write_tensors(path: Path, tensors: dict[str, tuple[np.ndarray, Q | None]], 
     return str(path)
 
 
+# Where each block keeps its fp16 scales (byte offset, how many): ggml's block structs.
+_SCALE_SLOTS = {Q.Q2_K: (80, 2), Q.Q3_K: (108, 1), Q.Q4_K: (0, 2), Q.Q5_K: (0, 2), Q.Q6_K: (208, 1),
+                Q.IQ4_NL: (0, 1), Q.IQ4_XS: (0, 1)}
+
+
 def _random_blocks(qtype: Q, rows: int, cols: int, seed: int) -> np.ndarray:
-    """Raw blocks for types gguf cannot quantize (K-quants): random bytes with finite fp16 scales."""
+    """Raw blocks for types gguf cannot quantize: random bytes with finite, sane fp16 scales."""
     block, size = gguf.GGML_QUANT_SIZES[qtype]
     rng = np.random.default_rng(seed)
     raw = rng.integers(0, 256, (rows, cols // block, size), dtype=np.uint8)
-    # K-quant super-blocks keep their fp16 scales at the end (Q6_K) or start (Q4_K/Q5_K): make them sane.
-    scales = rng.uniform(0.01, 0.1, (rows, cols // block, 2)).astype(np.float16).view(np.uint8)
-    if qtype == Q.Q6_K:
-        raw[..., -2:] = scales[..., :2]
-    else:
-        raw[..., :4] = scales.reshape(rows, cols // block, 4)
+    start, count = _SCALE_SLOTS.get(qtype, (0, 1))
+    scales = rng.uniform(0.01, 0.1, (rows, cols // block, count)).astype(np.float16).view(np.uint8)
+    raw[..., start:start + 2 * count] = scales
     return raw.reshape(rows, -1)
 
 
@@ -134,7 +136,7 @@ def test_every_supported_type_dequantizes(tmp_path: Path, qtype: Q) -> None:
     if qtype in (Q.F32, Q.F16):
         data, expected = values.astype(np.float16 if qtype == Q.F16 else np.float32), None
         raw_dtype = None
-    elif qtype in (Q.Q4_K, Q.Q5_K, Q.Q6_K):
+    elif qtype in _SCALE_SLOTS:
         data, raw_dtype = _random_blocks(qtype, rows, cols, qtype.value), qtype
     else:
         data, raw_dtype = gguf.quants.quantize(values, qtype), qtype
@@ -199,10 +201,11 @@ def _copy_gguf(src: str, dst: Path, replace: dict[str, tuple[np.ndarray, Q]],
 
 def test_unsupported_quant_type_is_named(tmp_path: Path) -> None:
     src = write_gguf(tiny_llama(), tmp_path / "ok.gguf")
-    down = _random_blocks(Q.Q2_K, 64, 256, 0)[:, : 256 // 256 * gguf.GGML_QUANT_SIZES[Q.Q2_K][1]]
-    bad = _copy_gguf(src, tmp_path / "bad.gguf", {"blk.0.ffn_down.weight": (down, Q.Q2_K)})
-    with pytest.raises(ValueError, match="unsupported GGUF tensor type.*Q2_K"):
+    down = _random_blocks(Q.IQ2_XXS, 64, 256, 0)
+    bad = _copy_gguf(src, tmp_path / "bad.gguf", {"blk.0.ffn_down.weight": (down, Q.IQ2_XXS)})
+    with pytest.raises(ValueError, match="unsupported GGUF tensor type.*IQ2_XXS.*supports.*IQ4_XS.*Q2_K") as err:
         load_model(bad, "cpu", torch.float32, 64, progress=False)
+    assert all(q.name in str(err.value) for q in SUPPORTED_TYPES)
 
 
 def test_unexpected_gguf_tensor_is_named(tmp_path: Path) -> None:
@@ -223,3 +226,19 @@ def test_fast_dequantizers_equal_gguf_reference(qtype) -> None:
     packed = quantize(values, qtype)
     got = _FAST_DEQUANT[qtype](torch.from_numpy(packed.view(np.uint8))).numpy()
     np.testing.assert_array_equal(got, dequantize(packed, qtype))
+
+
+@pytest.mark.parametrize("qtype", [Q.Q2_K, Q.Q3_K, Q.IQ4_NL, Q.IQ4_XS], ids=lambda q: q.name)
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_low_bit_decoders_equal_gguf_reference(qtype: Q, seed: int) -> None:
+    """Random blocks (every bit pattern of the packed values and scales) decode bitwise as gguf's numpy."""
+    from gguf.quants import dequantize
+
+    from engine.gguf_loader import _FAST_DEQUANT
+
+    packed = _random_blocks(qtype, 7, 1024, seed)
+    expected = dequantize(packed, qtype)
+    got = _FAST_DEQUANT[qtype](torch.from_numpy(packed)).numpy()
+    assert got.shape == expected.shape == (7, 1024)
+    np.testing.assert_array_equal(got, expected)
+    assert len(np.unique(expected)) > 100  # the random blocks exercise many distinct values

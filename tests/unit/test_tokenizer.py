@@ -333,7 +333,7 @@ def test_small_gguf_smollm_splits_digits(tmp_path: Path) -> None:
 
 
 def test_unsupported_gguf_tokenizers(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="unsupported GGUF tokenizer model 'llama'"):
-        Tokenizer.load(_write_gguf(tmp_path / "spm.gguf", "llama", "default"))
+    with pytest.raises(ValueError, match="unsupported GGUF tokenizer model 't5'.*'gpt2'.*'llama' \\(SentencePiece\\)"):
+        Tokenizer.load(_write_gguf(tmp_path / "t5.gguf", "t5", "default"))
     with pytest.raises(ValueError, match="unsupported GGUF pre-tokenizer 'made-up'"):
         Tokenizer.load(_write_gguf(tmp_path / "odd.gguf", "gpt2", "made-up"))
