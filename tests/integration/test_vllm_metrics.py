@@ -3,6 +3,8 @@ inference gateway's endpoint picker) is there, and vLLM's names carry the same n
 
 from __future__ import annotations
 
+import time
+
 import httpx
 from helpers.deploy_metrics import (
     EPP_BUILTIN_VLLM,
@@ -92,3 +94,21 @@ def test_vllm_metrics_carry_kvserve_numbers(server: LiveServer) -> None:
         assert delta[f"vllm_{histogram}"] == 1, histogram
     # Queue, prefill and decode are consecutive phases inside the end-to-end time.
     assert 0 < delta["vllm_phases_sum"] <= delta["vllm_e2e_sum"]
+
+
+def test_a_client_that_leaves_counts_as_finished_reason_abort(server: LiveServer) -> None:
+    # vLLM declares finished_reason="abort" for sequences cut short; kvserve counts a client disconnect there.
+    def aborted() -> float:
+        return server.metric("vllm:request_success_total", finished_reason="abort", model_name=SERVED_NAME)
+
+    before = aborted()
+    body = {"prompt": "Count slowly:", "max_tokens": 400, "ignore_eos": True, "stream": True}
+    with httpx.Client(base_url=server.base_url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60) as http:
+        with http.stream("POST", "/v1/completions", json=body) as response:
+            lines = response.iter_lines()
+            while not next(lines).startswith("data: "):
+                pass
+    deadline = time.monotonic() + 15
+    while aborted() == before and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert aborted() == before + 1
