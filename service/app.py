@@ -7,6 +7,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import Depends, FastAPI
 from fastapi.openapi.utils import get_openapi
@@ -14,13 +15,14 @@ from fastapi.openapi.utils import get_openapi
 from service.auth import require_api_key
 from service.errors import install_error_handlers
 from service.metrics import ServiceMetrics
-from service.middleware import RequestContextMiddleware
+from service.middleware import LOG_FIELDS_KEY, RequestContextMiddleware
 from service.routes import embeddings as embeddings_routes
 from service.routes import inspect as inspect_routes
 from service.routes import openai as openai_routes
 from service.routes import ops as ops_routes
 from service.settings import Settings
 from service.state import LoadedModel, ServerState
+from service.tracing import TracingMiddleware, build_tracer_provider
 
 log = logging.getLogger("kvserve.service")
 
@@ -40,9 +42,14 @@ def load_model(settings: Settings, metrics: ServiceMetrics) -> LoadedModel:
                        embedding_size=engine.model_config.hidden_size)
 
 
-def create_app(settings: Settings | None = None, *, loaded: LoadedModel | None = None) -> FastAPI:
-    """The kvserve app. `loaded` skips model loading (tests pass a ready engine)."""
+def create_app(settings: Settings | None = None, *, loaded: LoadedModel | None = None,
+               tracer_provider: Any = None) -> FastAPI:
+    """The kvserve app. `loaded` skips model loading (tests pass a ready engine); `tracer_provider` (an
+    OpenTelemetry SDK TracerProvider) turns tracing on with it instead of --otlp-traces-endpoint's."""
     settings = settings or Settings()
+    owns_provider = tracer_provider is None and settings.otlp_traces_endpoint is not None
+    if owns_provider:
+        tracer_provider = build_tracer_provider(settings.otlp_traces_endpoint)
     metrics = ServiceMetrics(settings.model_name)
     state = ServerState(settings=settings, metrics=metrics, loaded=loaded)
 
@@ -58,6 +65,8 @@ def create_app(settings: Settings | None = None, *, loaded: LoadedModel | None =
                 loader.cancel()  # the loading thread itself runs on; the process is exiting
             if state.loaded is not None:
                 await state.loaded.engine.shutdown()
+            if owns_provider:
+                await asyncio.to_thread(tracer_provider.shutdown)  # sends the spans still batched
 
     app = FastAPI(title="kvserve", summary="OpenAI-compatible LLM server with a paged KV cache",
                   version=ops_routes.package_version(), lifespan=lifespan)
@@ -70,6 +79,8 @@ def create_app(settings: Settings | None = None, *, loaded: LoadedModel | None =
     app.include_router(ops_routes.router)
     app.include_router(inspect_routes.router, dependencies=keyed)
     _document_400_not_422(app)
+    if tracer_provider is not None:  # inside RequestContextMiddleware, so its log line gets the trace id
+        app.add_middleware(TracingMiddleware, tracer_provider=tracer_provider, log_fields_key=LOG_FIELDS_KEY)
     app.add_middleware(RequestContextMiddleware, max_request_bytes=settings.max_request_bytes,
                        on_error=metrics.observe_error)
     return app

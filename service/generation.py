@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from engine.async_engine import EngineDeadError
-from engine.outputs import RequestOutput
+from engine.outputs import RequestMetrics, RequestOutput
 from engine.sampling_params import SamplingParams
 from service.errors import APIError
 from service.state import ServerState
@@ -32,6 +32,7 @@ class RunOutcome:
     aborted: bool = False
     finish_reasons: dict[int, str] = field(default_factory=dict)
     first_token_time: float | None = None
+    metrics: RequestMetrics | None = None  # the engine's timestamps, once it has answered
 
 
 def tokenize_prompt(state: ServerState, prompt: str | list[int], add_special_tokens: bool = True) -> Prompt:
@@ -145,6 +146,7 @@ async def run_engine(state: ServerState, request_id: str, prompt: Prompt, params
                     state.metrics.observe_finished_sequence("abort")
         state.untrack(request_id)
         if last is not None:
+            outcome.metrics = last.metrics
             state.metrics.observe_request(len(prompt.token_ids), sum(generated.values()), last.metrics,
                                           time.monotonic() - arrival)
 

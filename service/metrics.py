@@ -1,13 +1,24 @@
 """Prometheus metrics, one registry per app: gauges read from engine stats at scrape time,
-counters and histograms fed by request outcomes and engine steps."""
+counters and histograms fed by request outcomes and engine steps. Each number goes out under
+kvserve's name and vLLM's (metrics_vllm.py), with the process's own metrics beside them."""
 
 from __future__ import annotations
 
 import threading
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    GC_COLLECTOR,
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 
 from engine.outputs import EngineStats, RequestMetrics
+from service.metrics_vllm import VllmMetrics
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
                     20.0, 40.0, 80.0, 160.0)
@@ -52,6 +63,11 @@ class ServiceMetrics:
                                                    registry=reg)
         self.iteration_tokens = Histogram("kvserve_iteration_tokens", "Tokens in one engine step", m,
                                           buckets=_TOKEN_BUCKETS, registry=reg)
+        self.vllm = VllmMetrics(reg, model_name)
+        # process_resident_memory_bytes, process_cpu_seconds_total, python_gc_*, python_info: what
+        # prometheus_client's default registry carries, read from this process at scrape time.
+        for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
+            reg.register(collector)
         self._last_stats = EngineStats()
         self._sync_lock = threading.Lock()
         # Create every labelled child now so each series shows (at 0) before the first request.
@@ -76,6 +92,7 @@ class ServiceMetrics:
 
     def observe_finished_sequence(self, finish_reason: str) -> None:
         self.success.labels(self.model_name, finish_reason).inc()
+        self.vllm.observe_finished(finish_reason)
 
     def observe_itl(self, seconds: float, num_tokens: int) -> None:
         """`num_tokens` arrived `seconds` after the previous ones: one ITL sample per token."""
@@ -83,6 +100,7 @@ class ServiceMetrics:
         per_token = seconds / max(num_tokens, 1)
         for _ in range(num_tokens):
             child.observe(per_token)
+            self.vllm.observe_itl(per_token)
 
     def observe_request(self, prompt_tokens: int, generation_tokens: int, metrics: RequestMetrics | None,
                         e2e_seconds: float) -> None:
@@ -93,6 +111,7 @@ class ServiceMetrics:
         self.request_prompt_tokens.labels(name).observe(prompt_tokens)
         self.request_generation_tokens.labels(name).observe(generation_tokens)
         self.e2e.labels(name).observe(e2e_seconds)
+        self.vllm.observe_request(prompt_tokens, generation_tokens, metrics, e2e_seconds)
         if metrics is None:
             return
         if metrics.first_token_time is not None:
@@ -106,13 +125,19 @@ class ServiceMetrics:
         self.running.labels(name).set(stats.num_running)
         self.waiting.labels(name).set(stats.num_waiting)
         self.kv_usage.labels(name).set(stats.kv_cache_usage)
+        self.vllm.observe_state(stats.num_running, stats.num_waiting, stats.kv_cache_usage)
         with self._sync_lock:
             last = self._last_stats
-            for counter, now, before in ((self.preemptions, stats.num_preemptions, last.num_preemptions),
-                                         (self.prefix_queries, stats.prefix_cache_queries, last.prefix_cache_queries),
-                                         (self.prefix_hits, stats.prefix_cache_hits, last.prefix_cache_hits)):
+            vllm = self.vllm
+            for counters, now, before in (
+                    ((self.preemptions.labels(name), vllm.preemptions), stats.num_preemptions, last.num_preemptions),
+                    ((self.prefix_queries.labels(name), vllm.prefix_queries), stats.prefix_cache_queries,
+                     last.prefix_cache_queries),
+                    ((self.prefix_hits.labels(name), vllm.prefix_hits), stats.prefix_cache_hits,
+                     last.prefix_cache_hits)):
                 if now > before:
-                    counter.labels(name).inc(now - before)
+                    for counter in counters:
+                        counter.inc(now - before)
             self._last_stats = stats
 
     def render(self) -> bytes:

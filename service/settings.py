@@ -41,6 +41,9 @@ class Settings(BaseSettings):
     max_request_bytes: int = Field(1 << 20, ge=1024, description="largest accepted request body, in bytes")
     inspect_max_tokens: int = Field(256, ge=1, description="longest prompt the inspection API accepts, in tokens")
     inspect_max_bytes: int = Field(64 << 20, ge=1024, description="largest inspection response, in bytes")
+    otlp_traces_endpoint: str | None = Field(
+        None, description="send OpenTelemetry traces here by OTLP (vLLM's flag; OTEL_* env vars configure the "
+                          "rest, see README); unset: tracing off")
 
     @field_validator("api_keys", mode="before")
     @classmethod

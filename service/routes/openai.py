@@ -38,6 +38,7 @@ from service.protocol import (
     UsageInfo,
 )
 from service.state import ServerState, get_state
+from service.tracing import SPAN_KEY, record_generation
 
 router = APIRouter(tags=["openai"])
 
@@ -181,7 +182,7 @@ class _Run:
             return APIError(503, "request aborted: server is shutting down", code="shutting_down")
         return None
 
-    def _finish_log(self, builders: list[Any] | None = None) -> None:
+    def _finish_log(self, builders: list[Any] | None = None, streamed: bool = False) -> None:
         firsts = [o.first_token_time for o in self.outcomes if o.first_token_time is not None]
         self.log["ttft_s"] = round(min(firsts) - self.started, 4) if firsts else None
         if builders is not None:
@@ -191,6 +192,20 @@ class _Run:
             if self.state.settings.log_requests_text:
                 self.log["prompts"] = [p.text for p in self.prompts]
                 self.log["completions"] = [b.text for b in builders]
+            if SPAN_KEY in self.request.scope:  # tracing is on
+                self._trace(usage, [b.finish_reason for b in builders], min(firsts, default=None), streamed)
+
+    def _trace(self, usage: UsageInfo, finish_reasons: list[str | None], first_token_time: float | None,
+               streamed: bool) -> None:
+        waits = [o.metrics.first_scheduled_time - o.metrics.arrival_time for o in self.outcomes
+                 if o.metrics is not None and o.metrics.first_scheduled_time is not None]
+        chat = self.request.scope["path"].endswith("/chat/completions")
+        record_generation(self.request.scope, operation="chat" if chat else "text_completion",
+                          model=self.state.model_name, params=self.params[0], stream=streamed,
+                          response_id=self.response_id,
+                          prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
+                          finish_reasons=finish_reasons, started=self.started, first_token_time=first_token_time,
+                          queue_time=min(waits, default=None))
 
     async def collect(self, on_output: Callable[[int, RequestOutput], list[Any]], builders: list[Any]) -> bool:
         """Run to completion (True); a client that disconnects meanwhile aborts the engine requests (False)."""
@@ -249,7 +264,7 @@ class _Run:
                 yield "data: [DONE]\n\n"
             finally:
                 await outputs.aclose()
-                self._finish_log(builders)
+                self._finish_log(builders, streamed=True)
 
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

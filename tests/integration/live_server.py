@@ -74,17 +74,17 @@ class LiveServer:
         return self.process.returncode
 
 
-def start_server(*extra_args: str) -> LiveServer:
-    """Start a server on a free port and wait until /ready says 200."""
+def start_server(*extra_args: str, env: dict[str, str] | None = None) -> LiveServer:
+    """Start a server on a free port and wait until /ready says 200; `env` adds environment variables."""
     if not MODEL_PATH.is_file():
         pytest.skip(f"model file {MODEL_PATH} not found (run `kvserve pull smollm2-135m`)")
     port = free_port()
     log_file = tempfile.NamedTemporaryFile(prefix="kvserve-test-", suffix=".log", delete=False)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    env = {k: v for k, v in env.items() if not k.startswith("KVSERVE_")}
+    child_env = {k: v for k, v in os.environ.items() if not k.startswith("KVSERVE_")}
+    child_env |= {"PYTHONUNBUFFERED": "1", **(env or {})}
     command = [sys.executable, "-m", "service.cli", "serve", "--model", str(MODEL_PATH), "--port", str(port),
                "--served-model-name", SERVED_NAME, *extra_args]
-    process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=log_file, stderr=subprocess.STDOUT, env=env)
+    process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=log_file, stderr=subprocess.STDOUT, env=child_env)
     server = LiveServer(process, f"http://127.0.0.1:{port}", Path(log_file.name))
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
     while time.monotonic() < deadline:

@@ -281,7 +281,9 @@ def rendered() -> dict[str, list[dict]]:
 
 
 def one(docs: list[dict], kind: str) -> dict:
-    found = [d for d in docs if d["kind"] == kind]
+    """kvserve's own resource of this kind (the base labels them; overlays may add others, e.g. the EPP)."""
+    found = [d for d in docs if d["kind"] == kind
+             and d["metadata"].get("labels", {}).get("app.kubernetes.io/name") == "kvserve"]
     assert len(found) == 1, kind
     return found[0]
 
