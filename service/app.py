@@ -10,11 +10,13 @@ from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI
 from fastapi.openapi.utils import get_openapi
+from fastapi_offline import FastAPIOffline
 
 from service.auth import require_api_key
 from service.errors import install_error_handlers
 from service.metrics import ServiceMetrics
 from service.middleware import RequestContextMiddleware
+from service.routes import home as home_routes
 from service.routes import inspect as inspect_routes
 from service.routes import openai as openai_routes
 from service.routes import ops as ops_routes
@@ -57,8 +59,11 @@ def create_app(settings: Settings | None = None, *, loaded: LoadedModel | None =
             if state.loaded is not None:
                 await state.loaded.engine.shutdown()
 
-    app = FastAPI(title="kvserve", summary="OpenAI-compatible LLM server with a paged KV cache",
-                  version=ops_routes.package_version(), lifespan=lifespan)
+    # FastAPI's /docs loads Swagger UI from a CDN; fastapi-offline serves the copy it ships. No /redoc: ReDoc
+    # fetches its logo from its CDN whatever the options, and Swagger UI shows the same schema.
+    app = FastAPIOffline(title="kvserve", summary="OpenAI-compatible LLM server with a paged KV cache",
+                         version=ops_routes.package_version(), lifespan=lifespan, favicon_url="/favicon.svg",
+                         static_url="/docs-static", redoc_url=None)
     app.state.kvserve = state
     install_error_handlers(app)
     keyed = [Depends(require_api_key)]
@@ -66,6 +71,7 @@ def create_app(settings: Settings | None = None, *, loaded: LoadedModel | None =
     app.include_router(ops_routes.tokenizer_router, dependencies=keyed)
     app.include_router(ops_routes.router)
     app.include_router(inspect_routes.router, dependencies=keyed)
+    app.include_router(home_routes.router)
     _document_400_not_422(app)
     app.add_middleware(RequestContextMiddleware, max_request_bytes=settings.max_request_bytes,
                        on_error=metrics.observe_error)
