@@ -29,14 +29,22 @@ log = logging.getLogger("kvserve.service")
 def load_model(settings: Settings, metrics: ServiceMetrics) -> LoadedModel:
     """Build the engine from settings and start its step loop (blocking; run it in a thread)."""
     from engine import AsyncEngine, EngineConfig, LLMEngine
+    from engine.warmup import warm_up
 
     config = EngineConfig(**settings.engine_config_kwargs())
-    async_engine = AsyncEngine.launch(lambda: LLMEngine(settings.model, config, progress=False),
-                                      on_step=metrics.observe_step)
+
+    def build() -> LLMEngine:
+        engine = LLMEngine(settings.model, config, progress=False)
+        # Before /ready says yes, so the first client's request is not the one paying for cold kernels.
+        seconds = warm_up(engine)
+        log.info("engine built and warmed up", extra={"fields": {
+            "device": engine.device, "dtype": str(engine.dtype).removeprefix("torch."),
+            "quantization": engine.quantization, "kv_cache_blocks": len(engine.blocks.blocks),
+            "warmup_s": round(seconds, 3)}})
+        return engine
+
+    async_engine = AsyncEngine.launch(build, on_step=metrics.observe_step)
     engine = async_engine.engine
-    log.info("engine built", extra={"fields": {"device": engine.device, "dtype": str(engine.dtype).removeprefix("torch."),
-                                               "quantization": engine.quantization,
-                                               "kv_cache_blocks": len(engine.blocks.blocks)}})
     return LoadedModel(engine=async_engine, tokenizer=engine.tokenizer, max_model_len=engine.max_model_len)
 
 
