@@ -1,5 +1,5 @@
 # kvserve: `make serve` to run the server, `make test` to run the tests. Needs Python 3.11 and make.
-PYTHON ?= python3
+PYTHON ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
 PORT ?= 8000

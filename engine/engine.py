@@ -224,6 +224,12 @@ class LLMEngine:
         s.prefix_cache_queries, s.prefix_cache_hits = self.blocks.prefix_queries, self.blocks.prefix_hits
         return EngineStats(**{name: getattr(s, name) for name in s.__dataclass_fields__})
 
+    def reset_stats(self) -> None:
+        """Zero the cumulative counters (after a warm-up, so metrics count only served requests)."""
+        self._stats = EngineStats(num_kv_blocks_total=self.blocks.num_blocks)
+        self.scheduler.num_preemptions = 0
+        self.blocks.prefix_queries = self.blocks.prefix_hits = 0
+
     # ---- the step -------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:

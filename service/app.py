@@ -11,12 +11,14 @@ from typing import Any
 
 from fastapi import Depends, FastAPI
 from fastapi.openapi.utils import get_openapi
+from fastapi_offline import FastAPIOffline
 
 from service.auth import require_api_key
 from service.errors import install_error_handlers
 from service.metrics import ServiceMetrics
 from service.middleware import LOG_FIELDS_KEY, RequestContextMiddleware
 from service.routes import embeddings as embeddings_routes
+from service.routes import home as home_routes
 from service.routes import inspect as inspect_routes
 from service.routes import openai as openai_routes
 from service.routes import ops as ops_routes
@@ -30,14 +32,22 @@ log = logging.getLogger("kvserve.service")
 def load_model(settings: Settings, metrics: ServiceMetrics) -> LoadedModel:
     """Build the engine from settings and start its step loop (blocking; run it in a thread)."""
     from engine import AsyncEngine, EngineConfig, LLMEngine
+    from engine.warmup import warm_up
 
     config = EngineConfig(**settings.engine_config_kwargs())
-    async_engine = AsyncEngine.launch(lambda: LLMEngine(settings.model, config, progress=False),
-                                      on_step=metrics.observe_step)
+
+    def build() -> LLMEngine:
+        engine = LLMEngine(settings.model, config, progress=False)
+        # Before /ready says yes, so the first client's request is not the one paying for cold kernels.
+        seconds = warm_up(engine)
+        log.info("engine built and warmed up", extra={"fields": {
+            "device": engine.device, "dtype": str(engine.dtype).removeprefix("torch."),
+            "quantization": engine.quantization, "kv_cache_blocks": len(engine.blocks.blocks),
+            "warmup_s": round(seconds, 3)}})
+        return engine
+
+    async_engine = AsyncEngine.launch(build, on_step=metrics.observe_step)
     engine = async_engine.engine
-    log.info("engine built", extra={"fields": {"device": engine.device, "dtype": str(engine.dtype).removeprefix("torch."),
-                                               "quantization": engine.quantization,
-                                               "kv_cache_blocks": len(engine.blocks.blocks)}})
     return LoadedModel(engine=async_engine, tokenizer=engine.tokenizer, max_model_len=engine.max_model_len,
                        embedding_size=engine.model_config.hidden_size)
 
@@ -68,8 +78,11 @@ def create_app(settings: Settings | None = None, *, loaded: LoadedModel | None =
             if owns_provider:
                 await asyncio.to_thread(tracer_provider.shutdown)  # sends the spans still batched
 
-    app = FastAPI(title="kvserve", summary="OpenAI-compatible LLM server with a paged KV cache",
-                  version=ops_routes.package_version(), lifespan=lifespan)
+    # FastAPI's /docs loads Swagger UI from a CDN; fastapi-offline serves the copy it ships. No /redoc: ReDoc
+    # fetches its logo from its CDN whatever the options, and Swagger UI shows the same schema.
+    app = FastAPIOffline(title="kvserve", summary="OpenAI-compatible LLM server with a paged KV cache",
+                         version=ops_routes.package_version(), lifespan=lifespan, favicon_url="/favicon.svg",
+                         static_url="/docs-static", redoc_url=None)
     app.state.kvserve = state
     install_error_handlers(app)
     keyed = [Depends(require_api_key)]
@@ -78,6 +91,7 @@ def create_app(settings: Settings | None = None, *, loaded: LoadedModel | None =
     app.include_router(ops_routes.tokenizer_router, dependencies=keyed)
     app.include_router(ops_routes.router)
     app.include_router(inspect_routes.router, dependencies=keyed)
+    app.include_router(home_routes.router)
     _document_400_not_422(app)
     if tracer_provider is not None:  # inside RequestContextMiddleware, so its log line gets the trace id
         app.add_middleware(TracingMiddleware, tracer_provider=tracer_provider, log_fields_key=LOG_FIELDS_KEY)

@@ -3,6 +3,7 @@ as the final non-streamed choice (one code path, so streamed text equals non-str
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from engine.outputs import CompletionOutput, TokenLogprob
@@ -28,8 +29,9 @@ class CompletionChoiceBuilder:
     """One /v1/completions choice; `echo` puts the prompt (and its logprobs) in front."""
 
     def __init__(self, index: int, tokenizer: Any, logprobs: int | None, echo_text: str | None = None,
-                 echo_token_ids: list[int] | None = None) -> None:
+                 echo_token_ids: list[int] | None = None, prompt_only: bool = False) -> None:
         self.index = index
+        self.prompt_only = prompt_only  # max_tokens 0: drop the one token the engine had to sample
         self.tokenizer = tokenizer
         self.want_logprobs = logprobs is not None
         self.text = ""
@@ -61,6 +63,9 @@ class CompletionChoiceBuilder:
     def delta(self, out: CompletionOutput, prompt_logprobs: list[TokenLogprob | None] | None = None
               ) -> CompletionChoice | None:
         """Absorb one engine delta; the stream chunk choice for it, or None if nothing is new."""
+        if self.prompt_only:
+            out = replace(out, delta_text="", delta_token_ids=[], delta_logprobs=None,
+                          finish_reason="length" if out.finish_reason == "stop" else out.finish_reason)
         first = not self._sent_anything
         prefix = self._echo_text if first and self._echo_text is not None else ""
         chunk_logprobs = CompletionLogprobs() if self.want_logprobs else None

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 from pydantic import ValidationError
 
-from service.settings import Quantization, Settings
+from service.settings import Quantization, Settings, unset_meaning
 
 # Settings fields whose flag is not simply --field-name.
 _FLAG_NAMES = {"api_keys": "--api-key"}
@@ -22,13 +22,27 @@ def _is_list(annotation: object) -> bool:
     return origin is list
 
 
+def shown_default(name: str) -> str:
+    """A setting's default as --help shows it: the value Settings uses, or what leaving it unset means."""
+    default = Settings.model_fields[name].get_default(call_default_factory=True)
+    meaning = unset_meaning(name)
+    if default in (None, []) and meaning is not None:
+        return meaning
+    return str(default) if isinstance(default, str) else repr(default)
+
+
+def settings_help(name: str, with_env: bool = True) -> str:
+    """The help text of setting `name`'s flag: description, env var and default, all read from Settings."""
+    description = Settings.model_fields[name].description or ""
+    env = f"env KVSERVE_{name.upper()}; " if with_env else ""
+    return f"{description} [{env}default: {shown_default(name)}]"
+
+
 def add_settings_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per Settings field; values stay strings and pydantic converts and checks them."""
     for name, field in Settings.model_fields.items():
         flag = _FLAG_NAMES.get(name, "--" + name.replace("_", "-"))
-        env = f"KVSERVE_{name.upper()}"
-        default = field.get_default(call_default_factory=True)
-        help_text = f"{field.description or ''} [env {env}; default {default!r}]"
+        help_text = settings_help(name).replace("%", "%%")  # argparse formats help with %
         if field.annotation is bool:
             parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
                                 help=help_text)
@@ -91,14 +105,14 @@ def build_parser() -> argparse.ArgumentParser:
     generate = commands.add_parser("generate", help="stream a completion to the terminal")
     generate.add_argument("prompt")
     generate.add_argument("--chat", action="store_true", help="apply the model's chat template")
-    generate.add_argument("--max-tokens", type=int, default=128)
-    generate.add_argument("--temperature", type=float, default=0.0)
-    generate.add_argument("--seed", type=int, default=None)
-    generate.add_argument("--model", default="smollm2-135m", help="registry name, GGUF file or HF dir")
-    generate.add_argument("--device", default="auto")
-    generate.add_argument("--dtype", default="auto")
-    generate.add_argument("--quantization", default="auto", choices=typing.get_args(Quantization),
-                          help="CPU matmul weights (see kvserve serve --help)")
+    generate.add_argument("--max-tokens", type=int, default=128, help="tokens to generate [default: %(default)s]")
+    generate.add_argument("--temperature", type=float, default=0.0, help="0: greedy [default: %(default)s]")
+    generate.add_argument("--seed", type=int, default=None, help="sampling seed [default: none]")
+    # The engine flags it shares with serve take their defaults and help from Settings too.
+    for name in ("model", "device", "dtype", "quantization"):
+        generate.add_argument("--" + name, default=Settings.model_fields[name].default,
+                              help=settings_help(name, with_env=False).replace("%", "%%"),
+                              choices=typing.get_args(Quantization) if name == "quantization" else None)
     generate.set_defaults(run=_generate)
 
     pull = commands.add_parser("pull", help="download a registry model and print its path")

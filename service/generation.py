@@ -52,22 +52,31 @@ def tokenize_prompt(state: ServerState, prompt: str | list[int], add_special_tok
     return Prompt(token_ids=ids, max_tokens=0, text=text)
 
 
-def fit_context(state: ServerState, prompt: Prompt, requested_max_tokens: int | None, param: str) -> Prompt:
-    """Set the prompt's max_tokens: as asked if it fits the context, else 400 with the numbers."""
+COMPLETION_DEFAULT_MAX_TOKENS = 16  # /v1/completions without max_tokens, as OpenAI and vLLM do
+
+
+def fit_context(state: ServerState, prompt: Prompt, requested_max_tokens: int | None, param: str, *,
+                default_max_tokens: int | None, zero_allowed: bool = False) -> Prompt:
+    """Set the prompt's max_tokens: as asked if it fits the context, else 400 with the numbers. Unasked, it is
+    `default_max_tokens` (None: the rest of the context), capped by --max-tokens-default and by the room left."""
     max_len = state.require_engine().max_model_len
     n_prompt = len(prompt.token_ids)
+    if requested_max_tokens == 0 and not zero_allowed:
+        raise APIError(400, f"{param} must be at least 1 (0 is accepted only by /v1/completions with echo: true, "
+                            "which returns the prompt, with its logprobs if asked, and generates nothing)", param=param)
+    if n_prompt >= max_len:  # even max_tokens 0 needs room: the engine samples one token, then it is dropped
+        raise APIError(400, f"This model's maximum context length is {max_len} tokens; the prompt has "
+                            f"{n_prompt} tokens, leaving no room for a completion.", param=param,
+                       code="context_length_exceeded")
     if requested_max_tokens is None:
-        if n_prompt >= max_len:
-            raise APIError(400, f"This model's maximum context length is {max_len} tokens; the prompt has "
-                                f"{n_prompt} tokens, leaving no room for a completion.", param=param,
-                           code="context_length_exceeded")
-        prompt.max_tokens = max_len - n_prompt
+        caps = (default_max_tokens, state.settings.max_tokens_default, max_len - n_prompt)
+        prompt.max_tokens = min(cap for cap in caps if cap is not None)
+    elif n_prompt + requested_max_tokens > max_len:
+        raise APIError(400, f"This model's maximum context length is {max_len} tokens. However, you requested "
+                            f"{n_prompt + requested_max_tokens} tokens ({n_prompt} in the prompt, "
+                            f"{requested_max_tokens} for the completion).", param=param,
+                       code="context_length_exceeded")
     else:
-        if n_prompt + requested_max_tokens > max_len:
-            raise APIError(400, f"This model's maximum context length is {max_len} tokens. However, you requested "
-                                f"{n_prompt + requested_max_tokens} tokens ({n_prompt} in the prompt, "
-                                f"{requested_max_tokens} for the completion).", param=param,
-                           code="context_length_exceeded")
         prompt.max_tokens = requested_max_tokens
     return prompt
 

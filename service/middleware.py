@@ -23,6 +23,9 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 LOG_FIELDS_KEY = "kvserve.log"  # scope key: dict handlers fill with token counts and latencies
 REQUEST_ID_KEY = "kvserve.request_id"
+# Probes and scrapes, every few seconds from kubelets and Prometheus: kept out of the error counts, and logged
+# only at debug level, so they neither drown the request log nor raise alerts while the model loads.
+PROBE_PATHS = frozenset({"/health", "/ready", "/metrics"})
 
 request_log = logging.getLogger(REQUEST_LOGGER)
 
@@ -68,9 +71,10 @@ class RequestContextMiddleware:
                 await self.app(scope, self._limited_receive(receive), send_wrapper)
         finally:
             status = status_holder["status"] or 500
-            if status >= 400:
+            probe = scope.get("path") in PROBE_PATHS
+            if status >= 400 and not probe:  # /ready's 503 while loading is an answer, not a failed request
                 self.on_error(status)
-            self._log(scope, request_id, status, start, fields)
+            self._log(scope, request_id, status, start, fields, level=logging.DEBUG if probe else logging.INFO)
 
     def _reject(self, scope: Scope, headers: dict[str, str]) -> tuple[int, str] | None:
         """(status, message) for requests refused on their headers alone."""
@@ -112,10 +116,9 @@ class RequestContextMiddleware:
         await send({"type": "http.response.body", "body": body})
 
     @staticmethod
-    def _log(scope: Scope, request_id: str, status: int, start: float, fields: dict[str, Any]) -> None:
-        path = scope.get("path", "")
-        if path in ("/health", "/ready", "/metrics") and status < 400:
-            return  # probes and scrapes every few seconds would drown the request log
-        line = {"request_id": request_id, "method": scope.get("method"), "path": path, "status": status,
-                "latency_s": round(time.monotonic() - start, 4), **fields}
-        request_log.info("request", extra={"fields": line})
+    def _log(scope: Scope, request_id: str, status: int, start: float, fields: dict[str, Any], level: int) -> None:
+        if not request_log.isEnabledFor(level):
+            return
+        line = {"request_id": request_id, "method": scope.get("method"), "path": scope.get("path", ""),
+                "status": status, "latency_s": round(time.monotonic() - start, 4), **fields}
+        request_log.log(level, "request", extra={"fields": line})

@@ -44,7 +44,8 @@ class SamplingRequest(StrictModel):
     """Fields shared by completions and chat (OpenAI's, plus vLLM's extras)."""
 
     model: str | None = Field(None, description="served model name; omitted means the one served model")
-    max_tokens: int | None = Field(None, ge=1, description="default: fill the context")
+    max_tokens: int | None = Field(None, ge=0, description="default: 16 for completions, the rest of the context for "
+                                   "chat, both capped by --max-tokens-default; 0 only for completions with echo")
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     n: int = Field(1, ge=1, le=MAX_N)
@@ -135,10 +136,16 @@ class CompletionRequest(SamplingRequest):
             return [list(self.prompt)]  # type: ignore[arg-type]
         return list(self.prompt)  # type: ignore[arg-type]
 
+    @property
+    def prompt_only(self) -> bool:
+        """max_tokens 0 with echo: the prompt (and its logprobs) back, nothing generated, as vLLM does."""
+        return self.max_tokens == 0 and self.echo
+
     def to_sampling_params(self, max_tokens: int) -> SamplingParams:
         """Engine parameters; `max_tokens` is already resolved against the context length."""
         prompt_logprobs = self.logprobs if self.echo and self.logprobs is not None else None
-        return SamplingParams(**self._sampling_kwargs(max_tokens), logprobs=self.logprobs,
+        # The engine always samples; for max_tokens 0 it samples one token that the response leaves out.
+        return SamplingParams(**self._sampling_kwargs(max(max_tokens, 1)), logprobs=self.logprobs,
                               prompt_logprobs=prompt_logprobs)
 
 
@@ -166,7 +173,7 @@ class ChatCompletionRequest(SamplingRequest):
     """POST /v1/chat/completions."""
 
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=0)  # 0 gets a clear 400 from the route
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     response_format: ResponseFormat | None = None

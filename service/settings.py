@@ -12,29 +12,50 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 Quantization = Literal["auto", "none", "bf16", "fp16", "int8"]
 
 
+def _unset(meaning: str) -> dict[str, str]:
+    """Field metadata: what an unset (None) setting means, which --help shows as its default."""
+    return {"unset_means": meaning}
+
+
+def unset_meaning(name: str) -> str | None:
+    """What leaving setting `name` unset (None, or an empty list) means, as --help shows it."""
+    extra = Settings.model_fields[name].json_schema_extra
+    return extra.get("unset_means") if isinstance(extra, dict) else None  # type: ignore[return-value]
+
+
 class Settings(BaseSettings):
     """What `kvserve serve` runs with: command line over environment over these defaults."""
 
     model_config = SettingsConfigDict(env_prefix="KVSERVE_", extra="ignore", protected_namespaces=())
 
     model: str = Field("smollm2-135m", description="registry name (smollm2-135m), GGUF file or HF checkpoint dir")
-    served_model_name: str | None = Field(None, description="name clients send as `model` (default: --model)")
+    served_model_name: str | None = Field(None, description="name clients send as `model`",
+                                          json_schema_extra=_unset("the --model value"))
     host: str = Field("127.0.0.1", description="address to bind")
     port: int = Field(8000, ge=0, le=65535, description="port to bind (0: any free port)")
     device: str = Field("auto", description="cpu, cuda, cuda:N or auto")
     dtype: str = Field("auto", description="auto (fp32 on CPU, bf16 on CUDA), float32, float16, bfloat16")
-    quantization: Quantization | None = Field(
-        None, description="CPU matmul weights: auto (bf16 with AMX, else fp16 on x86), none (exact fp32), bf16, fp16, int8 (lossy)")
-    max_num_seqs: int | None = Field(None, ge=1, description="most sequences decoded together (default: engine's)")
-    max_num_batched_tokens: int | None = Field(None, ge=1, description="most tokens in one forward pass (default: engine's)")
-    kv_cache_bytes: int | None = Field(None, gt=0, description="KV cache size in bytes (default: engine's choice)")
-    max_model_len: int | None = Field(None, ge=1, description="context length cap (default: the model's)")
+    quantization: Quantization = Field(
+        "auto", description="CPU matmul weights: auto (bf16 with AMX, else fp16 on x86), none (exact fp32), bf16, fp16, int8 (lossy)")
+    # The engine's defaults, spelled out so --help shows them (tests/unit/test_service_settings.py checks they agree).
+    max_num_seqs: int = Field(64, ge=1, description="most sequences decoded together")
+    max_num_batched_tokens: int = Field(1024, ge=1, description="most tokens in one forward pass (prefill chunk size)")
+    kv_cache_bytes: int | None = Field(None, gt=0, description="KV cache size in bytes",
+                                       json_schema_extra=_unset(
+        "on CPU what max_num_seqs full-length sequences need, at most 1 GiB; on CUDA half the free memory"))
+    max_model_len: int | None = Field(None, ge=1, description="context length cap", json_schema_extra=_unset("the model's"))
+    max_tokens_default: int | None = Field(
+        None, ge=1, description="cap on the tokens a request without max_tokens generates (completions: 16, chat: "
+                                "the rest of the context)", json_schema_extra=_unset("no cap"))
     max_waiting_requests: int = Field(256, ge=1, description="queued requests beyond which new ones get 429")
     api_keys: Annotated[list[str], NoDecode] = Field(
-        default_factory=list, description="accepted bearer keys (comma-separated in the env var); none: no auth")
-    api_key_file: Path | None = Field(None, description="file with one accepted API key per line")
+        default_factory=list, description="accepted bearer keys (comma-separated in the env var)",
+        json_schema_extra=_unset("none: no auth"))
+    api_key_file: Path | None = Field(None, description="file with one accepted API key per line",
+                                      json_schema_extra=_unset("none"))
     shutdown_timeout: float = Field(30.0, ge=0, description="seconds in-flight requests may run after SIGTERM")
-    request_timeout: float | None = Field(None, gt=0, description="seconds before a request is aborted (default: none)")
+    request_timeout: float | None = Field(None, gt=0, description="seconds before a request is aborted",
+                                          json_schema_extra=_unset("none"))
     log_format: Literal["json", "text"] = Field("json", description="log line format")
     log_level: str = Field("info", description="debug, info, warning, error")
     log_requests_text: bool = Field(False, description="include prompt and completion text in request logs")
@@ -71,5 +92,6 @@ class Settings(BaseSettings):
 
     def engine_config_kwargs(self) -> dict[str, object]:
         """EngineConfig keyword arguments that were set (unset ones keep the engine's defaults)."""
-        names = ("device", "dtype", "quantization", "max_num_seqs", "max_num_batched_tokens", "kv_cache_bytes", "max_model_len")
+        names = ("device", "dtype", "quantization", "max_num_seqs", "max_num_batched_tokens", "kv_cache_bytes",
+                 "max_model_len")
         return {name: getattr(self, name) for name in names if getattr(self, name) is not None}

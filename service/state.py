@@ -114,7 +114,7 @@ class ServerState:
             self._idle.clear()
             try:
                 await asyncio.wait_for(self._idle.wait(), timeout)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 log.warning("shutdown timeout reached; aborting", extra={"fields": {"aborted": len(self.in_flight)}})
                 if self.loaded is not None:
                     for request_id in list(self.in_flight):
@@ -122,7 +122,7 @@ class ServerState:
                 # Give handlers a moment to send their final (aborted) responses.
                 try:
                     await asyncio.wait_for(self._idle.wait(), 5.0)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     pass
 
 

@@ -17,6 +17,7 @@ from engine.sampling_params import SamplingParams
 from service.choices import ChatChoiceBuilder, CompletionChoiceBuilder
 from service.errors import APIError, error_body
 from service.generation import (
+    COMPLETION_DEFAULT_MAX_TOKENS,
     Prompt,
     RunOutcome,
     check_token_params,
@@ -68,7 +69,8 @@ async def create_completion(body: CompletionRequest, request: Request,
                             state: ServerState = Depends(get_state)) -> Response | CompletionResponse:
     """Text completion of one or more prompts (strings or token ids)."""
     state.check_model(body.model)
-    prompts = [fit_context(state, tokenize_prompt(state, p), body.requested_max_tokens, "max_tokens")
+    prompts = [fit_context(state, tokenize_prompt(state, p), body.requested_max_tokens, "max_tokens",
+                           default_max_tokens=COMPLETION_DEFAULT_MAX_TOKENS, zero_allowed=body.echo)
                for p in body.prompts()]
     params = [_sampling_params(state, lambda p=p: body.to_sampling_params(p.max_tokens)) for p in prompts]
     tokenizer = state.require_engine().tokenizer
@@ -76,7 +78,7 @@ async def create_completion(body: CompletionRequest, request: Request,
         CompletionChoiceBuilder(i * body.n + j, tokenizer, body.logprobs,
                                 echo_text=(p.text if p.text is not None else tokenizer.decode(p.token_ids))
                                 if body.echo else None,
-                                echo_token_ids=p.token_ids if body.echo else None)
+                                echo_token_ids=p.token_ids if body.echo else None, prompt_only=body.prompt_only)
         for i, p in enumerate(prompts) for j in range(body.n)
     ]
     run = _Run(state, request, prompts, params, f"cmpl-{request.scope[REQUEST_ID_KEY]}")
@@ -108,7 +110,8 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request,
     state.check_model(body.model)
     tokenizer = state.require_engine().tokenizer
     prompt = fit_context(state, chat_prompt(state, body.messages, body.add_generation_prompt),
-                         body.requested_max_tokens, "max_completion_tokens")
+                         body.requested_max_tokens, "max_tokens" if body.max_tokens is not None else "max_completion_tokens",
+                         default_max_tokens=None)  # the rest of the context, as vLLM does
     params = [_sampling_params(state, lambda: body.to_sampling_params(prompt.max_tokens))]
     builders = [ChatChoiceBuilder(j, tokenizer, body.logprobs) for j in range(body.n)]
     run = _Run(state, request, [prompt], params, f"chatcmpl-{request.scope[REQUEST_ID_KEY]}")

@@ -27,6 +27,7 @@ JSON_CASES = [
     ("max-tokens-string", "/v1/completions", completion(max_tokens="5"), 400, "max_tokens"),
     ("max-tokens-zero", "/v1/completions", completion(max_tokens=0), 400, "max_tokens"),
     ("max-tokens-negative", "/v1/chat/completions", chat(max_tokens=-3), 400, "max_tokens"),
+    ("max-tokens-zero-chat", "/v1/chat/completions", chat(max_tokens=0), 400, "max_tokens"),
     ("temperature-high", "/v1/completions", completion(temperature=5.0), 400, "temperature"),
     ("top-p-zero", "/v1/completions", completion(top_p=0.0), 400, "top_p"),
     ("n-zero", "/v1/completions", completion(n=0), 400, "n"),

@@ -150,6 +150,23 @@ def test_echo_returns_prompt_and_its_logprobs(client: OpenAI) -> None:
     assert all(v is not None and v <= 0 for v in lp.token_logprobs[1:])
 
 
+def test_max_tokens_zero_with_echo_scores_the_prompt(client: OpenAI) -> None:
+    """Prompt scoring, as with vLLM: the prompt's logprobs, nothing generated; the same numbers as echo gives
+    when it does generate."""
+    scored = client.completions.create(model=SERVED_NAME, prompt=PROMPT, max_tokens=0, echo=True, logprobs=1)
+    generated = client.completions.create(model=SERVED_NAME, prompt=PROMPT, max_tokens=1, temperature=0,
+                                          echo=True, logprobs=1)
+    choice, n_prompt = scored.choices[0], scored.usage.prompt_tokens
+    assert choice.text == PROMPT and choice.finish_reason == "length" and scored.usage.completion_tokens == 0
+    assert len(choice.logprobs.tokens) == n_prompt and "".join(choice.logprobs.tokens) == PROMPT
+    assert choice.logprobs.token_logprobs == generated.choices[0].logprobs.token_logprobs[:n_prompt]
+
+
+def test_completion_without_max_tokens_stops_at_16(client: OpenAI) -> None:
+    out = client.completions.create(model=SERVED_NAME, prompt=PROMPT, temperature=0, extra_body={"ignore_eos": True})
+    assert out.usage.completion_tokens == 16 and out.choices[0].finish_reason == "length"
+
+
 def test_chat_logprobs(client: OpenAI) -> None:
     out = client.chat.completions.create(model=SERVED_NAME, messages=CHAT, max_tokens=4, temperature=0,
                                          logprobs=True, top_logprobs=2)

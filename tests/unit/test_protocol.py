@@ -24,7 +24,7 @@ def test_prompt_forms(prompt: object, expected: list) -> None:
 
 @pytest.mark.parametrize("fields", [
     {"temperature": -0.1}, {"temperature": 2.5}, {"top_p": 0}, {"top_p": 1.5}, {"n": 0}, {"n": 17},
-    {"max_tokens": 0}, {"presence_penalty": -3}, {"frequency_penalty": 2.1}, {"logprobs": 21}, {"seed": -1},
+    {"max_tokens": -1}, {"presence_penalty": -3}, {"frequency_penalty": 2.1}, {"logprobs": 21}, {"seed": -1},
     {"top_k": -2}, {"min_p": 1.5}, {"repetition_penalty": 0}, {"min_tokens": -1},
     {"stop": ""}, {"stop": [""]}, {"stop": ["x"] * 17}, {"logit_bias": {"a": 1.0}}, {"logit_bias": {"5": 101}},
     {"prompt": []}, {"prompt": [-1]}, {"prompt": [[]]}, {"prompt": 3},

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 
 from service.cli import build_parser, settings_from_args
-from service.settings import Settings
+from service.settings import Settings, unset_meaning
 
 
 def parse(*argv: str) -> Settings:
@@ -36,7 +37,8 @@ def test_defaults_env_and_flags(monkeypatch: pytest.MonkeyPatch) -> None:
     flags = parse("--port", "9002", "--api-key", "c", "--api-key", "d", "--no-log-requests-text",
                   "--served-model-name", "m", "--quantization", "int8")
     assert (flags.port, flags.api_keys, flags.log_requests_text, flags.model_name) == (9002, ["c", "d"], False, "m")
-    assert flags.engine_config_kwargs() == {"device": "auto", "dtype": "auto", "quantization": "int8", "max_num_seqs": 4}
+    assert flags.engine_config_kwargs() == {"device": "auto", "dtype": "auto", "quantization": "int8", "max_num_seqs": 4,
+                                            "max_num_batched_tokens": 1024}
 
 
 def test_api_key_file_adds_keys(tmp_path: Path) -> None:
@@ -59,3 +61,53 @@ def test_quantization_choices_match_the_engine() -> None:
     from service.settings import Quantization
 
     assert typing.get_args(Quantization) == QUANTIZATIONS
+
+
+def _subparser(name: str):
+    return build_parser()._subparsers._group_actions[0].choices[name]  # noqa: SLF001 - argparse has no API
+
+
+def _shown_defaults(command: str) -> dict[str, str]:
+    """{dest: the default its --help text shows}, read from the formatted help as a user sees it."""
+    parser = _subparser(command)
+    text = " ".join(parser.format_help().split("options:", 1)[1].split())  # the flag list, not the usage line
+    shown = {}
+    for action in parser._actions:  # noqa: SLF001
+        if not action.option_strings or action.dest == "help":
+            continue
+        flag = action.option_strings[0]
+        match = re.search(re.escape(flag) + r"\b.*?\[(?:env \S+; )?default: (.*?)\]", text)
+        assert match, f"{flag}'s help shows no default"
+        shown[action.dest] = match.group(1)
+    return shown
+
+
+def test_serve_help_shows_the_real_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in Settings.model_fields:
+        monkeypatch.delenv(f"KVSERVE_{name.upper()}", raising=False)
+    real = parse()  # what serve runs with when no flag and no env var is given
+    shown = _shown_defaults("serve")
+    for name in Settings.model_fields:
+        value = getattr(real, name)
+        if value in (None, []):
+            # "None" would tell a user nothing: the help says what unset means
+            assert unset_meaning(name) and shown[name] == unset_meaning(name), name
+        else:
+            assert shown[name] == (value if isinstance(value, str) else repr(value)), name
+
+
+def test_generate_shares_the_serve_defaults() -> None:
+    args = build_parser().parse_args(["generate", "hi"])
+    shown = _shown_defaults("generate")
+    for name in ("model", "device", "dtype", "quantization"):
+        assert getattr(args, name) == Settings.model_fields[name].default == shown[name]
+    assert (args.max_tokens, shown["max_tokens"]) == (128, "128")
+
+
+def test_settings_defaults_are_the_engines() -> None:
+    """Settings that spell out an engine default (so --help can show it) must hold the engine's value."""
+    from engine.config import EngineConfig
+
+    engine_defaults = EngineConfig()
+    for name, value in Settings.model_construct().engine_config_kwargs().items():
+        assert value == getattr(engine_defaults, name), name

@@ -1,0 +1,37 @@
+"""Start-up of a live server: the engine is warmed up before /ready says yes, the warm-up leaves the metrics
+untouched, and /ready's 503s while loading are neither request errors nor info-level log lines."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+from live_server import start_server
+
+
+def test_warm_up_before_ready_and_clean_metrics() -> None:
+    server = start_server("--log-level", "debug")  # start_server polls /ready until it says 200
+    try:
+        before = server.metrics()
+        response = httpx.post(f"{server.base_url}/v1/completions", json={"prompt": "Hi", "max_tokens": 2},
+                              timeout=120)
+        assert response.status_code == 200
+        after = server.metric("kvserve_iteration_tokens_count")
+    finally:
+        assert server.stop() == 0
+    lines = [json.loads(line) for line in server.log_text().splitlines() if line.startswith("{")]
+    messages = [line["message"] for line in lines]
+    warmed = messages.index("engine built and warmed up")
+    assert warmed < messages.index("model ready")
+    assert lines[warmed]["warmup_s"] > 0
+    # Every 503 /ready answered before the model was ready is a debug line, none an info line or an error.
+    ready_503 = [line for line in lines if line.get("path") == "/ready" and line.get("status") == 503]
+    assert ready_503, "start_server polls every 0.5 s; loading and warming up SmolLM2 takes longer than that"
+    assert all(line["level"] == "debug" for line in ready_503)
+    assert not any(k.startswith("kvserve_request_errors_total") for k, v in before.items() if v), before
+    # The warm-up's steps and tokens are not in the metrics; the first request's are.
+    model = 'model="smollm2-test"'
+    for name in ("kvserve_iteration_tokens_count", "kvserve_prompt_tokens_total", "kvserve_generation_tokens_total",
+                 "kvserve_prefix_cache_queries_total"):
+        assert before[f"{name}{{{model}}}"] == 0, name
+    assert after > 0
