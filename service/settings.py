@@ -64,7 +64,7 @@ class Settings(BaseSettings):
     inspect_max_bytes: int = Field(64 << 20, ge=1024, description="largest inspection response, in bytes")
     otlp_traces_endpoint: str | None = Field(
         None, description="send OpenTelemetry traces here by OTLP (vLLM's flag; OTEL_* env vars configure the "
-                          "rest, see README); unset: tracing off")
+                          "rest, see README)", json_schema_extra=_unset("tracing off"))
 
     @field_validator("api_keys", mode="before")
     @classmethod
