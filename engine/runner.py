@@ -53,6 +53,8 @@ class ModelRunner:
         self.device = torch.device(device)
         self.block_size = block_size
         self.group = cfg.num_heads // cfg.num_kv_heads  # query heads per KV head
+        # Sliding-window layers get masks of their own, built once per step beside the causal ones.
+        self.window = cfg.sliding_window if any(cfg.is_sliding(i) for i in range(cfg.num_layers)) else None
         # One tensor for the whole cache, allocated once; each layer's attention holds views into it.
         self.kv_cache = _zeros((2, cfg.num_layers, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim),
                                dtype, self.device)
@@ -137,6 +139,8 @@ class ModelRunner:
                 span.context_slots = torch.tensor([self._slot(seq, p) for p in range(context_len)],
                                                   dtype=torch.long, device=device)
                 span.mask = grouped_mask(build_prefill_mask(n, context_len, device), self.group)
+            if self.window is not None and context_len > self.window:  # some key is out of some query's window
+                span.window_mask = grouped_mask(build_prefill_mask(n, context_len, device, self.window), self.group)
             meta.prefills.append(span)
             start += n
         meta.num_prefill_tokens = start
@@ -145,8 +149,13 @@ class ModelRunner:
             members = list(same_length)
             block_ids = torch.tensor([b for d in members for b in d.seq.block_table], dtype=torch.long, device=device)
             context_lens = torch.tensor([d.seq.num_computed_tokens + 1 for d in members], device=device)
-            key_pos = torch.arange(num_blocks * self.block_size, device=device)
-            mask = grouped_mask((key_pos.unsqueeze(0) < context_lens.unsqueeze(1)).unsqueeze(1), self.group)
-            meta.decode_groups.append(DecodeGroup(start, len(members), block_ids, mask))
+            key_pos = torch.arange(num_blocks * self.block_size, device=device).unsqueeze(0)
+            valid = key_pos < context_lens.unsqueeze(1)
+            mask = grouped_mask(valid.unsqueeze(1), self.group)
+            group = DecodeGroup(start, len(members), block_ids, mask)
+            if self.window is not None and max(d.seq.num_computed_tokens + 1 for d in members) > self.window:
+                in_window = valid & (key_pos >= context_lens.unsqueeze(1) - self.window)
+                group.window_mask = grouped_mask(in_window.unsqueeze(1), self.group)
+            meta.decode_groups.append(group)
             start += len(members)
         return meta

@@ -25,7 +25,7 @@ def read_model_config(path: str) -> ModelConfig:
         config_file = Path(path) / "config.json"
         if not config_file.is_file():
             raise ValueError(f"{path} is a directory without config.json: not an HF checkpoint")
-        return ModelConfig.from_hf(json.loads(config_file.read_text()))
+        return ModelConfig.from_hf(json.loads(config_file.read_text()), str(config_file))
     if os.path.isfile(path):
         from engine.gguf_loader import read_gguf_config
 
