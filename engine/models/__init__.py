@@ -5,12 +5,16 @@ from __future__ import annotations
 from torch import nn
 
 from engine.config import ModelConfig
-from engine.models import gpt2, llama
+from engine.models import gemma2, gemma3, gpt2, llama, phi3, qwen3
 from engine.models.family import Family
 
 FAMILIES: tuple[Family, ...] = (
     llama.FAMILY,
     gpt2.FAMILY,
+    qwen3.FAMILY,
+    gemma2.FAMILY,
+    gemma3.FAMILY,
+    phi3.FAMILY,
 )
 
 
