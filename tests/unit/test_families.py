@@ -105,7 +105,7 @@ def test_gguf_round_trip(tmp_path: Path, family: str) -> None:
           "gemma3": lambda: tiny_gemma3(query_pre_attn_scalar=16)}.get(family, MODELS[family])()
     from_dir = kvserve_logits(save_hf(hf, tmp_path / "hf"), PROMPT)
     from_gguf = kvserve_logits(write_family_gguf(hf, tmp_path / "model.gguf"), PROMPT, chunk_size=5)
-    torch.testing.assert_close(from_gguf, from_dir, rtol=1e-5, atol=1e-5)  # Gemma's 1 + w - 1 rounds
+    torch.testing.assert_close(from_gguf, from_dir, rtol=1e-4, atol=1e-4)  # Gemma's 1 + w - 1 rounds
     torch.testing.assert_close(from_gguf, hf_logits(hf, PROMPT), rtol=1e-4, atol=1e-4)
 
 
