@@ -74,15 +74,15 @@ class LiveServer:
         return self.process.returncode
 
 
-def start_server(*extra_args: str) -> LiveServer:
-    """Start a server on a free port and wait until /ready says 200."""
-    if not MODEL_PATH.is_file():
+def start_server(*extra_args: str, model: Path | None = None) -> LiveServer:
+    """Start a server (of the test GGUF, or `model`) on a free port and wait until /ready says 200."""
+    if model is None and not MODEL_PATH.is_file():
         pytest.skip(f"model file {MODEL_PATH} not found (run `kvserve pull smollm2-135m`)")
     port = free_port()
     log_file = tempfile.NamedTemporaryFile(prefix="kvserve-test-", suffix=".log", delete=False)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env = {k: v for k, v in env.items() if not k.startswith("KVSERVE_")}
-    command = [sys.executable, "-m", "service.cli", "serve", "--model", str(MODEL_PATH), "--port", str(port),
+    command = [sys.executable, "-m", "service.cli", "serve", "--model", str(model or MODEL_PATH), "--port", str(port),
                "--served-model-name", SERVED_NAME, *extra_args]
     process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=log_file, stderr=subprocess.STDOUT, env=env)
     server = LiveServer(process, f"http://127.0.0.1:{port}", Path(log_file.name))
