@@ -110,6 +110,10 @@ class LLMEngine:
         max_len = min(self.config.max_model_len or model_cfg.max_position_embeddings, model_cfg.max_position_embeddings)
         model, model_cfg = load_model(path, self.device, self.dtype, max_len, progress=progress)
         tokenizer = Tokenizer.load(path)
+        if tokenizer.vocab_size > model_cfg.vocab_size:  # its ids past the embedding would fail mid-request
+            source = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
+            raise ValueError(f"the tokenizer of {source} has {tokenizer.vocab_size} tokens, but the model's "
+                             f"vocabulary (embedding rows) has {model_cfg.vocab_size}: they do not belong together")
         if cacheable:
             save_converted(path, self.dtype, model, model_cfg, tokenizer)
         return model, model_cfg, tokenizer

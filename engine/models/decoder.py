@@ -96,13 +96,20 @@ class DecoderLM(nn.Module):
 
     # ---- loading ----
 
+    def missing_weights(self) -> list[str]:
+        """Checkpoint names of what loading left unset: whole parameters, or slices of a fused one."""
+        missing = [name for name, p in self.named_parameters() if p.is_meta]
+        if self._fused_loaded:  # empty when fused tensors came whole (Phi-3, the converted copy)
+            expected = {(f"model.layers.{i}.{part}", index) for i in range(self.config.num_layers)
+                        for part, index in self._FUSED_SLOTS}
+            missing += [_unfused_name(name, index) for name, index in sorted(expected - self._fused_loaded)
+                        if name not in missing]
+        return missing
+
     def post_load(self, device: torch.device, dtype: torch.dtype) -> None:
-        expected = {(f"model.layers.{i}.{part}", index) for i in range(self.config.num_layers)
-                    for part, index in self._FUSED_SLOTS}
-        missing = sorted(expected - self._fused_loaded)
-        if self._fused_loaded and missing:  # empty when the fused tensors were assigned whole (converted copy)
-            names = ", ".join(_unfused_name(name, index) for name, index in missing[:5])
-            raise ValueError(f"checkpoint is missing {len(missing)} q/k/v or gate/up tensors: {names}"
+        missing = self.missing_weights()
+        if missing:
+            raise ValueError(f"checkpoint is missing {len(missing)} tensors: {', '.join(missing[:5])}"
                              + (" ..." if len(missing) > 5 else ""))
         for rotary in self.model.rotary.values():
             rotary.build(device, dtype)

@@ -51,6 +51,19 @@ class Family:
         layer, part, kind = match.groups()
         return f"{self.hf_layers}.{layer}.{self.gguf_block[part]}.{kind}"
 
+    def gguf_name(self, hf_name: str) -> str | None:
+        """The llama.cpp name of an HF tensor name (the inverse of hf_name), or None."""
+        for gguf_name, name in self.gguf_names.items():
+            if name == hf_name:
+                return gguf_name
+        match = re.fullmatch(rf"{re.escape(self.hf_layers)}\.(\d+)\.(.+)\.(weight|bias)", hf_name)
+        if match is not None:
+            layer, part, kind = match.groups()
+            for gguf_part, name in self.gguf_block.items():
+                if name == part:
+                    return f"blk.{layer}.{gguf_part}.{kind}"
+        return None
+
 
 def hf_rope(cfg: dict) -> tuple[float, dict | None]:
     """(rope_theta, rope_scaling) from a config.json of transformers 4 (top-level keys) or 5 (rope_parameters)."""
