@@ -54,6 +54,12 @@ class ModelConfig:
             return False
         return self.layer_types is None or self.layer_types[layer] == "sliding_attention"
 
+    def window_of_every_layer(self) -> int | None:
+        """The sliding window when every layer slides (Mistral): keys older than it are never read again."""
+        if self.sliding_window is None or not all(self.is_sliding(i) for i in range(self.num_layers)):
+            return None
+        return self.sliding_window
+
     def attention_spec(self, layer: int) -> AttentionSpec:
         """How `layer` attends: scale, window and soft-capping."""
         scalar = self.query_pre_attn_scalar or self.head_dim

@@ -89,7 +89,8 @@ class LLMEngine:
                       self.model_config.max_position_embeddings)
         num_blocks = self._num_kv_blocks(max_len)
         self.max_model_len = min(max_len, num_blocks * config.block_size)
-        self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching,
+                                   self.model_config.window_of_every_layer())
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens)
         self.runner = ModelRunner(self.model, self.model_config, self.device, self.dtype, config.block_size, num_blocks)
         self.eos_token_ids = set(self.tokenizer.eos_token_ids) | set(self.model_config.eos_token_ids)
