@@ -1,4 +1,4 @@
-"""`kvserve serve --model DIR` of tiny Gemma 2 and Phi-3 checkpoints: /v1/attention and completions match transformers."""
+"""`kvserve serve --model DIR` of each tiny family checkpoint: /v1/attention and completions match transformers."""
 
 from __future__ import annotations
 
@@ -8,12 +8,13 @@ import httpx
 import pytest
 import torch
 from helpers.tiny_engine import _tokenizer
-from helpers.tiny_families import tiny_gemma2, tiny_phi3
+from helpers.tiny_families import tiny_gemma2, tiny_gemma3, tiny_mistral, tiny_phi3, tiny_qwen3
 from helpers.tiny_models import save_hf
 from live_server import LiveServer, start_server
 
 PROMPT = torch.randint(3, 320, (36,), generator=torch.Generator().manual_seed(5)).tolist()
-BUILDERS = {"gemma2": tiny_gemma2, "phi3": tiny_phi3}
+BUILDERS = {"qwen3": tiny_qwen3, "mistral": tiny_mistral, "gemma2": tiny_gemma2, "gemma3": tiny_gemma3,
+            "phi3": tiny_phi3}
 
 
 @pytest.fixture(scope="module", params=list(BUILDERS))
