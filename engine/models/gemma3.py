@@ -1,10 +1,15 @@
 """Gemma 3 (text): Gemma 2's layer with q/k norms and no soft-capping; five sliding-window layers per global
-one, each kind with its own RoPE (local base 10k unscaled, global base 1M with the config's scaling)."""
+one, each kind with its own RoPE (local base 10k unscaled, global base 1M with the config's scaling).
+
+Loads Gemma3ForCausalLM checkpoints (1B) and the language model of Gemma3ForConditionalGeneration ones
+(4B and up; the vision tower is skipped, so they serve text).
+"""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import torch
 from torch import nn
 
 from engine.config import ModelConfig
@@ -25,6 +30,12 @@ if TYPE_CHECKING:
     from engine.gguf_loader import GGUFMetadata
 
 LOCAL_THETA = 10_000.0
+# transformers' Gemma3TextConfig defaults: the Hub's multimodal configs leave these out of text_config
+TEXT_DEFAULTS = dict(vocab_size=262_208, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
+                     num_attention_heads=8, num_key_value_heads=4, head_dim=256, max_position_embeddings=131_072,
+                     rms_norm_eps=1e-6)
+_MULTIMODAL_PREFIXES = {"language_model.model.": "model.", "language_model.lm_head.": "lm_head."}
+_VISION_PREFIXES = ("vision_tower.", "multi_modal_projector.")
 
 
 class Gemma3ForCausalLM(DecoderLM):
@@ -43,8 +54,21 @@ class Gemma3ForCausalLM(DecoderLM):
         rotary = self.model.rotary["local" if cfg.is_sliding(index) else "global"]
         return GemmaDecoderLayer(cfg, QKNormAttention(cfg, index, rotary, OffsetRMSNorm))
 
+    def load_weight(self, name: str, tensor: torch.Tensor) -> None:
+        """Also the multimodal checkpoints' names: their language model's tensors, not the vision tower's."""
+        if name.startswith(_VISION_PREFIXES):
+            return
+        for prefix, replacement in _MULTIMODAL_PREFIXES.items():
+            if name.startswith(prefix):
+                name = replacement + name.removeprefix(prefix)
+        super().load_weight(name, tensor)
+
 
 def config_from_hf(cfg: dict) -> ModelConfig:
+    if cfg.get("model_type") == "gemma3":  # Gemma3ForConditionalGeneration: the text part
+        top = {k: cfg[k] for k in ("bos_token_id", "eos_token_id", "tie_word_embeddings") if k in cfg}
+        cfg = {**cfg.get("text_config", {}), **top}
+    cfg = {**TEXT_DEFAULTS, **cfg}
     fields = hf_decoder_fields(cfg)
     rope = cfg.get("rope_parameters") or {}
     if "full_attention" in rope:  # transformers 5: one rope dict per layer type
@@ -74,7 +98,7 @@ def config_from_gguf(meta: GGUFMetadata) -> ModelConfig:
 
 
 FAMILY = Family(
-    arch="gemma3", model=Gemma3ForCausalLM, hf_model_types=("gemma3_text",), from_hf=config_from_hf,
+    arch="gemma3", model=Gemma3ForCausalLM, hf_model_types=("gemma3_text", "gemma3"), from_hf=config_from_hf,
     gguf_archs=("gemma3",), from_gguf=config_from_gguf, gguf_names=GGUF_NAMES,
     gguf_block={**GGUF_GEMMA_BLOCK, "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"},
     gguf_layout=gguf_layout,

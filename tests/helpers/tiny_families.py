@@ -14,7 +14,9 @@ import torch
 from transformers import (
     Gemma2Config,
     Gemma2ForCausalLM,
+    Gemma3Config,
     Gemma3ForCausalLM,
+    Gemma3ForConditionalGeneration,
     Gemma3TextConfig,
     MistralConfig,
     MistralForCausalLM,
@@ -22,6 +24,7 @@ from transformers import (
     Phi3ForCausalLM,
     Qwen3Config,
     Qwen3ForCausalLM,
+    SiglipVisionConfig,
 )
 
 from helpers.tiny_models import randomize
@@ -61,6 +64,16 @@ def tiny_gemma3(seed: int = 0, query_pre_attn_scalar: int = 24) -> Gemma3ForCaus
     config = Gemma3TextConfig(**DIMS, num_hidden_layers=6, head_dim=16, sliding_window=WINDOW,
                               query_pre_attn_scalar=query_pre_attn_scalar, rope_parameters=rope)
     return _made(Gemma3ForCausalLM, config, seed)
+
+
+def tiny_gemma3_multimodal(seed: int = 0) -> Gemma3ForConditionalGeneration:
+    """Gemma 3 as the 4B and larger checkpoints come: a language model beside a (tiny) vision tower."""
+    text = tiny_gemma3(seed).config
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                image_size=28, patch_size=14)
+    config = Gemma3Config(text_config=text.to_dict(), vision_config=vision.to_dict(), mm_tokens_per_image=4,
+                          image_token_index=300, boi_token_index=301, eoi_token_index=302)
+    return _made(Gemma3ForConditionalGeneration, config, seed)
 
 
 def tiny_phi3(seed: int = 0, partial_rotary_factor: float = 0.5) -> Phi3ForCausalLM:

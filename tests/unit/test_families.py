@@ -18,6 +18,7 @@ from helpers.tiny_families import (
     WINDOW,
     tiny_gemma2,
     tiny_gemma3,
+    tiny_gemma3_multimodal,
     tiny_mistral,
     tiny_phi3,
     tiny_qwen3,
@@ -122,4 +123,12 @@ def test_phi3_short_factors_within_the_original_context(tmp_path: Path) -> None:
 def test_phi4_mini_rotary_share(tmp_path: Path) -> None:
     hf = tiny_phi3(partial_rotary_factor=0.75)
     torch.testing.assert_close(kvserve_logits(save_hf(hf, tmp_path), PROMPT), hf_logits(hf, PROMPT),
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_gemma3_multimodal_checkpoint_serves_its_language_model(tmp_path: Path) -> None:
+    """Gemma 3 4B and up ship as Gemma3ForConditionalGeneration: the text part loads, the vision tower is skipped."""
+    hf = tiny_gemma3_multimodal()
+    path = save_hf(hf, tmp_path)
+    torch.testing.assert_close(kvserve_logits(path, PROMPT, chunk_size=7), hf_logits(hf, PROMPT),
                                rtol=1e-4, atol=1e-4)
