@@ -78,7 +78,7 @@ def load_model(path: str, device: str, dtype: torch.dtype, max_positions: int,
     with bar:
         for name, tensor in tensors:
             model.load_weight(name, tensor.to(device=device, dtype=dtype))
-    missing = model.missing_weights() if hasattr(model, "missing_weights") else []
+    missing = model.missing_weights()
     if missing:
         raise ValueError(_missing_message(path, cfg, missing))
     check_loaded(model)

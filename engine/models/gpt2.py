@@ -103,6 +103,10 @@ class GPT2LMHeadModel(nn.Module):
     def lm_head_weight(self) -> torch.Tensor:
         return self.wte.weight
 
+    def missing_weights(self) -> list[str]:
+        """Checkpoint names of the parameters loading left unset."""
+        return [name for name, p in self.named_parameters() if p.is_meta]
+
     def post_load(self, device: torch.device, dtype: torch.dtype) -> None:
         pass  # nothing to derive: GPT-2 has no rotary tables
 
