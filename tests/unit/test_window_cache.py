@@ -69,10 +69,14 @@ def test_forked_samples_share_given_back_blocks(mistral) -> None:
 
 
 def test_beside_other_sequences(mistral) -> None:
+    """Batch invariance holds with window masks and given-back blocks: logprobs bitwise as alone."""
     llm, expected = mistral
-    greedy = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
+    greedy = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=0)
+    alone = llm.generate(PROMPT, greedy)[0].outputs[0]
     outputs = llm.generate([PROMPT[:5], PROMPT, PROMPT[2:] + PROMPT], greedy)
-    assert outputs[1].outputs[0].token_ids == expected
+    beside = outputs[1].outputs[0]
+    assert beside.token_ids == alone.token_ids == expected
+    assert [lp.logprob for lp in beside.logprobs] == [lp.logprob for lp in alone.logprobs]
 
 
 def test_global_layers_keep_every_block(tmp_path: Path) -> None:
