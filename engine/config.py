@@ -6,12 +6,17 @@ from dataclasses import dataclass, field
 
 import torch
 
+from engine.attention import AttentionSpec
+
 
 @dataclass(slots=True)
 class ModelConfig:
-    """Architecture of a decoder-only transformer, read from config.json or GGUF metadata."""
+    """Architecture of a decoder-only transformer, read from config.json or GGUF metadata.
 
-    arch: str  # "llama" (Llama/SmolLM2/Mistral/Qwen2) or "gpt2"
+    Each family maps its checkpoints onto these fields (engine/models/<family>.py); `arch` names the family.
+    """
+
+    arch: str  # a family in engine/models/__init__.py: "llama" (Llama/SmolLM2/Mistral/Qwen2), "qwen3", ...
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -27,58 +32,47 @@ class ModelConfig:
     attention_bias: bool = False  # q/k/v bias (Qwen2)
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
+    sliding_window: int | None = None  # keys a sliding layer's query sees, itself included (Mistral, Gemma)
+    layer_types: list[str] | None = None  # per layer "sliding_attention" or "full_attention"; None: all alike
+    query_pre_attn_scalar: float | None = None  # attention scale is its -1/2 power (Gemma); None: head_dim
+    attn_softcap: float | None = None  # attention score soft-capping (Gemma 2)
+    final_softcap: float | None = None  # logit soft-capping (Gemma 2)
+    rope_local_theta: float | None = None  # RoPE base of sliding layers, when it differs (Gemma 3)
+    partial_rotary_factor: float = 1.0  # share of head_dim that is rotated (Phi-3.5/4-mini)
 
     def __post_init__(self) -> None:
-        if self.arch not in ("llama", "gpt2"):
-            raise ValueError(f"unsupported architecture {self.arch!r} (kvserve serves llama-family and gpt2)")
         if self.head_dim == 0:
             self.head_dim = self.hidden_size // self.num_heads
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
+        if self.layer_types is not None and len(self.layer_types) != self.num_layers:
+            raise ValueError(f"layer_types lists {len(self.layer_types)} layers, the model has {self.num_layers}")
+
+    def is_sliding(self, layer: int) -> bool:
+        """Whether `layer` attends through the sliding window."""
+        if self.sliding_window is None:
+            return False
+        return self.layer_types is None or self.layer_types[layer] == "sliding_attention"
+
+    def window_of_every_layer(self) -> int | None:
+        """The sliding window when every layer slides (Mistral): keys older than it are never read again."""
+        if self.sliding_window is None or not all(self.is_sliding(i) for i in range(self.num_layers)):
+            return None
+        return self.sliding_window
+
+    def attention_spec(self, layer: int) -> AttentionSpec:
+        """How `layer` attends: scale, window and soft-capping."""
+        scalar = self.query_pre_attn_scalar or self.head_dim
+        return AttentionSpec(layer=layer, scale=scalar ** -0.5,
+                             window=self.sliding_window if self.is_sliding(layer) else None,
+                             softcap=self.attn_softcap)
 
     @classmethod
-    def from_hf(cls, cfg: dict) -> ModelConfig:
-        """Build from a Hugging Face config.json dict."""
-        model_type = cfg.get("model_type", "")
-        eos = cfg.get("eos_token_id")
-        eos_ids = eos if isinstance(eos, list) else ([eos] if eos is not None else [])
-        if model_type == "gpt2":
-            return cls(
-                arch="gpt2",
-                vocab_size=cfg["vocab_size"],
-                hidden_size=cfg["n_embd"],
-                intermediate_size=cfg.get("n_inner") or 4 * cfg["n_embd"],
-                num_layers=cfg["n_layer"],
-                num_heads=cfg["n_head"],
-                num_kv_heads=cfg["n_head"],
-                max_position_embeddings=cfg["n_positions"],
-                norm_eps=cfg.get("layer_norm_epsilon", 1e-5),
-                tie_word_embeddings=True,
-                bos_token_id=cfg.get("bos_token_id"),
-                eos_token_ids=eos_ids,
-            )
-        if model_type not in ("llama", "mistral", "qwen2"):
-            raise ValueError(f"unsupported model_type {model_type!r}: expected llama, mistral, qwen2 or gpt2")
-        rope = cfg.get("rope_parameters") or {}  # transformers >= 5 nests rope_theta and scaling here
-        scaling = cfg.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
-        return cls(
-            arch="llama",
-            vocab_size=cfg["vocab_size"],
-            hidden_size=cfg["hidden_size"],
-            intermediate_size=cfg["intermediate_size"],
-            num_layers=cfg["num_hidden_layers"],
-            num_heads=cfg["num_attention_heads"],
-            num_kv_heads=cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
-            max_position_embeddings=cfg.get("max_position_embeddings", 2048),
-            head_dim=cfg.get("head_dim") or 0,
-            norm_eps=cfg.get("rms_norm_eps", 1e-6),
-            rope_theta=cfg.get("rope_theta", rope.get("rope_theta", 10000.0)),
-            rope_scaling=scaling,
-            tie_word_embeddings=cfg.get("tie_word_embeddings", False),
-            attention_bias=cfg.get("attention_bias", model_type == "qwen2"),
-            bos_token_id=cfg.get("bos_token_id"),
-            eos_token_ids=eos_ids,
-        )
+    def from_hf(cls, cfg: dict, source: str = "config.json") -> ModelConfig:
+        """Build from a Hugging Face config.json dict, through the family that knows its model_type."""
+        from engine.models import config_from_hf  # the registry imports this module
+
+        return config_from_hf(cfg, source)
 
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,

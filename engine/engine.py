@@ -93,7 +93,8 @@ class LLMEngine:
                       self.model_config.max_position_embeddings)
         num_blocks = self._num_kv_blocks(max_len)
         self.max_model_len = min(max_len, num_blocks * config.block_size)
-        self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching,
+                                   self.model_config.window_of_every_layer())
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens)
         self.runner = ModelRunner(self.model, self.model_config, self.device, self.dtype, config.block_size, num_blocks)
         self.eos_token_ids = set(self.tokenizer.eos_token_ids) | set(self.model_config.eos_token_ids)
@@ -114,6 +115,10 @@ class LLMEngine:
         max_len = min(self.config.max_model_len or model_cfg.max_position_embeddings, model_cfg.max_position_embeddings)
         model, model_cfg = load_model(path, self.device, self.dtype, max_len, progress=progress)
         tokenizer = Tokenizer.load(path)
+        if tokenizer.vocab_size > model_cfg.vocab_size:  # its ids past the embedding would fail mid-request
+            source = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
+            raise ValueError(f"the tokenizer of {source} has {tokenizer.vocab_size} tokens, but the model's "
+                             f"vocabulary (embedding rows) has {model_cfg.vocab_size}: they do not belong together")
         if cacheable:
             save_converted(path, self.dtype, model, model_cfg, tokenizer)
         return model, model_cfg, tokenizer

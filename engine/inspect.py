@@ -1,7 +1,8 @@
 """Attention capture and logit lens on an eager path, for one sequence at a time.
 
-The model's own modules run layer by layer (projections, norms, MLPs), but attention is plain
-matmul + softmax in fp32 instead of the paged kernel, so the weights can be read. Nothing here
+The model's own layers run one by one with the eager attention backend (engine/attention_eager.py):
+plain matmul + softmax in fp32 instead of the paged kernel, so the weights can be read, for every
+family alike. Nothing here
 touches the serving KV cache, and no module is modified, so it can run beside the engine loop.
 Results are plain Python lists and dicts, ready for JSON.
 """
@@ -15,6 +16,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from engine.attention_eager import EagerAttention
 
 # A selection of layers, heads or positions: None or "all", "last", an index, a list, or "start:stop".
 Selection = None | int | str | list[int]
@@ -98,69 +101,33 @@ def select(spec: Selection, count: int, what: str) -> list[int]:
 
 # ---- the eager forward pass --------------------------------------------------------------------
 
-@dataclass
-class _KV:
-    k: torch.Tensor | None = None
-    v: torch.Tensor | None = None
-
-
-def _attend(attn: nn.Module, x: torch.Tensor, positions: torch.Tensor,
-            past: _KV | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Plain causal attention with the module's projections: (output (T, hidden), weights (H, T, S))."""
-    q, k, v = attn.project(x, positions)  # (T, H, D), (T, KVH, D), (T, KVH, D)
-    if past is not None:
-        if past.k is not None:
-            k, v = torch.cat([past.k, k]), torch.cat([past.v, v])
-        past.k, past.v = k, v
-    group = attn.num_heads // attn.num_kv_heads
-    k = k.float().repeat_interleave(group, dim=1)  # (S, H, D)
-    v = v.float().repeat_interleave(group, dim=1)
-    scores = torch.einsum("qhd,khd->hqk", q.float(), k) * attn.scale  # (H, T, S)
-    key_pos = torch.arange(k.shape[0], device=x.device)
-    scores = scores.masked_fill(key_pos[None, None, :] > positions[None, :, None], float("-inf"))
-    weights = scores.softmax(dim=-1)
-    out = torch.einsum("hqk,khd->qhd", weights, v).to(x.dtype).flatten(1)  # (T, H * D)
-    out_proj = attn.o_proj if hasattr(attn, "o_proj") else attn.c_proj
-    return out_proj(out), weights
-
-
-def _block(layer: nn.Module, x: torch.Tensor, positions: torch.Tensor,
-           past: _KV | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """One decoder layer with eager attention; mirrors LlamaDecoderLayer / GPT2Block.forward."""
-    if hasattr(layer, "input_layernorm"):  # Llama family
-        attn_out, weights = _attend(layer.self_attn, layer.input_layernorm(x), positions, past)
-        x = x + attn_out
-        return x + layer.mlp(layer.post_attention_layernorm(x)), weights
-    attn_out, weights = _attend(layer.attn, layer.ln_1(x), positions, past)  # GPT-2
-    x = x + attn_out
-    return x + layer.c_proj(F.gelu(layer.c_fc(layer.ln_2(x)), approximate="tanh")), weights
-
-
 def eager_layers(model: nn.Module, ids: list[int]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Run `ids` through the model layer by layer; yield (attention (H, T, T) fp32, hidden (T, hidden)) per layer."""
+    """Run `ids` through the model's own layers with the eager attention backend.
+
+    Yields (attention weights (H, T, T) fp32, hidden (T, hidden)) per layer.
+    """
     device = next(model.parameters()).device
     input_ids = torch.tensor(ids, device=device)
     positions = torch.arange(len(ids), device=device)
+    backend = EagerAttention(positions)
     # No inference_mode here: a grad-mode context held across `yield` would leak into the caller.
     x = model.embed(input_ids, positions)
-    for layer in model.layers:
-        x, weights = _block(layer, x, positions, None)
-        yield weights, x
+    for index, layer in enumerate(model.layers):
+        x = layer(x, positions, backend)
+        yield backend.weights.pop(index), x
 
 
 def greedy_generate(model: nn.Module, ids: list[int], max_new_tokens: int, stop_ids: set[int]) -> list[int]:
-    """Greedy continuation of `ids` with an eager per-layer KV cache; stops after a token in `stop_ids`."""
+    """Greedy continuation of `ids` with the eager backend's own KV; stops after a token in `stop_ids`."""
     device = next(model.parameters()).device
-    past = [_KV() for _ in model.layers]
+    backend = EagerAttention(torch.empty(0), keep_kv=True)
     new: list[int] = []
     step_ids, start = list(ids), 0
     with torch.inference_mode():
         while len(new) < max_new_tokens:
-            positions = torch.arange(start, start + len(step_ids), device=device)
-            x = model.embed(torch.tensor(step_ids, device=device), positions)
-            for layer, kv in zip(model.layers, past, strict=True):
-                x, _ = _block(layer, x, positions, kv)
-            token = int(model.compute_logits(x[-1:]).argmax(-1))
+            backend.positions = torch.arange(start, start + len(step_ids), device=device)
+            hidden = model(torch.tensor(step_ids, device=device), backend.positions, backend)
+            token = int(model.compute_logits(hidden[-1:]).argmax(-1))
             new.append(token)
             if token in stop_ids:
                 break

@@ -4,6 +4,10 @@ A sequence's block table lists the blocks that hold its tokens' K/V in order. Fu
 K/V are computed get a hash chained over the whole prefix, so another sequence with the same
 prefix can reuse them (confirmed by comparing token ids, never by hash alone). Freed blocks keep
 their hash until they are handed out again, so a finished request's prefix stays reusable.
+
+When every layer of the model attends through a sliding window, blocks whose tokens are out of the
+window of every query still to come are given back while the sequence runs (their table entries
+become FREED), so a long generation holds a bounded number of blocks.
 """
 
 from __future__ import annotations
@@ -12,6 +16,8 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from engine.sequence import Sequence
+
+FREED = -1  # a block-table entry whose block was given back (out of every layer's window); reads as masked
 
 
 @dataclass(slots=True)
@@ -23,10 +29,12 @@ class Block:
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
+                 sliding_window: int | None = None) -> None:
         if num_blocks < 1:
             raise ValueError("the KV cache needs at least one block")
         self.block_size = block_size
+        self.sliding_window = sliding_window  # set when every layer slides: old blocks can be given back
         self.enable_prefix_caching = enable_prefix_caching
         self.blocks = [Block(i) for i in range(num_blocks)]
         # Free blocks in least-recently-freed order: the oldest cached prefixes are evicted first.
@@ -93,13 +101,30 @@ class BlockManager:
         self.prefix_hits += min(hit_tokens, seq.num_prompt_tokens)
         return hit_tokens
 
+    def release_out_of_window(self, seq: Sequence) -> None:
+        """Give back the leading blocks no query from num_computed_tokens on can see (all layers slide).
+
+        A query at position p sees keys p - window < k <= p, so keys below num_computed_tokens - window + 1
+        are never read again. The blocks keep their prefix hash, so the prompt stays reusable.
+        """
+        if self.sliding_window is None:
+            return
+        first_visible = seq.num_computed_tokens - self.sliding_window + 1
+        dead = min(max(0, first_visible // self.block_size), len(seq.block_table))
+        while seq.num_window_freed < dead:
+            index = seq.num_window_freed
+            seq.window_freed_hash = self.blocks[seq.block_table[index]].hash  # hashed by commit when it filled
+            self._release(seq.block_table[index])
+            seq.block_table[index] = FREED
+            seq.num_window_freed += 1
+
     def commit(self, seq: Sequence) -> None:
         """Hash the full blocks whose K/V are now computed, making them reusable prefixes."""
         if not self.enable_prefix_caching:
             return
         num_full = seq.num_computed_tokens // self.block_size
-        prev_hash = None
-        for i in range(num_full):
+        prev_hash = seq.window_freed_hash  # blocks given back were hashed before they went
+        for i in range(seq.num_window_freed, num_full):
             block = self.blocks[seq.block_table[i]]
             if block.hash is None:
                 ids = tuple(seq.token_ids[i * self.block_size:(i + 1) * self.block_size])
@@ -110,13 +135,17 @@ class BlockManager:
     def fork(self, parent: Sequence, child: Sequence) -> None:
         """child shares all of parent's blocks (n > 1 samples of one prompt)."""
         for block_id in parent.block_table:
-            self.blocks[block_id].ref_count += 1
+            if block_id != FREED:
+                self.blocks[block_id].ref_count += 1
         child.block_table = list(parent.block_table)
+        child.num_window_freed, child.window_freed_hash = parent.num_window_freed, parent.window_freed_hash
 
     def free_sequence(self, seq: Sequence) -> None:
         for block_id in reversed(seq.block_table):
-            self._release(block_id)
+            if block_id != FREED:
+                self._release(block_id)
         seq.block_table = []
+        seq.num_window_freed, seq.window_freed_hash = 0, None
 
     def _last_block_shared(self, seq: Sequence, num_tokens: int) -> bool:
         """Writing past num_computed_tokens lands in a partly-filled block another sequence also holds."""

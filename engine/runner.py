@@ -53,6 +53,8 @@ class ModelRunner:
         self.device = torch.device(device)
         self.block_size = block_size
         self.group = cfg.num_heads // cfg.num_kv_heads  # query heads per KV head
+        # Sliding-window layers get masks of their own, built once per step beside the causal ones.
+        self.window = cfg.sliding_window if any(cfg.is_sliding(i) for i in range(cfg.num_layers)) else None
         # One tensor for the whole cache, allocated once; each layer's attention holds views into it.
         self.kv_cache = _zeros((2, cfg.num_layers, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim),
                                dtype, self.device)
@@ -138,6 +140,10 @@ class ModelRunner:
     def _slot(self, seq: Sequence, position: int) -> int:
         return seq.block_table[position // self.block_size] * self.block_size + position % self.block_size
 
+    def _context_slot(self, seq: Sequence, position: int) -> int:
+        """Where a key is read from; a block given back (FREED, out of every window) reads block 0, masked."""
+        return max(seq.block_table[position // self.block_size], 0) * self.block_size + position % self.block_size
+
     def _metadata(self, prefills: list[ScheduledSeq], decodes: list[ScheduledSeq], slots: list[int]) -> AttentionMetadata:
         device = self.device
         meta = AttentionMetadata(slot_mapping=torch.tensor(slots, dtype=torch.long, device=device))
@@ -147,19 +153,27 @@ class ModelRunner:
             context_len = seq.num_computed_tokens + n
             span = PrefillSpan(start, n, context_len, None)
             if seq.num_computed_tokens > 0:
-                span.context_slots = torch.tensor([self._slot(seq, p) for p in range(context_len)],
+                span.context_slots = torch.tensor([self._context_slot(seq, p) for p in range(context_len)],
                                                   dtype=torch.long, device=device)
                 span.mask = grouped_mask(build_prefill_mask(n, context_len, device), self.group)
+            if self.window is not None and context_len > self.window:  # some key is out of some query's window
+                span.window_mask = grouped_mask(build_prefill_mask(n, context_len, device, self.window), self.group)
             meta.prefills.append(span)
             start += n
         meta.num_prefill_tokens = start
         start = 0
         for num_blocks, same_length in itertools.groupby(decodes, key=lambda d: len(d.seq.block_table)):
             members = list(same_length)
-            block_ids = torch.tensor([b for d in members for b in d.seq.block_table], dtype=torch.long, device=device)
+            block_ids = torch.tensor([max(b, 0) for d in members for b in d.seq.block_table],  # FREED -> 0, masked
+                                     dtype=torch.long, device=device)
             context_lens = torch.tensor([d.seq.num_computed_tokens + 1 for d in members], device=device)
-            key_pos = torch.arange(num_blocks * self.block_size, device=device)
-            mask = grouped_mask((key_pos.unsqueeze(0) < context_lens.unsqueeze(1)).unsqueeze(1), self.group)
-            meta.decode_groups.append(DecodeGroup(start, len(members), block_ids, mask))
+            key_pos = torch.arange(num_blocks * self.block_size, device=device).unsqueeze(0)
+            valid = key_pos < context_lens.unsqueeze(1)
+            mask = grouped_mask(valid.unsqueeze(1), self.group)
+            group = DecodeGroup(start, len(members), block_ids, mask)
+            if self.window is not None and max(d.seq.num_computed_tokens + 1 for d in members) > self.window:
+                in_window = valid & (key_pos >= context_lens.unsqueeze(1) - self.window)
+                group.window_mask = grouped_mask(in_window.unsqueeze(1), self.group)
+            meta.decode_groups.append(group)
             start += len(members)
         return meta

@@ -63,6 +63,8 @@ class Scheduler:
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
         scheduled_ids: set[int] = set()
+        for seq in self.running:  # blocks out of every layer's sliding window go back first
+            self.blocks.release_out_of_window(seq)
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]

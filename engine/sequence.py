@@ -30,6 +30,8 @@ class Sequence:
     token_ids: list[int] = field(default_factory=list)  # prompt followed by output
     block_table: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0  # tokens whose K/V are in the cache
+    num_window_freed: int = 0  # leading block-table entries given back: out of every layer's sliding window
+    window_freed_hash: int | None = None  # prefix hash of the last of those, to chain later blocks' hashes on
     num_cached_prompt_tokens: int = 0  # prompt tokens found in the prefix cache on admission
     finish_reason: str | None = None  # "stop", "length" or "abort"
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it

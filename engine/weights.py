@@ -13,7 +13,7 @@ from torch import nn
 from tqdm import tqdm
 
 from engine.config import ModelConfig
-from engine.models import build_model
+from engine.models import build_model, family
 from engine.models.layers import check_loaded
 
 Tensors = Iterator[tuple[str, torch.Tensor]]
@@ -25,7 +25,7 @@ def read_model_config(path: str) -> ModelConfig:
         config_file = Path(path) / "config.json"
         if not config_file.is_file():
             raise ValueError(f"{path} is a directory without config.json: not an HF checkpoint")
-        return ModelConfig.from_hf(json.loads(config_file.read_text()))
+        return ModelConfig.from_hf(json.loads(config_file.read_text()), str(config_file))
     if os.path.isfile(path):
         from engine.gguf_loader import read_gguf_config
 
@@ -78,6 +78,24 @@ def load_model(path: str, device: str, dtype: torch.dtype, max_positions: int,
     with bar:
         for name, tensor in tensors:
             model.load_weight(name, tensor.to(device=device, dtype=dtype))
+    missing = model.missing_weights()
+    if missing:
+        raise ValueError(_missing_message(path, cfg, missing))
     check_loaded(model)
     model.post_load(torch.device(device), dtype)
     return model.eval(), cfg
+
+
+def _missing_message(path: str, cfg: ModelConfig, missing: list[str]) -> str:
+    """Which tensors the checkpoint lacks, in the file's own names (llama.cpp's for a GGUF)."""
+    if os.path.isdir(path):
+        shown, where = missing, f"{path} (safetensors)"
+    else:
+        fam = family(cfg.arch)
+        shown = []
+        for name in missing:
+            hf_name = name.split(" (part of ")[0]
+            shown.append(fam.gguf_name(hf_name) or hf_name)
+        where = f"GGUF file {path}"
+    listed = ", ".join(shown[:8]) + (" ..." if len(shown) > 8 else "")
+    return f"{where} is missing {len(missing)} tensor(s) a {cfg.arch} model needs: {listed}"

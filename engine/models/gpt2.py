@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.attention import AttentionMetadata, paged_attention
+from engine.attention import AttentionMetadata, attention
 from engine.config import ModelConfig
 from engine.models.cpu_matmul import Kernel, vocab_projection
+from engine.models.family import Family, hf_eos_ids
 from engine.models.layers import Linear, set_param
+
+if TYPE_CHECKING:
+    from engine.gguf_loader import GGUFMetadata
 
 
 def _frozen(module: nn.Module) -> nn.Module:
@@ -19,13 +25,13 @@ def _frozen(module: nn.Module) -> nn.Module:
 
 
 class GPT2Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, index: int) -> None:
         super().__init__()
         self.num_heads = self.num_kv_heads = cfg.num_heads
         self.head_dim = cfg.head_dim
         self.c_attn = Linear(cfg.hidden_size, 3 * cfg.hidden_size, bias=True)
         self.c_proj = Linear(cfg.hidden_size, cfg.hidden_size, bias=True)
-        self.scale = self.head_dim ** -0.5
+        self.spec = cfg.attention_spec(index)
         self.k_cache = self.v_cache = torch.empty(0)
 
     def project(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -34,15 +40,15 @@ class GPT2Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         q, k, v = self.project(x, positions)
-        out = paged_attention(q, k, v, self.k_cache, self.v_cache, meta, self.scale)
+        out = attention(q, k, v, self.k_cache, self.v_cache, meta, self.spec)
         return self.c_proj(out.flatten(1))
 
 
 class GPT2Block(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, index: int) -> None:
         super().__init__()
         self.ln_1 = _frozen(nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps))
-        self.attn = GPT2Attention(cfg)
+        self.attn = GPT2Attention(cfg, index)
         self.ln_2 = _frozen(nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps))
         self.c_fc = Linear(cfg.hidden_size, cfg.intermediate_size, bias=True)
         self.c_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=True)
@@ -57,7 +63,7 @@ class GPT2Block(nn.Module):
 
 
 class GPT2LMHeadModel(nn.Module):
-    """Same interface as LlamaForCausalLM."""
+    """Same interface as DecoderLM (engine/models/decoder.py)."""
 
     # Conv1D layers keep (in, out) weights in HF checkpoints; nn.Linear wants (out, in).
     _TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -70,7 +76,7 @@ class GPT2LMHeadModel(nn.Module):
                                         _weight=torch.empty(cfg.vocab_size, cfg.hidden_size)))
         self.wpe = _frozen(nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size,
                                         _weight=torch.empty(cfg.max_position_embeddings, cfg.hidden_size)))
-        self.h = nn.ModuleList(GPT2Block(cfg) for _ in range(cfg.num_layers))
+        self.h = nn.ModuleList(GPT2Block(cfg, i) for i in range(cfg.num_layers))
         self.ln_f = _frozen(nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps))
         self.lm_head_kernel: Kernel | None = None  # set by cpu_matmul.pack_linears
 
@@ -97,6 +103,10 @@ class GPT2LMHeadModel(nn.Module):
     def lm_head_weight(self) -> torch.Tensor:
         return self.wte.weight
 
+    def missing_weights(self) -> list[str]:
+        """Checkpoint names of the parameters loading left unset."""
+        return [name for name, p in self.named_parameters() if p.is_meta]
+
     def post_load(self, device: torch.device, dtype: torch.dtype) -> None:
         pass  # nothing to derive: GPT-2 has no rotary tables
 
@@ -114,3 +124,54 @@ class GPT2LMHeadModel(nn.Module):
         except AttributeError:
             raise ValueError(f"unexpected tensor {name!r} in checkpoint") from None
         set_param(module, param, tensor)
+
+
+# ---- checkpoints ----
+
+def config_from_hf(cfg: dict) -> ModelConfig:
+    return ModelConfig(
+        arch="gpt2",
+        vocab_size=cfg["vocab_size"],
+        hidden_size=cfg["n_embd"],
+        intermediate_size=cfg.get("n_inner") or 4 * cfg["n_embd"],
+        num_layers=cfg["n_layer"],
+        num_heads=cfg["n_head"],
+        num_kv_heads=cfg["n_head"],
+        max_position_embeddings=cfg["n_positions"],
+        norm_eps=cfg.get("layer_norm_epsilon", 1e-5),
+        tie_word_embeddings=True,
+        bos_token_id=cfg.get("bos_token_id"),
+        eos_token_ids=hf_eos_ids(cfg),
+    )
+
+
+def config_from_gguf(meta: GGUFMetadata) -> ModelConfig:
+    num_heads = int(meta.require("attention.head_count"))
+    return ModelConfig(
+        arch="gpt2", **meta.common(),
+        hidden_size=int(meta.require("embedding_length")),
+        intermediate_size=int(meta.require("feed_forward_length")),
+        num_layers=int(meta.require("block_count")),
+        num_heads=num_heads, num_kv_heads=num_heads,
+        max_position_embeddings=int(meta.require("context_length")),
+        tie_word_embeddings=True,
+        norm_eps=float(meta.get("attention.layer_norm_epsilon", 1e-5)),
+    )
+
+
+def gguf_layout(hf_name: str, tensor: torch.Tensor, cfg: ModelConfig, gguf_arch: str) -> torch.Tensor:
+    if hf_name.endswith((".c_attn.weight", ".c_proj.weight", ".c_fc.weight")):
+        return tensor.t()  # llama.cpp stores Conv1D weights as (out, in); HF keeps (in, out)
+    return tensor
+
+
+FAMILY = Family(
+    arch="gpt2", model=GPT2LMHeadModel, hf_model_types=("gpt2",), from_hf=config_from_hf,
+    gguf_archs=("gpt2",), from_gguf=config_from_gguf,
+    gguf_names={"token_embd.weight": "wte.weight", "position_embd.weight": "wpe.weight",
+                "output_norm.weight": "ln_f.weight", "output_norm.bias": "ln_f.bias",
+                "output.weight": "lm_head.weight"},
+    gguf_block={"attn_norm": "ln_1", "ffn_norm": "ln_2", "attn_qkv": "attn.c_attn", "attn_output": "attn.c_proj",
+                "ffn_up": "mlp.c_fc", "ffn_down": "mlp.c_proj"},
+    hf_layers="h", gguf_layout=gguf_layout,
+)

@@ -23,18 +23,42 @@ class RMSNorm(nn.Module):
         return self.weight * F.rms_norm(x.float(), self.weight.shape, None, self.eps).to(x.dtype)
 
 
-def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
-    """Inverse frequencies of rotary embeddings, with HF's 'linear' and 'llama3' scaling."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+class OffsetRMSNorm(RMSNorm):
+    """Gemma's RMSNorm: scales by (1 + weight), in fp32, then casts back (transformers' Gemma2/3RMSNorm)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        normed = F.rms_norm(x.float(), self.weight.shape, None, self.eps)
+        return (normed * (1.0 + self.weight.float())).to(x.dtype)
+
+
+ROPE_TYPES = ("default", "linear", "llama3", "longrope", "freq_factors")
+
+
+def rope_inv_freq(dim: int, theta: float, scaling: dict | None, max_positions: int) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies of rotary embeddings over `dim` rotated dims, and the factor cos/sin are scaled by.
+
+    HF's 'linear', 'llama3' and 'longrope' (Phi-3's "su") scalings. LongRoPE picks its long factors when
+    the served context (max_positions) is longer than the original one, as llama.cpp does by context
+    size; transformers picks them per forward by sequence length, which a batch of sequences cannot.
+    """
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
     if not scaling:
-        return inv_freq.float()
+        return inv_freq.float(), 1.0
     kind = scaling.get("rope_type", scaling.get("type", "default"))
     if kind == "default":
-        return inv_freq.float()
+        return inv_freq.float(), 1.0
     if kind == "linear":
-        return (inv_freq / scaling["factor"]).float()
+        return (inv_freq / scaling["factor"]).float(), 1.0
     if kind == "freq_factors":  # GGUF: llama.cpp stores Llama-3 scaling as one divisor per frequency
-        return (inv_freq / torch.tensor(scaling["factors"], dtype=torch.float64)).float()
+        return (inv_freq / torch.tensor(scaling["factors"], dtype=torch.float64)).float(), 1.0
+    if kind in ("longrope", "su"):
+        original = scaling["original_max_position_embeddings"]
+        factors = scaling["long_factor"] if max_positions > original else scaling["short_factor"]
+        attention_factor = scaling.get("attention_factor")
+        if attention_factor is None:
+            factor = scaling.get("factor") or scaling["max_position_embeddings"] / original
+            attention_factor = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+        return (inv_freq / torch.tensor(factors, dtype=torch.float64)).float(), float(attention_factor)
     if kind == "llama3":
         factor = scaling["factor"]
         low, high = scaling.get("low_freq_factor", 1.0), scaling.get("high_freq_factor", 4.0)
@@ -45,16 +69,18 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Te
         smooth = (old_len / wavelen - low) / (high - low)
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
-        return torch.where(medium, smoothed, scaled).float()
-    raise ValueError(f"unsupported rope_scaling type {kind!r} (supported: default, linear, llama3, freq_factors)")
+        return torch.where(medium, smoothed, scaled).float(), 1.0
+    raise ValueError(f"unsupported rope_scaling type {kind!r} (supported: {', '.join(ROPE_TYPES)})")
 
 
 class RotaryEmbedding(nn.Module):
-    """Precomputed cos/sin per position; applied with HF's rotate-half layout."""
+    """Precomputed cos/sin per position; applied with HF's rotate-half layout to the first rotary_dim dims."""
 
-    def __init__(self, head_dim: int, max_positions: int, theta: float, scaling: dict | None) -> None:
+    def __init__(self, head_dim: int, max_positions: int, theta: float, scaling: dict | None,
+                 rotary_dim: int | None = None) -> None:
         super().__init__()
         self.head_dim, self.max_positions = head_dim, max_positions
+        self.rotary_dim = rotary_dim or head_dim  # Phi-3/4's partial rotary: the rest passes unrotated
         self.theta, self.scaling = theta, scaling
         self.cos: torch.Tensor | None = None
         self.sin: torch.Tensor | None = None  # with the sign of rotate-half folded in: (-sin, +sin) halves
@@ -62,10 +88,10 @@ class RotaryEmbedding(nn.Module):
 
     def build(self, device: torch.device, dtype: torch.dtype) -> None:
         """Fill the cos/sin tables once the model has left the meta device."""
-        inv_freq = rope_inv_freq(self.head_dim, self.theta, self.scaling)
+        inv_freq, factor = rope_inv_freq(self.rotary_dim, self.theta, self.scaling, self.max_positions)
         freqs = torch.outer(torch.arange(self.max_positions, dtype=torch.float32), inv_freq)
-        self.cos = torch.cat([freqs, freqs], dim=-1).cos().to(device=device, dtype=dtype)
-        self.sin = torch.cat([-freqs, freqs], dim=-1).sin().to(device=device, dtype=dtype)
+        self.cos = (torch.cat([freqs, freqs], dim=-1).cos() * factor).to(device=device, dtype=dtype)
+        self.sin = (torch.cat([-freqs, freqs], dim=-1).sin() * factor).to(device=device, dtype=dtype)
 
     def forward(self, positions: torch.Tensor, qk: torch.Tensor) -> torch.Tensor:
         """q and k heads side by side, (T, H + KVH, D), rotated by their positions (T,)."""
@@ -79,7 +105,10 @@ class RotaryEmbedding(nn.Module):
             cos, sin = self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
             self._lookup = (positions, cos, sin)
         # rotate_half(x) = (-x2, x1) = roll(x) * (-1, +1), and the signs are already in `sin`.
-        return qk * cos + qk.roll(self.head_dim // 2, dims=-1) * sin
+        if self.rotary_dim == self.head_dim:
+            return qk * cos + qk.roll(self.head_dim // 2, dims=-1) * sin
+        rotated, passed = qk.split([self.rotary_dim, self.head_dim - self.rotary_dim], dim=-1)
+        return torch.cat([rotated * cos + rotated.roll(self.rotary_dim // 2, dims=-1) * sin, passed], dim=-1)
 
 
 def set_param(module: nn.Module, name: str, value: torch.Tensor) -> None:

@@ -1,23 +1,29 @@
 """Llama family (Llama 2/3, SmolLM2, TinyLlama, Mistral, Qwen2): RMSNorm, RoPE, GQA, SwiGLU.
 
-Parameters carry Hugging Face names, except that q/k/v and gate/up are fused into one matrix
-each (`qkv_proj`, `gate_up_proj`) so a layer does two big matmuls instead of five small ones.
+Mistral's sliding window (config `sliding_window`) applies to every layer; Qwen2 adds q/k/v biases.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.attention import AttentionMetadata, paged_attention
+from engine.attention import AttentionMetadata, attention
 from engine.config import ModelConfig
-from engine.models.cpu_matmul import Kernel, vocab_projection
-from engine.models.layers import Linear, RMSNorm, RotaryEmbedding, set_param
+from engine.models.decoder import DecoderLM
+from engine.models.family import Family, gguf_decoder_fields, hf_decoder_fields, hf_sliding_window
+from engine.models.layers import Linear, RMSNorm, RotaryEmbedding
+
+if TYPE_CHECKING:
+    from engine.gguf_loader import GGUFMetadata
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding) -> None:
+    def __init__(self, cfg: ModelConfig, index: int, rotary: RotaryEmbedding) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.q_size = self.num_heads * self.head_dim
@@ -25,11 +31,11 @@ class LlamaAttention(nn.Module):
         self.qkv_proj = Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias)
         self.o_proj = Linear(self.q_size, cfg.hidden_size)
         self.rotary = rotary
-        self.scale = self.head_dim ** -0.5
+        self.spec = cfg.attention_spec(index)
         self.k_cache = self.v_cache = torch.empty(0)  # views into the engine's KV tensor, set by the runner
 
     def project(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Rotated q (T, H, D) and k, v (T, KVH, D); shared with the inspection path."""
+        """Rotated q (T, H, D) and k, v (T, KVH, D)."""
         qk, v = self.qkv_proj(x).split([self.q_size + self.kv_size, self.kv_size], dim=-1)
         qk = self.rotary(positions, qk.view(-1, self.num_heads + self.num_kv_heads, self.head_dim))
         q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
@@ -37,133 +43,98 @@ class LlamaAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         q, k, v = self.project(x, positions)
-        out = paged_attention(q, k, v, self.k_cache, self.v_cache, meta, self.scale)
+        out = attention(q, k, v, self.k_cache, self.v_cache, meta, self.spec)
         return self.o_proj(out.flatten(1))
 
 
-class LlamaMLP(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+class GatedMLP(nn.Module):
+    """down(act(gate(x)) * up(x)), gate and up fused: SwiGLU with SiLU (Llama), GeGLU with GELU-tanh (Gemma)."""
+
+    def __init__(self, cfg: ModelConfig, activation: Callable[[torch.Tensor], torch.Tensor] = F.silu) -> None:
         super().__init__()
         self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size)
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size)
+        self.activation = activation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(self.activation(gate) * up)
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding) -> None:
+    def __init__(self, cfg: ModelConfig, self_attn: nn.Module) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
-        self.self_attn = LlamaAttention(cfg, rotary)
+        self.self_attn = self_attn
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
-        self.mlp = LlamaMLP(cfg)
+        self.mlp = GatedMLP(cfg)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), positions, meta)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-class LlamaModel(nn.Module):
-    def __init__(self, cfg: ModelConfig, max_positions: int) -> None:
-        super().__init__()
-        # Passing the (meta) weight skips the random init, which on meta costs ~2 s of first-use tracing.
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size,
-                                         _weight=torch.empty(cfg.vocab_size, cfg.hidden_size))
-        self.embed_tokens.weight.requires_grad_(False)
-        self.rotary = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, self.rotary) for _ in range(cfg.num_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+class LlamaForCausalLM(DecoderLM):
+    def make_layer(self, cfg: ModelConfig, index: int) -> nn.Module:
+        return LlamaDecoderLayer(cfg, LlamaAttention(cfg, index, self.model.rotary["default"]))
 
 
-class LlamaForCausalLM(nn.Module):
-    """forward(ids, positions, meta) -> hidden (T, hidden); compute_logits(hidden) -> (N, vocab)."""
+# ---- checkpoints ----
 
-    # HF name fragment -> (fused parameter fragment, which slice)
-    _FUSED = {
-        "self_attn.q_proj": ("self_attn.qkv_proj", 0),
-        "self_attn.k_proj": ("self_attn.qkv_proj", 1),
-        "self_attn.v_proj": ("self_attn.qkv_proj", 2),
-        "mlp.gate_proj": ("mlp.gate_up_proj", 0),
-        "mlp.up_proj": ("mlp.gate_up_proj", 1),
-    }
+def config_from_hf(cfg: dict) -> ModelConfig:
+    model_type = cfg.get("model_type")
+    return ModelConfig(arch="llama", **hf_decoder_fields(cfg),
+                       attention_bias=cfg.get("attention_bias", model_type == "qwen2"),
+                       sliding_window=hf_sliding_window(cfg))
 
-    _FUSED_SLOTS = [("self_attn.qkv_proj.weight", i) for i in range(3)] + [("mlp.gate_up_proj.weight", i) for i in range(2)]
 
-    def __init__(self, cfg: ModelConfig, max_positions: int) -> None:
-        super().__init__()
-        self.config = cfg
-        self._fused_loaded: set[tuple[str, int]] = set()
-        self.model = LlamaModel(cfg, max_positions)
-        self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size)
-        self.lm_head_kernel: Kernel | None = None  # set by cpu_matmul.pack_linears
+def config_from_gguf(meta: GGUFMetadata) -> ModelConfig:
+    return ModelConfig(arch="llama", **gguf_decoder_fields(meta), rope_scaling=meta.rope_scaling(),
+                       attention_bias=meta.has_tensor("blk.0.attn_q.bias"))
 
-    @property
-    def layers(self) -> nn.ModuleList:
-        return self.model.layers
 
-    def embed(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        return self.model.embed_tokens(input_ids)
+# llama.cpp's converter interleaves the rotary halves of q/k rows for these (its rope kernel is GPT-J
+# style); Qwen2 keeps HF's layout because llama.cpp runs it with NeoX-style rope.
+_PERMUTED_ARCHS = ("llama", "mistral")
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        x = self.embed(input_ids, positions)
-        for layer in self.model.layers:
-            x = layer(x, positions, meta)
-        return x
 
-    def final_norm(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model.norm(x)
+def unpermute_rotary(tensor: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Undo llama.cpp's q/k row order: per head, interleaved (x0, y0, x1, y1, ...) -> halves (x..., y...)."""
+    rows = tensor.shape[0]
+    grouped = tensor.reshape(num_heads, rows // num_heads // 2, 2, *tensor.shape[1:])
+    return grouped.transpose(1, 2).reshape(tensor.shape)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Final norm and LM head, in fp32 for stable sampling."""
-        return vocab_projection(self.model.norm(hidden), self.lm_head_weight, self.lm_head_kernel).float()
 
-    @property
-    def lm_head_weight(self) -> torch.Tensor:
-        return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+def permute_rotary(tensor: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """llama.cpp's converter order for q/k rows (the inverse of unpermute_rotary); used to write GGUF."""
+    rows = tensor.shape[0]
+    grouped = tensor.reshape(num_heads, 2, rows // num_heads // 2, *tensor.shape[1:])
+    return grouped.transpose(1, 2).reshape(tensor.shape)
 
-    def post_load(self, device: torch.device, dtype: torch.dtype) -> None:
-        expected = {(f"model.layers.{i}.{part}", index) for i in range(self.config.num_layers)
-                    for part, index in self._FUSED_SLOTS}
-        missing = sorted(expected - self._fused_loaded)
-        if self._fused_loaded and missing:  # empty when the fused tensors were assigned whole (converted copy)
-            raise ValueError(f"checkpoint is missing {len(missing)} q/k/v or gate/up tensors, e.g. {missing[0]}")
-        self.model.rotary.build(device, dtype)
 
-    def load_weight(self, name: str, tensor: torch.Tensor) -> None:
-        """Take one tensor under its Hugging Face name (e.g. model.layers.0.self_attn.q_proj.weight)."""
-        if name.endswith("rotary_emb.inv_freq"):
-            return
-        if name == "lm_head.weight" and self.lm_head is None:
-            return  # tied: the embedding serves as LM head
-        for hf_part, (fused_part, index) in self._FUSED.items():
-            if hf_part in name:
-                self._load_fused(name.replace(hf_part, fused_part), index, tensor)
-                return
-        module_name, _, param = name.rpartition(".")
-        try:
-            module = self.get_submodule(module_name)
-        except AttributeError:
-            raise ValueError(f"unexpected tensor {name!r} in checkpoint") from None
-        set_param(module, param, tensor)
+def gguf_layout(hf_name: str, tensor: torch.Tensor, cfg: ModelConfig, gguf_arch: str) -> torch.Tensor:
+    if gguf_arch in _PERMUTED_ARCHS and hf_name.endswith(("q_proj.weight", "q_proj.bias")):
+        return unpermute_rotary(tensor, cfg.num_heads)
+    if gguf_arch in _PERMUTED_ARCHS and hf_name.endswith(("k_proj.weight", "k_proj.bias")):
+        return unpermute_rotary(tensor, cfg.num_kv_heads)
+    return tensor
 
-    def _load_fused(self, name: str, index: int, tensor: torch.Tensor) -> None:
-        module_name, _, param = name.rpartition(".")
-        module = self.get_submodule(module_name)
-        fused = module._parameters[param]
-        if "qkv_proj" in name:
-            attn = self.model.layers[0].self_attn
-            sizes = [attn.q_size, attn.kv_size, attn.kv_size]
-        else:
-            sizes = [self.config.intermediate_size] * 2
-        if fused.is_meta:
-            fused = torch.empty(fused.shape, dtype=tensor.dtype, device=tensor.device)
-            set_param(module, param, fused)
-            fused = module._parameters[param]
-        start = sum(sizes[:index])
-        if tensor.shape[0] != sizes[index] or tensor.shape[1:] != fused.shape[1:]:
-            raise ValueError(f"shape mismatch for {name} part {index}: expected "
-                             f"{(sizes[index], *fused.shape[1:])}, checkpoint has {tuple(tensor.shape)}")
-        fused.data[start:start + sizes[index]].copy_(tensor)
-        self._fused_loaded.add((name, index))
+
+# llama.cpp's names shared by the Llama-like families
+GGUF_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+GGUF_BLOCK = {
+    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+}
+
+FAMILY = Family(
+    arch="llama", model=LlamaForCausalLM, hf_model_types=("llama", "mistral", "qwen2"), from_hf=config_from_hf,
+    gguf_archs=("llama", "mistral", "qwen2"), from_gguf=config_from_gguf, gguf_names=GGUF_NAMES,
+    gguf_block=GGUF_BLOCK, gguf_config_tensors=("rope_freqs.weight",), gguf_layout=gguf_layout,
+)

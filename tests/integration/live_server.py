@@ -74,15 +74,16 @@ class LiveServer:
         return self.process.returncode
 
 
-def start_server(*extra_args: str, env: dict[str, str] | None = None) -> LiveServer:
-    """Start a server on a free port and wait until /ready says 200; `env` adds environment variables."""
-    if not MODEL_PATH.is_file():
+def start_server(*extra_args: str, model: Path | None = None, env: dict[str, str] | None = None) -> LiveServer:
+    """Start a server (of the test GGUF, or `model`) on a free port and wait until /ready says 200; `env` adds
+    environment variables."""
+    if model is None and not MODEL_PATH.is_file():
         pytest.skip(f"model file {MODEL_PATH} not found (run `kvserve pull smollm2-135m`)")
     port = free_port()
     log_file = tempfile.NamedTemporaryFile(prefix="kvserve-test-", suffix=".log", delete=False)
     child_env = {k: v for k, v in os.environ.items() if not k.startswith("KVSERVE_")}
     child_env |= {"PYTHONUNBUFFERED": "1", **(env or {})}
-    command = [sys.executable, "-m", "service.cli", "serve", "--model", str(MODEL_PATH), "--port", str(port),
+    command = [sys.executable, "-m", "service.cli", "serve", "--model", str(model or MODEL_PATH), "--port", str(port),
                "--served-model-name", SERVED_NAME, *extra_args]
     process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=log_file, stderr=subprocess.STDOUT, env=child_env)
     server = LiveServer(process, f"http://127.0.0.1:{port}", Path(log_file.name))
