@@ -249,6 +249,22 @@ def test_bad_prompts_are_rejected_with_numbers(tiny_dir: str) -> None:
     assert not engine.has_unfinished()
 
 
+def test_a_kv_cache_too_small_for_the_context_lowers_it_with_a_warning(tiny_dir: str, caplog) -> None:
+    from engine.runner import kv_bytes_per_block
+
+    roomy = make_engine(tiny_dir, max_model_len=64)
+    per_block = kv_bytes_per_block(roomy.model_config, torch.float32, 4)
+    with caplog.at_level("WARNING", logger="kvserve.engine"):
+        small = make_engine(tiny_dir, max_model_len=64, kv_cache_bytes=10 * per_block)  # 10 blocks of 4 tokens
+    assert roomy.max_model_len == 64 and small.max_model_len == 40
+    [warning] = [r for r in caplog.records if "max_model_len lowered" in r.getMessage()]
+    message = warning.getMessage()
+    assert "to 40 tokens: 64 asked (--max-model-len)" in message
+    assert f"raise --kv-cache-bytes to at least {16 * per_block}" in message
+    with pytest.raises(ValueError, match="40"):  # requests see the effective limit
+        small.add_request("long", [5] * 41, SamplingParams())
+
+
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(actions=st.lists(st.tuples(st.sampled_from(["add", "abort", "step"]), st.integers(0, 7),
                                   st.integers(1, 40), st.integers(1, 12)), min_size=1, max_size=40))
