@@ -153,9 +153,9 @@ def variant_name(dtype: str, quantization: str) -> str:
 
 
 def default_variants() -> str:
-    from engine.models.cpu_matmul import amx_bf16_available
+    from engine.models.cpu_matmul import format_refusal
 
-    return "auto,int8,none" + (",bfloat16/auto" if amx_bf16_available() else "")
+    return "auto,int8,none" + (",bfloat16/auto" if format_refusal("bf16") is None else "")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -39,9 +39,9 @@ KVSERVE_VARIANTS = {"kvserve": [], "kvserve-int8": ["--quantization", "int8"], "
 
 
 def default_servers() -> str:
-    from engine.models.cpu_matmul import amx_bf16_available
+    from engine.models.cpu_matmul import format_refusal
 
-    amx = amx_bf16_available()
+    amx = format_refusal("bf16") is None  # a bf16 model runs (on AMX) only where bf16 is not refused
     return ",".join(["kvserve", "kvserve-int8"] + ["kvserve-bf16"] * amx + ["vllm"] + ["vllm-bf16"] * amx + ["llama"])
 
 
