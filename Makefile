@@ -6,7 +6,7 @@ PORT ?= 8000
 MODEL ?= smollm2-135m
 PYTEST_ARGS ?=
 
-.PHONY: serve test test-fast lint venv dev-deps model cpu-features bench bench-peers clean
+.PHONY: serve test test-fast lint venv dev-deps model cpu-features bench bench-peers profile clean
 
 $(BIN)/kvserve: pyproject.toml
 	$(PYTHON) -m venv $(VENV)

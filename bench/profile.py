@@ -17,6 +17,7 @@ import argparse
 import asyncio
 import contextlib
 import functools
+import os
 import statistics
 import sys
 import time
@@ -106,17 +107,18 @@ def split(events, steps: int) -> dict[str, float]:
 
 def profile_batch(llm, prompts: list[list[int]], steps: int, trace_dir: str | None) -> dict[str, float]:
     fill_batch(llm, prompts)
-    plain = step_ms(llm, steps)
+    before = step_ms(llm, steps)
     with part_ranges(), profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(steps):
             with record_function("kv::step"):
                 llm.engine.step()
+    after = step_ms(llm, steps)  # before and after: on a shared machine the load moves while we measure
     drain(llm)
     if trace_dir:
         Path(trace_dir).mkdir(parents=True, exist_ok=True)
         prof.export_chrome_trace(str(Path(trace_dir) / f"decode_b{len(prompts)}.json"))
     result = split(prof.events(), steps)
-    result["unprofiled_step"] = plain
+    result["unprofiled_step"] = (before + after) / 2
     return result
 
 
@@ -160,16 +162,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--quantization", default="auto")
     parser.add_argument("--batch-sizes", default="1,64")
-    parser.add_argument("--steps", type=int, default=10, help="decode steps profiled (and timed unprofiled)")
+    parser.add_argument("--steps", type=int, default=20, help="decode steps profiled (and timed unprofiled)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--http", action="store_true", help="also streaming ITL over HTTP at concurrency 1 and 16")
-    parser.add_argument("--http-tokens", type=int, default=32)
+    parser.add_argument("--http-tokens", type=int, default=64)
     parser.add_argument("--port", type=int, default=8133)
     parser.add_argument("--trace-dir", default=None, help="also write chrome traces (decode_bN.json) here")
     parser.add_argument("--output", default=None)
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # and the server started for --http
     from engine import LLM
 
     llm = LLM(args.model, quantization=args.quantization, max_num_seqs=64)
@@ -181,17 +184,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"batch {batch}: {results[str(batch)]['step']:.1f} ms/step profiled", flush=True)
     info = machine_info()
     sections = [f"Decode step split, {llm.engine.quantization} weights, {torch.get_num_threads()} threads, "
-                f"{args.steps} steps, load average {info.get('loadavg_1m')}\n\n" + split_table(results)]
+                f"{args.steps} steps, load average {info.get('loadavg_1m')}. The profiler adds a few µs per op, "
+                f"which lands in the dispatch row; compare its step with the unprofiled one\n\n" + split_table(results)]
     data: dict = {"machine": info, "quantization": llm.engine.quantization, "threads": torch.get_num_threads(),
                   "split_ms": results}
     if args.http:
         in_process = {}
         for batch in (1, 16):
             fill_batch(llm, prompts[:batch])
-            in_process[str(batch)] = step_ms(llm, args.steps)
+            in_process[str(batch)] = step_ms(llm, 2 * args.steps)
             drain(llm)
         del llm
-        http = http_itl(args.model, args.port, prompts, [(1, 2), (16, 16)], args.http_tokens, Path("/tmp"))
+        http = http_itl(args.model, args.port, prompts, [(1, 4), (16, 16)], args.http_tokens,
+                        Path(args.trace_dir or "/tmp"))
         rows = [[c, fmt(in_process[c], 1), fmt(h["itl_p50_ms"], 1), fmt(h["itl_p50_ms"] - in_process[c], 1),
                  fmt(h["tok_s"]), fmt(h["rss_idle_mb"], 0), fmt(h["rss_peak_mb"], 0)] for c, h in http.items()]
         sections.append("Streaming over HTTP vs in-process steps (per token)\n\n" + markdown_table(
