@@ -378,3 +378,21 @@ def test_profile_ranges_wrap_and_restore() -> None:
         layers.Linear(4, 3)(torch.ones(2, 4))
     assert layers.Linear.forward is original
     assert any(e.name == "kv::matmul" for e in prof.events())
+
+
+def test_profile_of_real_decode_steps_accounts_for_the_step(smollm2_gguf_path) -> None:
+    from bench.common import chat_prompt_ids
+    from bench.profile import PARTS, profile_batch
+    from engine import LLM
+
+    llm = LLM(str(smollm2_gguf_path), max_num_seqs=4)
+    ms = profile_batch(llm, chat_prompt_ids(llm.tokenizer, 2), steps=2, trace_dir=None)
+    assert all(ms[part] > 0 for part in PARTS)
+    # The parts are disjoint ranges inside the step: they, the rest of the forward pass and the
+    # bookkeeping add up to the step, and the ops' self time fits inside it.
+    assert ms["matmul"] + ms["attention"] + ms["norm"] + ms["rotary"] < ms["forward"] < ms["step"]
+    assert sum(ms[p] for p in (*PARTS, "elementwise", "bookkeeping")) == pytest.approx(ms["step"])
+    assert 0 < ms["op_time"] < ms["step"] and ms["unprofiled_step"] > 0
+    # The profiled requests were aborted: nothing left running, every KV block back in the pool.
+    assert not llm.engine.has_unfinished()
+    assert llm.engine.stats().num_kv_blocks_used == 0
