@@ -396,3 +396,16 @@ def test_profile_of_real_decode_steps_accounts_for_the_step(smollm2_gguf_path) -
     # The profiled requests were aborted: nothing left running, every KV block back in the pool.
     assert not llm.engine.has_unfinished()
     assert llm.engine.stats().num_kv_blocks_used == 0
+
+
+def test_int4_microbenchmark_kernel_computes_the_q4_1_product() -> None:
+    from bench.int4_matmul import GROUP, batch_invariant, int4_kernel, q4_1_weight
+
+    codes, d, m, dense = q4_1_weight(64, 4 * GROUP, torch.Generator().manual_seed(0))
+    assert torch.equal(dense[:, :GROUP], codes[:, :GROUP].float() * d[:, :1] + m[:, :1])
+    x = torch.randn(5, 4 * GROUP, generator=torch.Generator().manual_seed(1))
+    kernel = int4_kernel(codes, d, m, torch.bfloat16)
+    reference = x @ dense.T
+    # bf16 activations and scales: within bf16's rounding of the product, not exact
+    assert (kernel(x) - reference).abs().max() <= 2e-2 * reference.abs().max()
+    assert batch_invariant(kernel, x)
