@@ -6,7 +6,7 @@ PORT ?= 8000
 MODEL ?= smollm2-135m
 PYTEST_ARGS ?=
 
-.PHONY: serve test test-fast lint venv dev-deps model bench bench-peers clean
+.PHONY: serve test test-fast lint venv dev-deps model cpu-features bench bench-peers profile clean
 
 $(BIN)/kvserve: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,9 @@ dev-deps: $(VENV)/.dev-deps
 
 model: venv  ## fetch the default model into $$KVSERVE_HOME (~/.cache/kvserve) unless it is there
 	$(BIN)/kvserve pull $(MODEL)
+
+cpu-features: venv  ## the CPU features detected, the default CPU weight format and the formats refused here
+	$(BIN)/kvserve cpu-features
 
 serve: model  ## serve the default model on http://127.0.0.1:$(PORT)
 	$(BIN)/kvserve serve --model $(MODEL) --port $(PORT)

@@ -16,3 +16,7 @@ bench-peers: dev-deps model  ## kvserve, vLLM CPU and llama.cpp servers in turn,
 	$(BIN)/python -m bench.peers --offline --vllm-bench --output $(BENCH_OUT)/peers.json \
 		--log-dir $(BENCH_OUT)/logs \
 		$(if $(wildcard $(BENCH_OUT)/offline.json),--offline-baseline $(BENCH_OUT)/offline.json) $(BENCH_PEERS_ARGS)
+
+PROFILE_ARGS ?=
+profile: dev-deps model  ## where a decode step's time goes (batch 1 and 64) and the HTTP/SSE cost per token
+	$(BIN)/python -m bench.profile --http --trace-dir $(BENCH_OUT)/traces --output $(BENCH_OUT)/profile.json $(PROFILE_ARGS)

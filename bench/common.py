@@ -114,17 +114,95 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> 
     return "\n".join(lines)
 
 
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (Linux), else what platform knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def machine_info() -> dict[str, object]:
-    """Where a figure was taken: CPU count, load average, platform, time."""
-    info: dict[str, object] = {"cpus": os.cpu_count(), "platform": platform.platform(),
-                               "python": platform.python_version(), "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+    """Where a figure was taken: CPU model and the features kvserve's kernels depend on, load, platform, time."""
+    from engine.cpu_features import detect
+
+    info: dict[str, object] = {"cpu_model": cpu_model(), "cpu_features": detect().describe(), "cpus": os.cpu_count(),
+                               "platform": platform.platform(), "python": platform.python_version(),
+                               "time": time.strftime("%Y-%m-%d %H:%M:%S")}
     if hasattr(os, "getloadavg"):
         info["loadavg_1m"] = round(os.getloadavg()[0], 2)
     return info
 
 
+def machine_line(info: dict[str, object]) -> str:
+    """One line for a report's head: CPU model, cores, features and load, e.g. for figures taken on a busy box."""
+    return (f"CPU: {info.get('cpu_model')}, {info.get('cpus')} cores; features: {info.get('cpu_features')}; "
+            f"load average {info.get('loadavg_1m', '-')}")
+
+
+def _status_kb(pid: int | str, key: str) -> int:
+    """A `VmXXX:  123 kB` field of /proc/PID/status, in kB (0 if absent or the process is gone)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def _descendants(pid: int) -> list[int]:
+    """Child processes, recursively, via /proc/PID/task/*/children (Linux)."""
+    found = []
+    for children in Path(f"/proc/{pid}/task").glob("*/children"):
+        try:
+            found += [int(c) for c in children.read_text().split()]
+        except OSError:
+            continue
+    return found + [d for child in found for d in _descendants(child)]
+
+
+def process_memory(pid: int | str = "self") -> dict[str, float]:
+    """Resident memory of a process and its children, MB: now (VmRSS) and its peak so far (VmHWM).
+
+    Servers such as vLLM run their model in child processes, so those are summed in; the peak sum is an
+    upper bound (the children need not have peaked at once).
+    """
+    pids: list[int | str] = [pid] + (_descendants(int(pid)) if pid != "self" else [])
+    return {"rss_mb": sum(_status_kb(p, "VmRSS") for p in pids) / 1024,
+            "peak_mb": sum(_status_kb(p, "VmHWM") for p in pids) / 1024}
+
+
+def run_isolated(fn, *args, **kwargs):
+    """fn(*args, **kwargs) in a fresh Python process (spawned), returning its (picklable) result.
+
+    Every system a benchmark compares runs alone in its own process, so none is slowed by another's
+    threads, allocator state or memory left behind, and its RSS is its own.
+    """
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(fn, *args, **kwargs).result()
+
+
+def memory_table(systems: dict[str, dict]) -> str:
+    """RSS at idle (loaded and warmed up, before the timed runs) and at peak per system that reports it."""
+    rows = [[name, fmt(res["memory"].get("rss_idle_mb"), 0), fmt(res["memory"].get("peak_mb"), 0)]
+            for name, res in systems.items() if isinstance(res, dict) and "memory" in res]
+    return markdown_table(["system", "RSS idle MB", "RSS peak MB"], rows) if rows else ""
+
+
 def write_report(path: str | None, data: dict, markdown: str) -> None:
-    """Print the markdown; if `path` is given, also write `path` (JSON) and the markdown beside it (.md)."""
+    """Print the markdown; if `path` is given, also write `path` (JSON) and the markdown beside it (.md).
+
+    The markdown is headed by the machine line when `data` has machine_info() under "machine".
+    """
+    if "machine" in data:
+        markdown = machine_line(data["machine"]) + "\n\n" + markdown
     print(markdown)
     if path:
         out = Path(path)

@@ -1,7 +1,7 @@
 """Offline throughput: a whole batch of ~40-token chat prompts, 128 new tokens each, EOS ignored.
 
-Measures kvserve in-process (engine.LLM) and transformers `generate` (left-padded batch, greedy) in the same
-run, and optionally any OpenAI-compatible server (`--openai-url name=URL`: the batch is sent at once as
+Measures kvserve in-process (engine.LLM, each weight format) and transformers `generate` (left-padded batch,
+greedy), each in its own fresh process, with its resident memory after warm-up (idle) and at peak, and optionally any OpenAI-compatible server (`--openai-url name=URL`: the batch is sent at once as
 concurrent /v1/completions). Prints a markdown table of output tok/s and kvserve's ratio to each peer.
 """
 
@@ -20,26 +20,40 @@ from bench.common import (
     load_tokenizer,
     machine_info,
     markdown_table,
+    memory_table,
     parse_int_list,
+    process_memory,
+    run_isolated,
     warmup_prompts,
     write_report,
 )
 
-Results = dict[str, dict[str, float]]  # batch size (as str, JSON-friendly) -> {"tok_s", "tokens", "seconds"}
+# batch size (as str, JSON-friendly) -> {"tok_s", "tokens", "seconds"}; in-process runs add "memory"
+Results = dict[str, dict[str, float]]
 
 
 def _entry(tokens: int, seconds: float) -> dict[str, float]:
     return {"tok_s": tokens / seconds, "tokens": tokens, "seconds": seconds}
 
 
+def _set_threads(threads: int | None) -> None:
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
 def run_kvserve(model: str, prompts: list[list[int]], batch_sizes: list[int], max_tokens: int,
-                device: str = "auto", dtype: str = "auto", quantization: str = "auto") -> Results:
-    """kvserve's offline API, one generate() call per batch size, after a short warm-up."""
+                device: str = "auto", dtype: str = "auto", quantization: str = "auto",
+                threads: int | None = None) -> Results:
+    """kvserve's offline API, one generate() call per batch size, after a short warm-up (run it isolated)."""
     from engine import LLM, SamplingParams
 
+    _set_threads(threads)
     llm = LLM(model, device=device, dtype=dtype, quantization=quantization, max_num_seqs=max(64, *batch_sizes))
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
     llm.generate(warmup_prompts(prompts), SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
+    idle = process_memory()
     results: Results = {}
     for size in batch_sizes:
         start = time.perf_counter()
@@ -47,22 +61,27 @@ def run_kvserve(model: str, prompts: list[list[int]], batch_sizes: list[int], ma
         seconds = time.perf_counter() - start
         results[str(size)] = _entry(sum(len(o.outputs[0].token_ids) for o in outputs), seconds)
         print(f"kvserve ({quantization}) batch {size}: {results[str(size)]['tok_s']:.1f} tok/s", flush=True)
+    results["memory"] = {"rss_idle_mb": idle["rss_mb"], "peak_mb": process_memory()["peak_mb"]}
     del llm
     gc.collect()
     return results
 
 
-def run_transformers(prompts: list[list[int]], batch_sizes: list[int], max_tokens: int, pad_id: int) -> Results:
-    """transformers generate on a left-padded batch, greedy, exactly max_tokens new tokens per row."""
+def run_transformers(prompts: list[list[int]], batch_sizes: list[int], max_tokens: int, pad_id: int,
+                     threads: int | None = None) -> Results:
+    """transformers generate on a left-padded batch, greedy, exactly max_tokens new tokens per row (run it isolated)."""
     from bench.hf_peer import hf_generate, load_hf_model
 
+    _set_threads(threads)
     model = load_hf_model()
     hf_generate(model, warmup_prompts(prompts), 4, pad_id)
+    idle = process_memory()
     results: Results = {}
     for size in batch_sizes:
         run = hf_generate(model, prompts[:size], max_tokens, pad_id)
         results[str(size)] = _entry(run.new_tokens, run.seconds)
         print(f"transformers batch {size}: {results[str(size)]['tok_s']:.1f} tok/s", flush=True)
+    results["memory"] = {"rss_idle_mb": idle["rss_mb"], "peak_mb": process_memory()["peak_mb"]}
     del model
     gc.collect()
     return results
@@ -132,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="kvserve weight formats to run, comma-separated, each optionally DTYPE/FORMAT "
                              "(bfloat16/auto: the whole model in bf16); auto is reported as plain kvserve "
                              "(default: auto,int8,none, plus bfloat16/auto on CPUs with AMX)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads for the in-process runs")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads for kvserve and transformers")
     parser.add_argument("--no-kvserve", action="store_true", help="skip kvserve in-process")
     parser.add_argument("--no-transformers", action="store_true", help="skip transformers generate")
     parser.add_argument("--openai-url", action="append", default=[], metavar="[NAME=]URL",
@@ -153,18 +172,14 @@ def variant_name(dtype: str, quantization: str) -> str:
 
 
 def default_variants() -> str:
-    from engine.models.cpu_matmul import amx_bf16_available
+    from engine.models.cpu_matmul import format_refusal
 
-    return "auto,int8,none" + (",bfloat16/auto" if amx_bf16_available() else "")
+    return "auto,int8,none" + (",bfloat16/auto" if format_refusal("bf16") is None else "")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.quantizations = args.quantizations or default_variants()
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
     tokenizer = load_tokenizer(args.model)
     prompts = chat_prompt_ids(tokenizer, max(args.batch_sizes))
     print(f"{len(prompts)} prompts of {min(map(len, prompts))}-{max(map(len, prompts))} tokens, "
@@ -176,11 +191,13 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_kvserve:
         for variant in (v.strip() for v in args.quantizations.split(",") if v.strip()):
             dtype, _, quantization = variant.rpartition("/")
-            systems[variant_name(dtype, quantization)] = run_kvserve(
-                args.model, prompts, args.batch_sizes, args.max_tokens, args.device, dtype or args.dtype, quantization)
+            systems[variant_name(dtype, quantization)] = run_isolated(
+                run_kvserve, args.model, prompts, args.batch_sizes, args.max_tokens, args.device,
+                dtype or args.dtype, quantization, args.threads)
     if not args.no_transformers:
         pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
-        systems["transformers"] = run_transformers(prompts, args.batch_sizes, args.max_tokens, pad_id)
+        systems["transformers"] = run_isolated(run_transformers, prompts, args.batch_sizes, args.max_tokens, pad_id,
+                                               args.threads)
     server_prompts = [tokenizer.decode(p, skip_special_tokens=False) for p in prompts] if args.text_prompts else prompts
     for spec in args.openai_url:
         name, url = _named_url(spec)
@@ -191,7 +208,9 @@ def main(argv: list[str] | None = None) -> int:
                        "transformers_model": str(HF_MODEL_DIR)},
             "machine": machine_info(), "systems": systems}
     title = f"Offline throughput, output tok/s ({args.max_tokens} new tokens per prompt, EOS ignored)\n\n"
-    write_report(args.output, data, title + throughput_table(systems, args.batch_sizes))
+    memory = memory_table(systems)
+    memory = f"\n\nResident memory (each system in its own process)\n\n{memory}" if memory else ""
+    write_report(args.output, data, title + throughput_table(systems, args.batch_sizes) + memory)
     return 0
 
 

@@ -28,7 +28,9 @@ from bench.common import (
     fmt,
     machine_info,
     markdown_table,
+    memory_table,
     parse_int_list,
+    process_memory,
     write_report,
 )
 
@@ -39,9 +41,9 @@ KVSERVE_VARIANTS = {"kvserve": [], "kvserve-int8": ["--quantization", "int8"], "
 
 
 def default_servers() -> str:
-    from engine.models.cpu_matmul import amx_bf16_available
+    from engine.models.cpu_matmul import format_refusal
 
-    amx = amx_bf16_available()
+    amx = format_refusal("bf16") is None  # a bf16 model runs (on AMX) only where bf16 is not refused
     return ",".join(["kvserve", "kvserve-int8"] + ["kvserve-bf16"] * amx + ["vllm"] + ["vllm-bf16"] * amx + ["llama"])
 
 
@@ -138,6 +140,7 @@ def bench_one(name: str, args: argparse.Namespace, prompts: list, levels: list[t
     """Start `name`, run the selected benchmarks against it, stop it."""
     proc = start_server(name, args.port, args.model, Path(args.log_dir), args.start_timeout)
     url = f"http://127.0.0.1:{args.port}"
+    idle = process_memory(proc.pid)  # the server and its children (vLLM's engine core), loaded, no requests yet
     try:
         result: dict = {"serve": asyncio.run(serve_bench.run_bench(url, prompts, levels, args.max_tokens,
                                                                     args.ignore_eos, api_key=args.api_key))}
@@ -154,6 +157,7 @@ def bench_one(name: str, args: argparse.Namespace, prompts: list, levels: list[t
             except (RuntimeError, OSError, subprocess.TimeoutExpired) as exc:  # keep kvserve's own figures
                 print(f"vllm bench serve: {exc}", file=sys.stderr, flush=True)
                 result["vllm_bench_error"] = str(exc)
+        result["memory"] = {"rss_idle_mb": idle["rss_mb"], "peak_mb": process_memory(proc.pid)["peak_mb"]}
         return result
     finally:
         stop_server(proc)
@@ -215,6 +219,8 @@ def main(argv: list[str] | None = None) -> int:
         reference = "kvserve" if "kvserve" in systems else "kvserve (HTTP)"
         sections.append("Offline-style throughput, output tok/s\n\n"
                         + offline_throughput.throughput_table(systems, args.batch_sizes, reference))
+    if memory := memory_table(ok):
+        sections.append("Server resident memory (process and children; peak after all the runs above)\n\n" + memory)
     if any("vllm_bench" in r for r in ok.values()):
         sections.append("`vllm bench serve` (random dataset)\n\n" + vllm_bench_table(ok))
     failed = [f"{name}: failed, see {args.log_dir}/{name}.log" for name, r in results.items() if "error" in r]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import logging
 import os
 import threading
 import time
@@ -29,6 +30,8 @@ from engine.sequence import Sequence
 from engine.stop import StopStringMatcher
 from engine.tokenizer import IncrementalDetokenizer, Tokenizer
 from engine.weights import load_model, read_model_config
+
+log = logging.getLogger("kvserve.engine")
 
 CPU_KV_CACHE_CAP = 1 << 30  # bytes (SmolLM2 fp32: ~23k tokens); RAM is shared with everything else
 
@@ -93,6 +96,8 @@ class LLMEngine:
                       self.model_config.max_position_embeddings)
         num_blocks = self._num_kv_blocks(max_len)
         self.max_model_len = min(max_len, num_blocks * config.block_size)
+        if self.max_model_len < max_len:
+            self._warn_context_lowered(max_len, num_blocks)
         self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching,
                                    self.model_config.window_of_every_layer())
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens)
@@ -138,6 +143,19 @@ class LLMEngine:
             raise ValueError(f"kv_cache_bytes={budget} holds no block of {self.config.block_size} tokens "
                              f"({per_block} bytes each)")
         return int(num_blocks)
+
+    def _warn_context_lowered(self, asked: int, num_blocks: int) -> None:
+        """Say that the KV cache cannot hold the context asked for, what it holds, and what to raise."""
+        block_size = self.config.block_size
+        per_block = kv_bytes_per_block(self.model_config, self.dtype, block_size)
+        source = "--max-model-len" if self.config.max_model_len else "the model's context length"
+        needed = -(-asked // block_size) * per_block
+        log.warning(f"max_model_len lowered to {self.max_model_len} tokens: {asked} asked ({source}), but the KV "
+                    f"cache ({num_blocks} blocks of {block_size} tokens, {num_blocks * per_block} bytes) holds only "
+                    f"{self.max_model_len}; raise --kv-cache-bytes to at least {needed} for {asked} tokens, or ask "
+                    f"for less with --max-model-len",
+                    extra={"fields": {"max_model_len_asked": asked, "max_model_len": self.max_model_len,
+                                      "kv_cache_bytes": num_blocks * per_block, "kv_cache_bytes_needed": needed}})
 
     # ---- requests -------------------------------------------------------------------------------
 

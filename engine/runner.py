@@ -5,7 +5,6 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -33,12 +32,13 @@ class StepLogits:
 
 
 def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Zeroed memory. On CPU (fp32) numpy's calloc maps zero pages lazily: a 1 GiB cache costs nothing at start.
+    """Zeroed memory, written at start rather than mapped lazily (calloc) as requests first touch it.
 
-    It must be zeros, not empty: padded key slots are masked, but 0 * NaN from garbage would still be NaN.
+    Lazily mapped, a CPU server's resident memory grew by up to the whole cache (1 GiB by default) over its
+    first hours, a block at a time, as the prefix cache's LRU order handed out fresh blocks; written once
+    here, resident memory is at start what it will stay, and a container too small for the cache fails at
+    once. It must be zeros, not empty: padded key slots are masked, but 0 * NaN from garbage would be NaN.
     """
-    if device.type == "cpu" and dtype == torch.float32:
-        return torch.from_numpy(np.zeros(shape, dtype=np.float32))
     return torch.zeros(shape, dtype=dtype, device=device)
 
 

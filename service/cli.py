@@ -1,4 +1,4 @@
-"""`kvserve serve | generate | pull`. The serve flags are generated from Settings, so they cannot drift."""
+"""`kvserve serve | generate | pull | cpu-features`. The serve flags are generated from Settings, so they cannot drift."""
 
 from __future__ import annotations
 
@@ -93,6 +93,13 @@ def _pull(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cpu_features(_: argparse.Namespace) -> int:
+    from engine.cpu_features import report
+
+    print(report())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The kvserve command line."""
     parser = argparse.ArgumentParser(prog="kvserve", description="A small LLM inference server.")
@@ -118,6 +125,10 @@ def build_parser() -> argparse.ArgumentParser:
     pull = commands.add_parser("pull", help="download a registry model and print its path")
     pull.add_argument("name", help="registry name, e.g. smollm2-135m")
     pull.set_defaults(run=_pull)
+
+    features = commands.add_parser("cpu-features", help="print the CPU features detected, the default CPU "
+                                   "weight format they select and the formats refused here")
+    features.set_defaults(run=_cpu_features)
     return parser
 
 

@@ -7,14 +7,16 @@ and PyTorch's default `F.linear` is slow at both, because MKL repacks the weight
 - none: oneDNN-prepacked fp32 weights. Exact: what the tests compare with transformers.
 - bf16: oneDNN's bf16 GEMM on AMX tiles (Intel Sapphire Rapids and later): weights and the activations
   entering the matmul rounded to bf16, fp32 accumulation. Several times fp32's speed at batch 16-64;
-  on SmolLM2 perplexity moves by ~0.1%. `auto` picks it where the CPU has AMX.
+  on SmolLM2 perplexity moves by ~0.1%. `auto` picks it where the CPU has AMX, and it is refused
+  without AMX, where oneDNN's bf16 GEMM cannot keep a row's result independent of its batch.
 - fp16: fbgemm's fp16 GEMM: weights rounded to fp16 (half the bytes to read), activations and
   accumulation stay fp32. On SmolLM2 Q4_1 logits move by < 0.05 and perplexity by < 0.01%.
 - int8: fbgemm's int8 GEMM: 7-bit per-output-channel weights, 8-bit activations scaled per row.
   Fewest bytes to read (the fastest batch-1 decode), and lossy (SmolLM2: perplexity +6-12%, see the
   README), so it is opt-in.
 
-Elsewhere `auto` picks fp16 where fbgemm runs (PyTorch's x86 builds), else none.
+Elsewhere `auto` picks fp16 where fbgemm runs (PyTorch's x86 builds), else none. What the CPU has is
+asked of engine/cpu_features.py; `kvserve cpu-features` prints it and the choice it makes.
 """
 
 from __future__ import annotations
@@ -28,34 +30,59 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 import torch.nn.functional as F
 
+from engine.cpu_features import CpuFeatures, detect
+
 Kernel = Callable[[torch.Tensor], torch.Tensor]
 QUANTIZATIONS = ("auto", "none", "bf16", "fp16", "int8")
+FORMATS = QUANTIZATIONS[1:]  # what `auto` chooses from
 
 # fbgemm's AVX2 int8 kernel sums pairs of u8 x s8 products in int16; 255 * 63 * 2 < 32767, so 7-bit
 # weights never saturate with full 8-bit activations (the alternative, 7-bit activations, loses more).
 _INT8_WEIGHT_MAX = 63
 
 
-def fbgemm_available() -> bool:
-    return "fbgemm" in torch.backends.quantized.supported_engines
+def format_refusal(quantization: str, features: CpuFeatures | None = None) -> str | None:
+    """Why this CPU cannot run a format with batch-invariant results, or None where it can.
+
+    'bf16' also answers for a whole bf16 model on CPU (--dtype bfloat16): the same GEMM runs its matmuls.
+    """
+    features = features or detect()
+    if quantization == "bf16" and not features.avx512_bf16:
+        return "needs a CPU with AVX-512 bf16 and AMX; this one has neither (oneDNN would emulate bf16, slowly)"
+    if quantization == "bf16" and not features.amx:
+        # Measured on AMD Zen 4: the split changes from 2 rows on (2 threads) or ~15 (1 thread), and only some
+        # rows show it, so no block size found at load can be trusted; fixed padded blocks would cost more
+        # than fp16 saves. See the README's CPU table.
+        return ("needs AMX (Intel Sapphire Rapids or later); this CPU has AVX-512 bf16 but no AMX, and there "
+                "oneDNN's bf16 GEMM splits a row's sum differently with the number of rows in the call, so a "
+                "request's output would depend on its batch")
+    if quantization in ("fp16", "int8") and not features.fbgemm:
+        return "needs PyTorch's fbgemm backend (x86 builds)"
+    return None
 
 
-def resolve_quantization(name: str | None, device: str, dtype: torch.dtype) -> str:
-    """'auto' (or None) for the CPU fp32 model: bf16 on AMX, else fp16 where fbgemm runs, else none."""
+def resolve_quantization(name: str | None, device: str, dtype: torch.dtype,
+                         features: CpuFeatures | None = None) -> str:
+    """'auto' (or None) for the CPU fp32 model: bf16 on AMX, else fp16 where fbgemm runs, else none.
+
+    Raises ValueError for a format (or a bf16 model on CPU) that this CPU cannot run batch-invariantly.
+    """
     name = name or "auto"
     if name not in QUANTIZATIONS:
         raise ValueError(f"unknown quantization {name!r}; choose one of {', '.join(QUANTIZATIONS)}")
+    if device == "cpu" and dtype == torch.bfloat16 and (reason := format_refusal("bf16", features)):
+        raise ValueError(f"dtype=bfloat16 on CPU {reason}; use dtype float32 (quantization auto picks "
+                         f"{resolve_quantization('auto', 'cpu', torch.float32, features)})")
     cpu_fp32 = device == "cpu" and dtype == torch.float32
     if name == "auto":
         if not cpu_fp32:
             return "none"
-        return "bf16" if amx_bf16_available() else "fp16" if fbgemm_available() else "none"
+        return next(f for f in ("bf16", "fp16", "none") if format_refusal(f, features) is None)
     if name != "none" and not cpu_fp32:
         raise ValueError(f"quantization={name} is a CPU fp32 kernel; on {device} with {dtype} use dtype instead")
-    if name == "bf16" and not bf16_gemm_available():
-        raise ValueError("quantization=bf16 needs a CPU with AVX-512 bf16 support (AMX makes it fast); use fp16")
-    if name in ("fp16", "int8") and not fbgemm_available():
-        raise ValueError(f"quantization={name} needs PyTorch's fbgemm backend (x86 CPUs); use none")
+    if reason := format_refusal(name, features):
+        fallback = "fp16" if format_refusal("fp16", features) is None else "none"
+        raise ValueError(f"quantization={name} {reason}; use {fallback}")
     return name
 
 
@@ -64,7 +91,7 @@ def make_kernel(weight: torch.Tensor, bias: torch.Tensor | None, quantization: s
     if weight.device.type != "cpu":
         return None
     if weight.dtype == torch.bfloat16:  # a bf16 model (--dtype bfloat16): the same kernel, minus the casts
-        return _bf16_kernel(weight, bias) if bf16_gemm_available() else None
+        return _bf16_kernel(weight, bias) if detect().avx512_bf16 else None
     if weight.dtype != torch.float32:
         return None
     if quantization == "fp16":
@@ -81,16 +108,6 @@ def _onednn_kernel(weight: torch.Tensor, bias: torch.Tensor | None) -> Kernel | 
         return None
     packed = torch.ops.mkldnn._reorder_linear_weight(weight, 16)  # 16: a batch-size hint for the layout
     return lambda x: torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
-
-
-def bf16_gemm_available() -> bool:
-    """oneDNN can run bf16 GEMMs natively (without AVX-512 it would emulate them, slowly)."""
-    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-
-
-def amx_bf16_available() -> bool:
-    """oneDNN runs bf16 GEMMs on AMX tiles (Sapphire Rapids and later): several times fp32's speed."""
-    return bf16_gemm_available() and torch.cpu._is_amx_tile_supported()
 
 
 def _bf16_kernel(weight: torch.Tensor, bias: torch.Tensor | None) -> Kernel:
@@ -116,8 +133,12 @@ def _bf16_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> Kernel:
 # oneDNN may split a GEMM's reduction across threads once there are enough rows, and then a row's sum is
 # rounded differently from when it is computed alone. Which row counts do that depends on the shape and
 # the thread count, so it is measured, once per shape, on the first weight of that shape: calls are cut
-# into blocks of a row count up to which every smaller count gives each row its single-row result.
+# into blocks of a row count up to which every smaller count gives each row its single-row result. A
+# different sum shows only in the rows whose rounding it happens to change, so the probe uses rows of
+# very different scales and checks each count at both ends of the sample. (Only AMX gets here: elsewhere
+# the split changes from 2 rows on and bf16 is refused, see format_refusal.)
 _BF16_BLOCK_CANDIDATES = (64, 32, 16, 8)
+_BF16_PROBE_ROWS = 80
 _bf16_blocks: dict[tuple[int, int, int], int] = {}
 _bf16_blocks_lock = threading.Lock()  # packing runs on a thread pool; measure each shape once
 
@@ -126,13 +147,23 @@ def _bf16_block_rows(linear: Kernel, out_features: int, in_features: int) -> int
     key = (out_features, in_features, torch.get_num_threads())
     with _bf16_blocks_lock:
         if key not in _bf16_blocks:
-            x = torch.randn(_BF16_BLOCK_CANDIDATES[0], in_features, generator=torch.Generator().manual_seed(0))
-            alone = torch.cat([linear(row) for row in x.split(1)])
-            consistent = 1
-            while consistent < len(x) and torch.equal(linear(x[:consistent + 1]), alone[:consistent + 1]):
-                consistent += 1
-            _bf16_blocks[key] = max([c for c in _BF16_BLOCK_CANDIDATES if c <= consistent], default=1)
+            _bf16_blocks[key] = _measure_bf16_block_rows(linear, in_features)
         return _bf16_blocks[key]
+
+
+def _measure_bf16_block_rows(linear: Kernel, in_features: int) -> int:
+    x = torch.randn(_BF16_PROBE_ROWS, in_features, generator=torch.Generator().manual_seed(0))
+    x[::3] *= 40.0
+    alone = torch.cat([linear(row) for row in x.split(1)])
+
+    def rows_independent(count: int) -> bool:
+        return all(torch.equal(linear(x[start:start + count]), alone[start:start + count])
+                   for start in (0, _BF16_PROBE_ROWS - count))
+
+    consistent = 1
+    while consistent < _BF16_BLOCK_CANDIDATES[0] and rows_independent(consistent + 1):
+        consistent += 1
+    return max([c for c in _BF16_BLOCK_CANDIDATES if c <= consistent], default=1)
 
 
 def _fp16_kernel(weight: torch.Tensor, bias: torch.Tensor | None) -> Kernel:

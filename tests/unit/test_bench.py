@@ -266,3 +266,146 @@ def test_run_bench_and_offline_mode_end_to_end(fake_server) -> None:
     offline = run_openai(url, [[1], [2], [3], [4]], [1, 4], max_tokens=7)
     assert {size: entry["tokens"] for size, entry in offline.items()} == {"1": 7, "4": 28}
     assert handler.max_in_flight <= 4
+
+
+# --- fairness: machine line, memory, isolated runs ---
+
+
+def test_machine_info_names_the_cpu_and_its_features() -> None:
+    from bench.common import cpu_model, machine_info, machine_line
+    from engine.cpu_features import detect
+
+    info = machine_info()
+    assert info["cpu_model"] == cpu_model() and info["cpu_model"]
+    assert info["cpu_features"] == detect().describe()
+    line = machine_line(info)
+    assert str(info["cpu_model"]) in line and detect().describe() in line
+
+
+def test_write_report_heads_the_markdown_with_the_machine(tmp_path, capsys) -> None:
+    from bench.common import machine_info, write_report
+
+    out = tmp_path / "r.json"
+    write_report(str(out), {"machine": machine_info()}, "| a |")
+    text = out.with_suffix(".md").read_text()
+    assert text.startswith("CPU: ") and text.rstrip().endswith("| a |")
+    assert capsys.readouterr().out.startswith("CPU: ")
+
+
+def _hold_memory(megabytes: int) -> dict[str, float]:
+    """In a child: touch `megabytes` of memory, free it, report own RSS now and at peak."""
+    from bench.common import process_memory
+
+    block = bytearray(megabytes << 20)
+    block[::4096] = b"x" * len(block[::4096])
+    del block
+    return process_memory()
+
+
+def test_run_isolated_reports_the_childs_own_peak() -> None:
+    from bench.common import process_memory, run_isolated
+
+    before = process_memory()
+    child = run_isolated(_hold_memory, 300)
+    # The child's peak includes the 300 MB it touched; this process never held them.
+    assert child["peak_mb"] >= 300 > child["rss_mb"] - 50
+    assert process_memory()["peak_mb"] < before["peak_mb"] + 300
+
+
+def test_process_memory_sums_a_server_and_its_children() -> None:
+    import os
+    import signal
+    import subprocess
+
+    from bench.common import _descendants, process_memory
+
+    hold = "import time; b = bytearray(200 << 20); b[::4096] = b'x' * len(b[::4096]); time.sleep(30)"
+    parent = subprocess.Popen([sys.executable, "-c", f"import subprocess, sys; subprocess.run([sys.executable, '-c', {hold!r}])"])
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and process_memory(parent.pid)["rss_mb"] < 200:
+            time.sleep(0.2)
+        memory = process_memory(parent.pid)
+        assert memory["rss_mb"] >= 200 and memory["peak_mb"] >= memory["rss_mb"]
+    finally:
+        for child in _descendants(parent.pid):
+            os.kill(child, signal.SIGKILL)
+        parent.kill()
+        parent.wait()
+    assert process_memory(parent.pid) == {"rss_mb": 0.0, "peak_mb": 0.0}  # gone: nothing to count
+
+
+def test_memory_table_lists_systems_with_memory() -> None:
+    from bench.common import memory_table
+
+    systems = {"kvserve": {"1": {"tok_s": 1.0}, "memory": {"rss_idle_mb": 512.4, "peak_mb": 700.0}},
+               "vllm (HTTP)": {"1": {"tok_s": 1.0}}}
+    assert memory_table(systems).splitlines()[2] == "| kvserve | 512 | 700 |"
+    assert len(memory_table(systems).splitlines()) == 3
+    assert memory_table({"x": {"1": {}}}) == ""
+
+
+# --- the profile's split ---
+
+
+class _Event:
+    def __init__(self, name: str, total: float, self_time: float = 0.0) -> None:
+        self.name, self.cpu_time_total, self.self_cpu_time_total = name, total, self_time
+
+
+def test_profile_split_assigns_ranges_and_overhead() -> None:
+    from bench.profile import split
+
+    # Two steps of 10 ms: forward 8 ms (matmul 5, attention 1, norm 0.5, rotary 0.5), sampling 1 ms;
+    # ops (non-range events) spent 12 ms of self time in all.
+    events = [_Event("kv::step", 10_000), _Event("kv::step", 10_000), _Event("kv::forward", 16_000),
+              _Event("kv::matmul", 10_000), _Event("kv::attention", 2_000), _Event("kv::norm", 1_000),
+              _Event("kv::rotary", 1_000), _Event("kv::sampling", 2_000),
+              _Event("aten::mm", 9_000, 8_000), _Event("aten::add", 4_000, 4_000)]
+    ms = split(events, steps=2)
+    assert ms["step"] == 10 and ms["forward"] == 8 and ms["matmul"] == 5
+    assert ms["elementwise"] == 1 and ms["bookkeeping"] == 1
+    assert ms["op_time"] == 6 and ms["dispatch_overhead"] == 4
+
+
+def test_profile_ranges_wrap_and_restore() -> None:
+    import engine.models.layers as layers
+    from bench.profile import part_ranges
+
+    original = layers.Linear.forward
+    with part_ranges(), torch.profiler.profile() as prof:
+        assert layers.Linear.forward is not original
+        layers.Linear(4, 3)(torch.ones(2, 4))
+    assert layers.Linear.forward is original
+    assert any(e.name == "kv::matmul" for e in prof.events())
+
+
+def test_profile_of_real_decode_steps_accounts_for_the_step(smollm2_gguf_path) -> None:
+    from bench.common import chat_prompt_ids
+    from bench.profile import PARTS, profile_batch
+    from engine import LLM
+
+    llm = LLM(str(smollm2_gguf_path), max_num_seqs=4)
+    ms = profile_batch(llm, chat_prompt_ids(llm.tokenizer, 2), steps=2, trace_dir=None)
+    assert all(ms[part] > 0 for part in PARTS)
+    # The parts are disjoint ranges inside the step: they, the rest of the forward pass and the
+    # bookkeeping add up to the step, and the ops' self time fits inside it.
+    assert ms["matmul"] + ms["attention"] + ms["norm"] + ms["rotary"] < ms["forward"] < ms["step"]
+    assert sum(ms[p] for p in (*PARTS, "elementwise", "bookkeeping")) == pytest.approx(ms["step"])
+    assert 0 < ms["op_time"] < ms["step"] and ms["unprofiled_step"] > 0
+    # The profiled requests were aborted: nothing left running, every KV block back in the pool.
+    assert not llm.engine.has_unfinished()
+    assert llm.engine.stats().num_kv_blocks_used == 0
+
+
+def test_int4_microbenchmark_kernel_computes_the_q4_1_product() -> None:
+    from bench.int4_matmul import GROUP, batch_invariant, int4_kernel, q4_1_weight
+
+    codes, d, m, dense = q4_1_weight(64, 4 * GROUP, torch.Generator().manual_seed(0))
+    assert torch.equal(dense[:, :GROUP], codes[:, :GROUP].float() * d[:, :1] + m[:, :1])
+    x = torch.randn(5, 4 * GROUP, generator=torch.Generator().manual_seed(1))
+    kernel = int4_kernel(codes, d, m, torch.bfloat16)
+    reference = x @ dense.T
+    # bf16 activations and scales: within bf16's rounding of the product, not exact
+    assert (kernel(x) - reference).abs().max() <= 2e-2 * reference.abs().max()
+    assert batch_invariant(kernel, x)

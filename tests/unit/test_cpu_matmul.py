@@ -5,21 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers.cpu_formats import runs_here
 
-from engine.models.cpu_matmul import (
-    amx_bf16_available,
-    bf16_gemm_available,
-    fbgemm_available,
-    make_kernel,
-    resolve_quantization,
-)
-
-needs_fbgemm = pytest.mark.skipif(not fbgemm_available(), reason="fbgemm runs on x86 builds of PyTorch only")
-needs_bf16 = pytest.mark.skipif(not bf16_gemm_available(), reason="oneDNN bf16 GEMMs need AVX-512 bf16")
-
-
-def available(quantization: str) -> bool:
-    return {"none": True, "bf16": bf16_gemm_available()}.get(quantization, fbgemm_available())
+from engine.cpu_features import CpuFeatures, detect, report
+from engine.models.cpu_matmul import format_refusal, make_kernel, resolve_quantization
 
 
 def weights(out_features: int = 96, in_features: int = 80, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -56,7 +45,7 @@ def test_none_is_exact_fp32() -> None:
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
-@needs_fbgemm
+@runs_here("fp16")
 def test_fp16_rounds_only_the_weights() -> None:
     w, b = weights()
     x = activations(5)
@@ -66,7 +55,7 @@ def test_fp16_rounds_only_the_weights() -> None:
     assert (got - F.linear(x, w, b)).abs().max() > 1e-5
 
 
-@needs_bf16
+@runs_here("bf16")
 def test_bf16_rounds_weights_inputs_and_outputs() -> None:
     w, b = weights()
     x = activations(5)
@@ -77,7 +66,7 @@ def test_bf16_rounds_weights_inputs_and_outputs() -> None:
     assert (got - F.linear(x, w, b)).abs().max() > 1e-3
 
 
-@needs_bf16
+@runs_here("bf16")
 @pytest.mark.parametrize("threads", [1, 2, 4, 8])
 def test_bf16_rows_stay_independent_at_any_thread_count(threads: int) -> None:
     """oneDNN's reduction split depends on the thread count; the kernel must find safe blocks for each."""
@@ -94,7 +83,7 @@ def test_bf16_rows_stay_independent_at_any_thread_count(threads: int) -> None:
         torch.set_num_threads(previous)
 
 
-@needs_fbgemm
+@runs_here("int8")
 def test_int8_matches_the_written_out_scheme() -> None:
     w, b = weights()
     x = activations(7)
@@ -109,8 +98,8 @@ def test_int8_matches_the_written_out_scheme() -> None:
 
 @pytest.mark.parametrize("quantization", ["none", "bf16", "fp16", "int8"])
 def test_rows_do_not_depend_on_the_rest_of_the_batch(quantization: str) -> None:
-    if not available(quantization):
-        pytest.skip(f"{quantization} kernels need this CPU's support")
+    if reason := format_refusal(quantization):
+        pytest.skip(f"{quantization} is refused on this CPU: {reason}")
     w, b = weights(out_features=300, in_features=128)
     kernel = make_kernel(w, b, quantization)
     x = activations(250, in_features=128)
@@ -121,12 +110,51 @@ def test_rows_do_not_depend_on_the_rest_of_the_batch(quantization: str) -> None:
             assert torch.equal(kernel(x[part]), together[part]), f"rows {part} change with their batch"
 
 
+# The CPU kinds CI runs on, as engine.cpu_features.detect() reports them.
+INTEL_AMX = CpuFeatures(amx=True, avx512_bf16=True, vnni=True, avx2=True, fbgemm=True)
+AMD_ZEN4 = CpuFeatures(amx=False, avx512_bf16=True, vnni=True, avx2=True, fbgemm=True)
+AVX2_ONLY = CpuFeatures(amx=False, avx512_bf16=False, vnni=False, avx2=True, fbgemm=True)
+ARM = CpuFeatures(amx=False, avx512_bf16=False, vnni=False, avx2=False, fbgemm=False)
+
+
+@pytest.mark.parametrize(("features", "auto", "refused"), [
+    (INTEL_AMX, "bf16", {}),
+    (AMD_ZEN4, "fp16", {"bf16": "needs AMX"}),
+    (AVX2_ONLY, "fp16", {"bf16": "AVX-512 bf16"}),
+    (ARM, "none", {"bf16": "AVX-512 bf16", "fp16": "fbgemm", "int8": "fbgemm"}),
+])
+def test_each_cpu_kind_picks_and_refuses_formats(features: CpuFeatures, auto: str, refused: dict[str, str]) -> None:
+    """bf16 runs only with AMX: without it oneDNN's bf16 GEMM sums a row differently with the batch size."""
+    assert resolve_quantization("auto", "cpu", torch.float32, features) == auto
+    for name in ("none", "bf16", "fp16", "int8"):
+        if name in refused:
+            with pytest.raises(ValueError, match=f"quantization={name} .*{refused[name]}"):
+                resolve_quantization(name, "cpu", torch.float32, features)
+        else:
+            assert resolve_quantization(name, "cpu", torch.float32, features) == name
+    if "bf16" in refused:  # a whole bf16 model runs the same GEMM
+        with pytest.raises(ValueError, match=f"dtype=bfloat16 on CPU .*{refused['bf16']}.*auto picks {auto}"):
+            resolve_quantization("auto", "cpu", torch.bfloat16, features)
+    else:
+        assert resolve_quantization("auto", "cpu", torch.bfloat16, features) == "none"
+    assert resolve_quantization("auto", "cuda", torch.bfloat16, features) == "none"  # CUDA: dtype decides
+
+
+def test_this_cpu_refuses_what_its_features_rule_out() -> None:
+    """The engine's answer on the machine running the tests, and the report CI prints at the start of its log."""
+    features = detect()
+    text = report()
+    assert text.startswith("CPU features: ")
+    bf16_refused = format_refusal("bf16") is not None
+    assert bf16_refused == (not features.amx)
+    assert ("--quantization bf16: refused" in text) == bf16_refused
+    assert ("--dtype bfloat16: refused" in text) == bf16_refused
+    if bf16_refused:
+        with pytest.raises(ValueError, match="AMX"):
+            resolve_quantization("bf16", "cpu", torch.float32)
+
+
 def test_resolve_quantization() -> None:
-    cpu_auto = "bf16" if amx_bf16_available() else "fp16" if fbgemm_available() else "none"
-    assert resolve_quantization("auto", "cpu", torch.float32) == cpu_auto
-    assert resolve_quantization(None, "cpu", torch.float32) == cpu_auto
-    assert resolve_quantization("auto", "cpu", torch.bfloat16) == "none"
-    assert resolve_quantization("auto", "cuda", torch.bfloat16) == "none"
     assert resolve_quantization("none", "cpu", torch.float32) == "none"
     with pytest.raises(ValueError, match="CPU fp32"):
         resolve_quantization("int8", "cuda", torch.bfloat16)

@@ -6,13 +6,13 @@ import random
 
 import pytest
 import torch
+from helpers.cpu_formats import build_or_expect_refusal
 from helpers.tiny_engine import make_tiny_model_dir
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transformers import AutoModelForCausalLM
 
 from engine import EngineConfig, LLMEngine, SamplingParams
-from engine.models.cpu_matmul import bf16_gemm_available
 
 
 @pytest.fixture(scope="module")
@@ -61,15 +61,14 @@ def assert_all_free(engine: LLMEngine) -> None:
 
 
 # Every CPU weight format, and a bf16 model, must keep a request's output independent of what else is in
-# the batch.
-needs_bf16 = pytest.mark.skipif(not bf16_gemm_available(), reason="oneDNN bf16 GEMMs need AVX-512 bf16")
-FORMATS = [("float32", "none"), pytest.param("float32", "bf16", marks=needs_bf16), ("float32", "fp16"),
-           ("float32", "int8"), pytest.param("bfloat16", "auto", marks=needs_bf16)]
+# the batch, or be refused on this CPU (tests/helpers/cpu_formats.py).
+FORMATS = [("float32", "none"), ("float32", "bf16"), ("float32", "fp16"), ("float32", "int8"), ("bfloat16", "auto")]
 
 
 @pytest.mark.parametrize(("dtype", "quantization"), FORMATS)
 def test_greedy_batch_equals_alone_with_staggered_arrivals(tiny_dir: str, dtype: str, quantization: str) -> None:
-    engine = make_engine(tiny_dir, dtype=dtype, quantization=quantization)
+    engine = build_or_expect_refusal(lambda: make_engine(tiny_dir, dtype=dtype, quantization=quantization),
+                                     dtype, quantization)
     vocab = engine.model_config.vocab_size
     prompts = random_prompts(32, seed=1, vocab=vocab)
     params = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
@@ -111,7 +110,8 @@ def test_logprobs_bitwise_equal_next_to_a_much_longer_sequence(tiny_dir: str) ->
 
 @pytest.mark.parametrize(("dtype", "quantization"), FORMATS)
 def test_seeded_sampling_same_alone_and_batched(tiny_dir: str, dtype: str, quantization: str) -> None:
-    engine = make_engine(tiny_dir, dtype=dtype, quantization=quantization)
+    engine = build_or_expect_refusal(lambda: make_engine(tiny_dir, dtype=dtype, quantization=quantization),
+                                     dtype, quantization)
     prompts = random_prompts(6, seed=2, vocab=engine.model_config.vocab_size)
     seeded = SamplingParams(max_tokens=16, temperature=1.0, top_p=0.9, seed=1234, ignore_eos=True)
     expected = alone(engine, prompts[0], seeded)
@@ -247,6 +247,22 @@ def test_bad_prompts_are_rejected_with_numbers(tiny_dir: str) -> None:
     with pytest.raises(ValueError, match="vocabulary"):
         engine.add_request("vocab", [10**6], SamplingParams())
     assert not engine.has_unfinished()
+
+
+def test_a_kv_cache_too_small_for_the_context_lowers_it_with_a_warning(tiny_dir: str, caplog) -> None:
+    from engine.runner import kv_bytes_per_block
+
+    roomy = make_engine(tiny_dir, max_model_len=64)
+    per_block = kv_bytes_per_block(roomy.model_config, torch.float32, 4)
+    with caplog.at_level("WARNING", logger="kvserve.engine"):
+        small = make_engine(tiny_dir, max_model_len=64, kv_cache_bytes=10 * per_block)  # 10 blocks of 4 tokens
+    assert roomy.max_model_len == 64 and small.max_model_len == 40
+    [warning] = [r for r in caplog.records if "max_model_len lowered" in r.getMessage()]
+    message = warning.getMessage()
+    assert "to 40 tokens: 64 asked (--max-model-len)" in message
+    assert f"raise --kv-cache-bytes to at least {16 * per_block}" in message
+    with pytest.raises(ValueError, match="40"):  # requests see the effective limit
+        small.add_request("long", [5] * 41, SamplingParams())
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

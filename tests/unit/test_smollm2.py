@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.cpu_formats import build_or_expect_refusal
 
 from engine import LLM, SamplingParams
-from engine.models.cpu_matmul import bf16_gemm_available
 from engine.runner import ModelRunner
 from engine.weights import load_model
 
@@ -100,10 +100,9 @@ def test_faster_formats_stay_close_to_fp32(smollm2_gguf_path: Path, llm: LLM, dt
                                            max_kl: float, min_top1: float, max_ppl_ratio: float) -> None:
     """The documented cost of each faster weight format (and of a bf16 model), measured on a passage
     (figures in the README)."""
-    if (quantization == "bf16" or dtype == "bfloat16") and not bf16_gemm_available():
-        pytest.skip("oneDNN bf16 GEMMs need AVX-512 bf16")
-    quantized = LLM(str(smollm2_gguf_path), device="cpu", dtype=dtype, quantization=quantization,
-                    kv_cache_bytes=16 << 20, max_model_len=512)
+    quantized = build_or_expect_refusal(
+        lambda: LLM(str(smollm2_gguf_path), device="cpu", dtype=dtype, quantization=quantization,
+                    kv_cache_bytes=16 << 20, max_model_len=512), dtype, quantization)
     ids = llm.engine.tokenizer.encode(PASSAGE)
     exact = llm.engine.runner.logits_for(ids).log_softmax(-1)
     approx = quantized.engine.runner.logits_for(ids).float().log_softmax(-1)

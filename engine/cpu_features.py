@@ -1,0 +1,54 @@
+"""The CPU features that decide which matmul formats run here: detected once, in this one place.
+
+The engine (models/cpu_matmul.py picks and refuses formats from these), the tests (their expectations)
+and CI's log (`kvserve cpu-features`) all ask this module, so they cannot disagree.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import asdict, dataclass
+
+import torch
+
+
+@dataclass(frozen=True, slots=True)
+class CpuFeatures:
+    amx: bool  # AMX tiles (Intel Sapphire Rapids and later): bf16 GEMMs on matrix tiles
+    avx512_bf16: bool  # native bf16 dot products, which oneDNN's bf16 GEMM needs (else it emulates them)
+    vnni: bool  # int8 dot products (AVX-512 VNNI or AVX-VNNI): fbgemm's faster int8 path
+    avx2: bool
+    fbgemm: bool  # PyTorch's fbgemm backend (x86 builds): the fp16 and int8 kernels
+
+    def describe(self) -> str:
+        """One line: the features present and absent, e.g. 'avx2 avx512_bf16 vnni fbgemm, no amx'."""
+        names = [name for name, value in asdict(self).items() if value]
+        missing = [name for name, value in asdict(self).items() if not value]
+        return " ".join(names or ["none"]) + (f", no {' '.join(missing)}" if missing else "")
+
+
+@functools.cache
+def detect() -> CpuFeatures:
+    """This CPU's features, as PyTorch (cpuinfo) and its oneDNN build see them."""
+    onednn = torch.backends.mkldnn.is_available()
+    return CpuFeatures(
+        amx=torch.cpu._is_amx_tile_supported(),
+        avx512_bf16=onednn and torch.cpu._is_avx512_bf16_supported() and torch.ops.mkldnn._is_mkldnn_bf16_supported(),
+        vnni=torch.cpu._is_vnni_supported(),
+        avx2=torch.cpu._is_avx2_supported(),
+        fbgemm="fbgemm" in torch.backends.quantized.supported_engines,
+    )
+
+
+def report(features: CpuFeatures | None = None) -> str:
+    """What `kvserve cpu-features` prints: the features, the format `auto` picks, and each format offered or not."""
+    from engine.models.cpu_matmul import FORMATS, format_refusal, resolve_quantization
+
+    features = features or detect()
+    lines = [f"CPU features: {features.describe()}",
+             f"default CPU format (--quantization auto): {resolve_quantization('auto', 'cpu', torch.float32, features)}"]
+    flags = [(f"--quantization {name}", name) for name in FORMATS] + [("--dtype bfloat16", "bf16")]
+    for flag, name in flags:
+        reason = format_refusal(name, features)
+        lines.append(f"{flag}: {'offered' if reason is None else 'refused: ' + reason}")
+    return "\n".join(lines)

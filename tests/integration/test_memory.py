@@ -1,0 +1,59 @@
+"""Resident memory of a live server stays flat over bursts of concurrent requests of mixed lengths."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import httpx
+import pytest
+from live_server import SERVED_NAME, LiveServer, start_server
+
+pytestmark = pytest.mark.slow
+
+BURSTS = 4
+CONCURRENT = 48
+MAX_GROWTH_MB = 100
+WORDS = ("the quick brown fox jumps over a lazy dog while seven sailors sing about distant islands and "
+         "an old lighthouse keeper counts the ships that pass before the storm").split()
+
+
+def rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as status:
+        return next(int(line.split()[1]) / 1024 for line in status if line.startswith("VmRSS:"))
+
+
+async def burst(server: LiveServer, seed: int) -> list[int]:
+    """CONCURRENT requests at once: a quarter with ~300-word prompts, the rest short; chat and completions,
+    streamed and not. Returns their status codes."""
+    rng = random.Random(seed)
+
+    async def one(client: httpx.AsyncClient, i: int) -> int:
+        words = 300 if i % 4 == 0 else rng.randint(3, 30)
+        text = " ".join(rng.choice(WORDS) for _ in range(words))
+        options = {"model": SERVED_NAME, "max_tokens": rng.randint(2, 12), "temperature": 0.8, "stream": i % 3 == 0}
+        if i % 2:
+            response = await client.post("/v1/chat/completions",
+                                         json={**options, "messages": [{"role": "user", "content": text}]})
+        else:
+            response = await client.post("/v1/completions", json={**options, "prompt": text})
+        return response.status_code
+
+    async with httpx.AsyncClient(base_url=server.base_url, timeout=600) as client:
+        return await asyncio.gather(*(one(client, i) for i in range(CONCURRENT)))
+
+
+def test_rss_stays_flat_over_bursts_of_mixed_requests() -> None:
+    server = start_server()
+    try:
+        pid = server.process.pid
+        assert set(asyncio.run(burst(server, seed=0))) == {200}  # warm-up: first-use allocations happen here
+        after_warmup = rss_mb(pid)
+        for seed in range(1, BURSTS + 1):
+            assert set(asyncio.run(burst(server, seed))) == {200}
+        growth = rss_mb(pid) - after_warmup
+        print(f"RSS after warm-up {after_warmup:.0f} MB, after {BURSTS} more bursts of {CONCURRENT}: "
+              f"{after_warmup + growth:.0f} MB (+{growth:.0f} MB)")
+        assert growth <= MAX_GROWTH_MB
+    finally:
+        assert server.stop() == 0
