@@ -43,11 +43,12 @@ def _ranged(name: str, fn):
 def part_ranges():
     """Wrap the model's parts in record_function ranges while the block runs (monkeypatched, then restored)."""
     import engine.engine
+    import engine.models.decoder as decoder
     import engine.models.layers as layers
     import engine.models.llama as llama
 
-    patches = [(layers.Linear, "forward", "matmul"), (llama, "vocab_projection", "matmul"),
-               (llama, "paged_attention", "attention"), (layers.RMSNorm, "forward", "norm"),
+    patches = [(layers.Linear, "forward", "matmul"), (decoder, "vocab_projection", "matmul"),
+               (llama, "attention", "attention"), (layers.RMSNorm, "forward", "norm"),
                (layers.RotaryEmbedding, "forward", "rotary"), (engine.engine, "sample", "sampling"),
                (engine.engine.ModelRunner, "execute", "forward")]
     saved = [(owner, attr, getattr(owner, attr)) for owner, attr, _ in patches]
