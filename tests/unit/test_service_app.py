@@ -71,6 +71,10 @@ class FakeEngine:
         finally:
             self.running.discard(request_id)
 
+    def check(self, prompt: list[int], params: SamplingParams) -> None:
+        if params.n > 4:
+            raise ValueError(f"n={params.n} is more than max_num_seqs=4")
+
     def abort(self, request_id: str) -> None:
         self.aborted.append(request_id)
 
@@ -197,3 +201,24 @@ def test_openapi_promises_400_not_422_and_declares_the_key() -> None:
             assert "422" not in operation["responses"], path
             keyed = path.startswith("/v1/") or path in ("/tokenize", "/detokenize")
             assert bool(operation.get("security")) is keyed, path
+
+
+async def test_stream_timeout_ends_with_an_error_event_and_counts_an_abort() -> None:
+    app = make_app(FakeEngine(delay=0.02), request_timeout=0.2)
+    async with client_for(app) as client:
+        response = await client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 50, "stream": True})
+    assert response.status_code == 200  # the stream starts before the engine has produced anything
+    events = response.text.split("\n\n")
+    assert events[-2] == "data: [DONE]"
+    assert json.loads(events[-3].removeprefix("data: "))["error"]["code"] == "timeout"
+    metrics = app.state.kvserve.metrics.render().decode()
+    assert 'kvserve_request_aborted_total{model="fake",reason="timeout"} 1.0' in metrics
+    assert 'kvserve_request_success_total{finish_reason="length",model="fake"} 0.0' in metrics
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_what_the_engine_refuses_is_400_before_any_stream(stream: bool) -> None:
+    async with client_for(make_app(FakeEngine())) as client:
+        response = await client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2, "n": 5,
+                                                              "stream": stream})
+    assert response.status_code == 400 and "max_num_seqs" in response.json()["error"]["message"]
