@@ -10,9 +10,11 @@ from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI
 from fastapi.openapi.utils import get_openapi
+from fastapi.routing import APIRoute
 
 from service.auth import require_api_key
 from service.errors import install_error_handlers
+from service.guards import ApiKeyGate, BodyDeadline
 from service.metrics import ServiceMetrics
 from service.middleware import RequestContextMiddleware
 from service.routes import inspect as inspect_routes
@@ -61,12 +63,16 @@ def create_app(settings: Settings | None = None, *, loaded: LoadedModel | None =
                   version=ops_routes.package_version(), lifespan=lifespan)
     app.state.kvserve = state
     install_error_handlers(app)
-    keyed = [Depends(require_api_key)]
-    app.include_router(openai_routes.router, dependencies=keyed)
-    app.include_router(ops_routes.tokenizer_router, dependencies=keyed)
+    keyed_routers = (openai_routes.router, ops_routes.tokenizer_router, inspect_routes.router)
+    for router in keyed_routers:
+        app.include_router(router, dependencies=[Depends(require_api_key)])
     app.include_router(ops_routes.router)
-    app.include_router(inspect_routes.router, dependencies=keyed)
     _document_400_not_422(app)
+    # Starlette runs the last added outermost: context (ids, limits, log), then the key, then the body deadline.
+    app.add_middleware(BodyDeadline, timeout=settings.request_body_timeout)
+    # API routes only: the inspect page and its assets stay open (the page sends the key itself).
+    keyed_routes = [route for router in keyed_routers for route in router.routes if isinstance(route, APIRoute)]
+    app.add_middleware(ApiKeyGate, routes=keyed_routes, keys=settings.api_keys)
     app.add_middleware(RequestContextMiddleware, max_request_bytes=settings.max_request_bytes,
                        on_error=metrics.observe_error)
     return app

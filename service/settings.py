@@ -35,6 +35,8 @@ class Settings(BaseSettings):
     api_key_file: Path | None = Field(None, description="file with one accepted API key per line")
     shutdown_timeout: float = Field(30.0, ge=0, description="seconds in-flight requests may run after SIGTERM")
     request_timeout: float | None = Field(None, gt=0, description="seconds before a request is aborted (default: none)")
+    request_body_timeout: float = Field(30.0, gt=0, description="seconds a client has to send its request body "
+                                                                "after the headers; then 408")
     log_format: Literal["json", "text"] = Field("json", description="log line format")
     log_level: str = Field("info", description="debug, info, warning, error")
     log_requests_text: bool = Field(False, description="include prompt and completion text in request logs")

@@ -222,3 +222,28 @@ async def test_what_the_engine_refuses_is_400_before_any_stream(stream: bool) ->
         response = await client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2, "n": 5,
                                                               "stream": stream})
     assert response.status_code == 400 and "max_num_seqs" in response.json()["error"]["message"]
+
+
+async def test_unexpected_error_is_500_that_closes_the_connection(monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        raise RuntimeError("tokenizer bug")
+
+    monkeypatch.setattr(CharTokenizer, "encode", broken)
+    transport = httpx.ASGITransport(app=make_app(FakeEngine()), raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        response = await client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2})
+    assert response.status_code == 500 and response.json()["error"]["type"] == "server_error"
+    assert response.headers["connection"] == "close"  # uvicorn drops it after an unhandled error: say so
+
+
+@pytest.mark.parametrize("body", [b'{"prompt": ', b'{"prompt": "\\ud800"}', b'{"prompt": "hi", "n": 0}'])
+async def test_without_a_key_the_body_is_never_looked_at(body: bytes) -> None:
+    async with client_for(make_app(FakeEngine(), api_keys=["k"])) as client:
+        response = await client.post("/v1/completions", content=body, headers={"Content-Type": "application/json"})
+        assert response.status_code == 401 and response.json()["error"]["code"] == "invalid_api_key"
+        assert response.headers["connection"] == "close"
+        page = await client.get("/inspect")  # the viewer page itself is open; it sends the key
+        assert page.status_code == 200
+        keyed = await client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2},
+                                  headers={"Authorization": "Bearer k"})
+        assert keyed.status_code == 200

@@ -59,3 +59,13 @@ def test_quantization_choices_match_the_engine() -> None:
     from service.settings import Quantization
 
     assert typing.get_args(Quantization) == QUANTIZATIONS
+
+
+def test_request_body_timeout_defaults_to_30_s(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("KVSERVE_REQUEST_BODY_TIMEOUT", raising=False)
+    assert parse().request_body_timeout == 30.0
+    monkeypatch.setenv("KVSERVE_REQUEST_BODY_TIMEOUT", "5")
+    assert parse().request_body_timeout == 5.0
+    assert parse("--request-body-timeout", "2.5").request_body_timeout == 2.5
+    with pytest.raises(ValueError):
+        parse("--request-body-timeout", "0")
