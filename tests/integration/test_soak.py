@@ -81,7 +81,8 @@ class Sampler:
 
 async def run_clients(base_url: str, clients: int, rounds: int, seed: int) -> list[sc.Outcome]:
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=clients)
-    timeout = httpx.Timeout(300, connect=60)
+    # A client waits as long as the whole run may take: on a busy 2-core box a queued request can wait minutes.
+    timeout = httpx.Timeout(DEADLINE_S, connect=60)
     async with httpx.AsyncClient(base_url=base_url, limits=limits, timeout=timeout) as client:
 
         async def one_client(index: int) -> list[sc.Outcome]:
