@@ -14,6 +14,9 @@ from live_server import LiveServer, start_server
 RUNNING = {"prompt": "Count slowly:", "max_tokens": 400, "ignore_eos": True, "stream": True}
 QUEUED_PROMPT = "A queued request that its client gives up on before it is scheduled. " * 3
 ABORT_DEADLINE_S = 2.0
+# The engine drops an aborted request at its next step boundary: milliseconds here, but a step can take
+# seconds on a CI box shared by many jobs.
+ENGINE_STEP_SLACK_S = 30.0
 
 
 @pytest.fixture(scope="module")
@@ -32,10 +35,9 @@ def wait_for(predicate, timeout: float) -> bool:
     return predicate()
 
 
-def dropped(server: LiveServer, aborted_before: float) -> bool:
-    """The queued request is counted as aborted and gone from the engine's queue."""
-    return (server.metric("kvserve_request_aborted_total", reason="client_disconnected") == aborted_before + 1
-            and server.metric("kvserve_num_requests_waiting") == 0)
+def aborted(server: LiveServer, aborted_before: float) -> bool:
+    """The server noticed the client leave and aborted its engine request."""
+    return server.metric("kvserve_request_aborted_total", reason="client_disconnected") == aborted_before + 1
 
 
 def log_line(server: LiveServer, request_id: str) -> dict:
@@ -73,7 +75,7 @@ def test_queued_stream_gets_headers_and_leaving_aborts_it_unprefilled(one_slot: 
         queries_before = one_slot.metric("kvserve_prefix_cache_queries_total")
         aborted_before = one_slot.metric("kvserve_request_aborted_total", reason="client_disconnected")
         success_before = one_slot.metric("kvserve_request_success_total")
-        request_id = f"queued-stream-{endpoint.rsplit('/', 1)[1]}"
+        request_id = f"queued-stream-{'chat' if 'chat' in endpoint else 'text'}"
         body = ({"prompt": QUEUED_PROMPT} if endpoint == "/v1/completions"
                 else {"messages": [{"role": "user", "content": QUEUED_PROMPT}]})
         with httpx.Client(base_url=one_slot.base_url, timeout=30) as queued_client:
@@ -86,8 +88,9 @@ def test_queued_stream_gets_headers_and_leaving_aborts_it_unprefilled(one_slot: 
             assert wait_for(lambda: one_slot.metric("kvserve_num_requests_waiting") == 1, 5)
             queued.close()
         left_at = time.monotonic()
-        assert wait_for(lambda: dropped(one_slot, aborted_before), ABORT_DEADLINE_S)
+        assert wait_for(lambda: aborted(one_slot, aborted_before), ABORT_DEADLINE_S)
         assert time.monotonic() - left_at <= ABORT_DEADLINE_S
+        assert wait_for(lambda: one_slot.metric("kvserve_num_requests_waiting") == 0, ENGINE_STEP_SLACK_S)
     finally:
         occupied.close()
     assert wait_for(lambda: one_slot.metric("kvserve_kv_cache_usage_ratio") == 0, 15)
@@ -109,8 +112,9 @@ def test_queued_non_streaming_client_that_leaves_is_aborted(one_slot: LiveServer
                 queued_client.post("/v1/completions", headers={"X-Request-ID": "queued-plain"},
                                    json={"prompt": QUEUED_PROMPT, "max_tokens": 8})
         left_at = time.monotonic()
-        assert wait_for(lambda: dropped(one_slot, aborted_before), ABORT_DEADLINE_S)
+        assert wait_for(lambda: aborted(one_slot, aborted_before), ABORT_DEADLINE_S)
         assert time.monotonic() - left_at <= ABORT_DEADLINE_S
+        assert wait_for(lambda: one_slot.metric("kvserve_num_requests_waiting") == 0, ENGINE_STEP_SLACK_S)
     finally:
         occupied.close()
     assert wait_for(lambda: one_slot.metric("kvserve_kv_cache_usage_ratio") == 0, 15)
