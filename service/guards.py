@@ -52,7 +52,9 @@ class ApiKeyGate:
 
 class BodyDeadline:
     """The request body must be complete within `timeout` seconds of the headers; else 408 and the
-    connection is closed. Reads after the body (waiting for a disconnect) are not bounded."""
+    connection is closed. Reads after the body (waiting for a disconnect) are not bounded. A response
+    sent before an announced body was read (404, 405...) closes the connection too: the server would
+    otherwise keep reading whatever the client trickles in."""
 
     def __init__(self, app: ASGIApp, *, timeout: float) -> None:
         self.app = app
@@ -79,4 +81,12 @@ class BodyDeadline:
             body_complete = message["type"] != "http.request" or not message.get("more_body", False)
             return message
 
-        await self.app(scope, bounded_receive, send)
+        announced_body = has_body(Headers(scope=scope))
+
+        async def closing_send(message: Message) -> None:
+            if message["type"] == "http.response.start" and announced_body and not body_complete:
+                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"connection"]
+                message = {**message, "headers": [*headers, (b"connection", b"close")]}
+            await send(message)
+
+        await self.app(scope, bounded_receive, closing_send)

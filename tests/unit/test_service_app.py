@@ -247,3 +247,11 @@ async def test_without_a_key_the_body_is_never_looked_at(body: bytes) -> None:
         keyed = await client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2},
                                   headers={"Authorization": "Bearer k"})
         assert keyed.status_code == 200
+
+
+async def test_a_response_before_the_body_was_read_closes_the_connection() -> None:
+    async with client_for(make_app(FakeEngine())) as client:
+        unread = await client.post("/v1/nowhere", json={"prompt": "hi"})  # 404: the body is never read
+        read = await client.post("/tokenize", json={"prompt": "hi"})
+    assert unread.status_code == 404 and unread.headers["connection"] == "close"
+    assert read.status_code == 200 and "connection" not in read.headers
