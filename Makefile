@@ -6,7 +6,7 @@ PORT ?= 8000
 MODEL ?= smollm2-135m
 PYTEST_ARGS ?=
 
-.PHONY: serve test test-fast lint venv dev-deps model cpu-features bench bench-peers profile clean
+.PHONY: serve test test-fast test-soak lint venv dev-deps model cpu-features bench bench-peers profile clean
 
 $(BIN)/kvserve: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,9 @@ test: dev-deps model  ## unit, integration and browser tests, plus the deploymen
 
 test-fast: dev-deps  ## the tests that need no real model
 	$(BIN)/python -m pytest -q -m 'not slow and not e2e' tests/unit
+
+test-soak: dev-deps model  ## 200 concurrent clients with faults against a live server (~10-20 min on 2 cores)
+	$(BIN)/python -m pytest -q -s -m soak --timeout 2400 tests/integration/test_soak.py
 
 lint: dev-deps
 	$(BIN)/ruff check engine service bench tests

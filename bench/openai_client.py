@@ -71,6 +71,9 @@ async def stream_completion(client: httpx.AsyncClient, url: str, body: dict) -> 
                 if payload == "[DONE]":
                     break
                 chunk = json.loads(payload)
+                if chunk.get("error"):  # a server that fails after its 200 says so in an event
+                    result.error = f"error event: {json.dumps(chunk['error'])[:300]}"
+                    return result
                 if chunk.get("usage"):
                     usage_tokens = chunk["usage"].get("completion_tokens", usage_tokens)
                 text = "".join(choice.get("text") or "" for choice in chunk.get("choices") or [])

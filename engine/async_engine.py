@@ -91,6 +91,14 @@ class AsyncEngine:
         self.engine.abort(request_id)
         self._wakeup.set()
 
+    def check(self, prompt: str | list[int], params: SamplingParams) -> None:
+        """Raise the ValueError generate() would raise for this prompt, without queuing anything.
+
+        A server calls it before it answers 200: a streamed response can then start at once, even while
+        the request waits in the queue, and invalid requests still get a 4xx.
+        """
+        self.engine.prepare_prompt(prompt, params)
+
     async def generate(self, request_id: str, prompt: str | list[int],
                        params: SamplingParams | EmbeddingParams) -> AsyncIterator[RequestOutput]:
         """Yield the request's outputs step by step (an embedding request: one, when pooled); closing the

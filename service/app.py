@@ -11,10 +11,12 @@ from typing import Any
 
 from fastapi import Depends, FastAPI
 from fastapi.openapi.utils import get_openapi
+from fastapi.routing import APIRoute
 from fastapi_offline import FastAPIOffline
 
 from service.auth import require_api_key
 from service.errors import install_error_handlers
+from service.guards import ApiKeyGate, BodyDeadline
 from service.metrics import ServiceMetrics
 from service.middleware import LOG_FIELDS_KEY, RequestContextMiddleware
 from service.routes import embeddings as embeddings_routes
@@ -85,16 +87,21 @@ def create_app(settings: Settings | None = None, *, loaded: LoadedModel | None =
                          static_url="/docs-static", redoc_url=None)
     app.state.kvserve = state
     install_error_handlers(app)
-    keyed = [Depends(require_api_key)]
-    app.include_router(openai_routes.router, dependencies=keyed)
-    app.include_router(embeddings_routes.router, dependencies=keyed)
-    app.include_router(ops_routes.tokenizer_router, dependencies=keyed)
+    keyed_routers = (openai_routes.router, embeddings_routes.router, ops_routes.tokenizer_router,
+                     inspect_routes.router)
+    for router in keyed_routers:
+        app.include_router(router, dependencies=[Depends(require_api_key)])
     app.include_router(ops_routes.router)
-    app.include_router(inspect_routes.router, dependencies=keyed)
     app.include_router(home_routes.router)
     _document_400_not_422(app)
-    if tracer_provider is not None:  # inside RequestContextMiddleware, so its log line gets the trace id
+    # Starlette runs the last added outermost: context (ids, limits, log), then the key, then the body
+    # deadline, then tracing (inside RequestContextMiddleware, so its log line gets the trace id).
+    if tracer_provider is not None:
         app.add_middleware(TracingMiddleware, tracer_provider=tracer_provider, log_fields_key=LOG_FIELDS_KEY)
+    app.add_middleware(BodyDeadline, timeout=settings.request_body_timeout)
+    # API routes only: the inspect page and its assets stay open (the page sends the key itself).
+    keyed_routes = [route for router in keyed_routers for route in router.routes if isinstance(route, APIRoute)]
+    app.add_middleware(ApiKeyGate, routes=keyed_routes, keys=settings.api_keys)
     app.add_middleware(RequestContextMiddleware, max_request_bytes=settings.max_request_bytes,
                        on_error=metrics.observe_error)
     return app

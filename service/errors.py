@@ -11,10 +11,12 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.protocol import ErrorInfo, ErrorResponse
+from service.unicode_text import escape
 
 log = logging.getLogger("kvserve.service")
 
 _DEFAULT_CODES = {400: "invalid_request", 401: "invalid_api_key", 404: "not_found", 405: "method_not_allowed",
+                  408: "request_timeout",
                   413: "request_too_large", 415: "unsupported_media_type", 429: "rate_limit_exceeded",
                   500: "internal_error", 503: "service_unavailable", 504: "timeout"}
 
@@ -37,7 +39,9 @@ def error_body(status: int, message: str, param: str | None = None, code: str | 
     kind = "invalid_request_error" if status < 500 else "server_error"
     if status == 429:
         kind = "rate_limit_error"
-    info = ErrorInfo(message=message, type=kind, param=param, code=code or _DEFAULT_CODES.get(status))
+    # Messages may quote client text (an unknown field's name...): escape what UTF-8 cannot carry.
+    info = ErrorInfo(message=escape(message), type=kind, param=escape(param) if param is not None else None,
+                     code=code or _DEFAULT_CODES.get(status))
     return ErrorResponse(error=info).model_dump()
 
 
@@ -52,7 +56,10 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     errors = exc.errors()
     if not errors:
         return "invalid request", None
-    first = errors[0]
+    # A union reports each branch it tried; a validator's own complaint (value_error, or pydantic's own
+    # string_unicode) explains what to fix: the content part holding a lone surrogate, not "content is
+    # not a string".
+    first = next((e for e in errors if e.get("type") in ("value_error", "string_unicode")), errors[0])
     loc = [str(p) for p in first.get("loc", ()) if p != "body"]
     # Unions report the branch tried ("str", "list[int]") in loc; those are noise for a client.
     loc = [p for p in loc if not any(ch in p for ch in "[]") and p not in ("str", "int", "float", "bool")]
@@ -92,4 +99,5 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error", exc_info=exc)
-        return error_response(500, "internal server error")
+        # Starlette re-raises after this response and uvicorn then drops the connection: say so.
+        return error_response(500, "internal server error", headers={"Connection": "close"})

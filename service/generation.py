@@ -12,6 +12,7 @@ from engine.async_engine import EngineDeadError
 from engine.outputs import RequestMetrics, RequestOutput
 from engine.sampling_params import SamplingParams
 from service.errors import APIError
+from service.metrics import SUCCESS_REASONS
 from service.state import ServerState
 
 
@@ -30,9 +31,24 @@ class RunOutcome:
 
     timed_out: bool = False
     aborted: bool = False
+    abort_reason: str | None = None  # one of metrics.ABORT_REASONS once aborted
     finish_reasons: dict[int, str] = field(default_factory=dict)
     first_token_time: float | None = None
     metrics: RequestMetrics | None = None  # the engine's timestamps, once it has answered
+
+    def record_finish(self, state: ServerState, index: int, reason: str) -> None:
+        """Count a sample's end once: a success for stop/length, else an abort with its cause."""
+        if index in self.finish_reasons:
+            return
+        self.finish_reasons[index] = reason
+        if reason in SUCCESS_REASONS:
+            state.metrics.observe_finished_sequence(reason)
+            return
+        self.aborted = True
+        if self.abort_reason is None:
+            # The engine ends a request early only when told to: by the request timeout or the drain.
+            self.abort_reason = "timeout" if self.timed_out else "shutdown"
+        state.metrics.observe_aborted(self.abort_reason)
 
 
 def tokenize_prompt(state: ServerState, prompt: str | list[int], add_special_tokens: bool = True) -> Prompt:
@@ -123,10 +139,8 @@ async def run_engine(state: ServerState, request_id: str, prompt: Prompt, params
                             state.metrics.observe_itl(now - last_token_at[choice.index], new)
                         last_token_at[choice.index] = now
                         generated[choice.index] = generated.get(choice.index, 0) + new
-                    if choice.finish_reason is not None and choice.index not in outcome.finish_reasons:
-                        outcome.finish_reasons[choice.index] = choice.finish_reason
-                        outcome.aborted |= choice.finish_reason == "abort"
-                        state.metrics.observe_finished_sequence(choice.finish_reason)
+                    if choice.finish_reason is not None:
+                        outcome.record_finish(state, choice.index, choice.finish_reason)
                 last = out
                 finished = out.finished
                 yield out
@@ -147,12 +161,12 @@ async def run_engine(state: ServerState, request_id: str, prompt: Prompt, params
             timer.cancel()
         if not finished:
             engine.abort(request_id)
-            outcome.aborted = True
-            # The consumer left before the engine's final output: count the unfinished samples here.
+            # The consumer left before the engine's final output (the client went away, while queued or
+            # mid-stream): count the unfinished samples here.
+            if outcome.abort_reason is None:
+                outcome.abort_reason = "client_disconnected"
             for index in range(params.n):
-                if index not in outcome.finish_reasons:
-                    outcome.finish_reasons[index] = "abort"
-                    state.metrics.observe_finished_sequence("abort")
+                outcome.record_finish(state, index, "abort")
         state.untrack(request_id)
         if last is not None:
             outcome.metrics = last.metrics

@@ -22,6 +22,8 @@ from service.metrics_vllm import VllmMetrics
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
                     20.0, 40.0, 80.0, 160.0)
+SUCCESS_REASONS = ("stop", "length")
+ABORT_REASONS = ("client_disconnected", "timeout", "shutdown")
 _TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 
 
@@ -38,10 +40,12 @@ class ServiceMetrics:
                               registry=reg)
         self.prompt_tokens = Counter("kvserve_prompt_tokens", "Prompt tokens of finished requests", m, registry=reg)
         self.generation_tokens = Counter("kvserve_generation_tokens", "Generated tokens", m, registry=reg)
-        self.success = Counter("kvserve_request_success", "Finished sequences by finish reason",
+        self.success = Counter("kvserve_request_success", "Sequences that finished with stop or length",
                                [*m, "finish_reason"], registry=reg)
         self.requests = Counter("kvserve_requests", "Requests answered successfully, by endpoint",
                                 [*m, "endpoint"], registry=reg)
+        self.aborted = Counter("kvserve_request_aborted", "Sequences aborted before they finished, by reason",
+                               [*m, "reason"], registry=reg)
         self.errors = Counter("kvserve_request_errors", "Error responses by HTTP status", [*m, "code"], registry=reg)
         self.preemptions = Counter("kvserve_num_preemptions", "Sequences preempted by the scheduler", m, registry=reg)
         self.prefix_queries = Counter("kvserve_prefix_cache_queries", "Prompt tokens looked up in the prefix cache",
@@ -76,9 +80,11 @@ class ServiceMetrics:
                        self.queue_time, self.request_prompt_tokens, self.request_generation_tokens,
                        self.iteration_tokens):
             metric.labels(model_name)
-        for reason in ("stop", "length", "abort"):
+        for reason in SUCCESS_REASONS:
             self.success.labels(model_name, reason)
         self.requests.labels(model_name, "/v1/embeddings")
+        for reason in ABORT_REASONS:
+            self.aborted.labels(model_name, reason)
 
     def observe_step(self, num_tokens: int) -> None:
         """AsyncEngine's on_step callback (engine thread; prometheus_client is thread-safe)."""
@@ -91,8 +97,14 @@ class ServiceMetrics:
         self.errors.labels(self.model_name, str(status)).inc()
 
     def observe_finished_sequence(self, finish_reason: str) -> None:
+        """A sequence that ended on its own (stop or length); aborts go to observe_aborted."""
         self.success.labels(self.model_name, finish_reason).inc()
         self.vllm.observe_finished(finish_reason)
+
+    def observe_aborted(self, reason: str) -> None:
+        """A sequence cut short: the client left, the request timed out or the server is shutting down."""
+        self.aborted.labels(self.model_name, reason).inc()
+        self.vllm.observe_finished("abort")
 
     def observe_itl(self, seconds: float, num_tokens: int) -> None:
         """`num_tokens` arrived `seconds` after the previous ones: one ITL sample per token."""

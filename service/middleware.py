@@ -111,8 +111,10 @@ class RequestContextMiddleware:
     @staticmethod
     async def _send_error(send: Send, status: int, message: str) -> None:
         body = json.dumps(error_body(status, message)).encode()
+        # Refused on its headers, the body is never read: close rather than wait for it.
         await send({"type": "http.response.start", "status": status,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                                (b"connection", b"close")]})
         await send({"type": "http.response.body", "body": body})
 
     @staticmethod

@@ -10,11 +10,13 @@ from pydantic import (
     ConfigDict,
     Field,
     SerializerFunctionWrapHandler,
+    field_validator,
     model_serializer,
     model_validator,
 )
 
 from engine.sampling_params import SamplingParams
+from service.unicode_text import reject_lone_surrogates
 
 MAX_N = 16  # samples per prompt; bounds the work one request can ask for
 MAX_PROMPTS = 64  # prompts in one batched completions request
@@ -29,6 +31,11 @@ class StrictModel(BaseModel):
     """Requests reject unknown fields and wrong JSON types (no "5" for 5) with a 400."""
 
     model_config = ConfigDict(strict=True, extra="forbid")
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _valid_unicode(cls, value: Any) -> Any:
+        return reject_lone_surrogates(value)  # every text field: a lone surrogate is a 400, not a 500 later
 
 
 class StreamOptions(StrictModel):
@@ -158,6 +165,14 @@ class ChatMessage(StrictModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+
+    @model_validator(mode="after")
+    def _needs_content(self) -> ChatMessage:
+        # Only an assistant turn may come without text; an empty user turn would have the model
+        # answer nothing in particular until the context is full.
+        if self.content is None and self.role != "assistant":
+            raise ValueError(f"content is required in a {self.role} message")
+        return self
 
     def as_template_dict(self) -> dict[str, str]:
         if isinstance(self.content, list):

@@ -56,6 +56,8 @@ class Settings(BaseSettings):
     shutdown_timeout: float = Field(30.0, ge=0, description="seconds in-flight requests may run after SIGTERM")
     request_timeout: float | None = Field(None, gt=0, description="seconds before a request is aborted",
                                           json_schema_extra=_unset("none"))
+    request_body_timeout: float = Field(30.0, gt=0, description="seconds a client has to send its request body "
+                                                                "after the headers; then 408")
     log_format: Literal["json", "text"] = Field("json", description="log line format")
     log_level: str = Field("info", description="debug, info, warning, error")
     log_requests_text: bool = Field(False, description="include prompt and completion text in request logs")

@@ -159,6 +159,12 @@ class _Run:
     def __init__(self, state: ServerState, request: Request, prompts: list[Prompt], params: list[SamplingParams],
                  response_id: str) -> None:
         state.admit(len(prompts))
+        engine = state.require_engine().engine
+        for prompt, sampling in zip(prompts, params, strict=True):
+            try:
+                engine.check(prompt.token_ids, sampling)  # what the engine would refuse is a 400 now
+            except ValueError as exc:
+                raise APIError(400, str(exc)) from exc
         self.state, self.request, self.prompts, self.params = state, request, prompts, params
         self.response_id = response_id
         self.outcomes = [RunOutcome() for _ in prompts]
@@ -188,6 +194,9 @@ class _Run:
     def _finish_log(self, builders: list[Any] | None = None, streamed: bool = False) -> None:
         firsts = [o.first_token_time for o in self.outcomes if o.first_token_time is not None]
         self.log["ttft_s"] = round(min(firsts) - self.started, 4) if firsts else None
+        abort_reasons = [o.abort_reason for o in self.outcomes if o.abort_reason is not None]
+        if abort_reasons:
+            self.log["aborted"] = abort_reasons[0]
         if builders is not None:
             usage = self.usage(builders)
             self.log.update(prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens)
@@ -233,33 +242,23 @@ class _Run:
     async def stream(self, on_output: Callable[[int, RequestOutput], list[Any]],
                      make_chunk: Callable[..., BaseModel], include_usage: bool, builders: list[Any],
                      first_chunk: BaseModel | None = None) -> StreamingResponse:
-        """An SSE response. The first engine output is awaited here, so invalid input is still a 4xx."""
-        outputs = self._outputs()
-        try:
-            first = await anext(outputs)
-        except StopAsyncIteration:
-            first = None
-        except BaseException:
-            await outputs.aclose()
-            raise
+        """An SSE response that starts at once, while the request may still wait in the queue: the client
+        has its headers, and one that leaves before its first token is noticed (Starlette watches for the
+        disconnect) and its engine request aborted. Errors after the start arrive as an error event."""
 
         async def events() -> AsyncIterator[str]:
+            outputs = self._outputs()
             try:
                 if first_chunk is not None:
                     yield _sse(first_chunk)
-                pending = [first] if first is not None else []
-                while True:
-                    if pending:
-                        index, out = pending.pop()
-                    else:
-                        try:
-                            index, out = await anext(outputs)
-                        except StopAsyncIteration:
-                            break
-                    choices = on_output(index, out)
-                    if choices:
-                        yield _sse(make_chunk(choices))
-                failure = self._failure()
+                try:
+                    async for index, out in outputs:
+                        choices = on_output(index, out)
+                        if choices:
+                            yield _sse(make_chunk(choices))
+                    failure = self._failure()
+                except APIError as exc:
+                    failure = exc
                 if failure is not None:
                     yield f"data: {_json(error_body(failure.status, failure.message, code=failure.code))}\n\n"
                 elif include_usage:

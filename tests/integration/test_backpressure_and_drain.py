@@ -37,13 +37,15 @@ def test_full_queue_gets_429_with_retry_after(one_slot: LiveServer) -> None:
     with httpx.Client(base_url=url, timeout=120) as running, ThreadPoolExecutor(1) as pool:
         with running.stream("POST", "/v1/completions", json={**LONG, "max_tokens": 48, "stream": True}) as first:
             assert first.status_code == 200
+            first_lines = first.iter_lines()
+            assert next(first_lines).startswith("data: ")  # it runs (headers alone come while still queued)
             waiting = pool.submit(httpx.post, f"{url}/v1/completions", json={**LONG, "max_tokens": 2}, timeout=120)
             assert wait_for(lambda: one_slot.metric("kvserve_num_requests_waiting") == 1)
             rejected = httpx.post(f"{url}/v1/completions", json={**LONG, "max_tokens": 2})
             assert rejected.status_code == 429
             assert int(rejected.headers["Retry-After"]) >= 1
             assert rejected.json()["error"]["code"] == "queue_full"
-            first.read()
+            list(first_lines)  # to the end: the slot frees
         assert waiting.result().status_code == 200  # the queued one was served once the slot freed
     assert httpx.post(f"{url}/v1/completions", json={**LONG, "max_tokens": 2}).status_code == 200
 

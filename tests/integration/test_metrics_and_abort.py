@@ -10,7 +10,7 @@ from live_server import API_KEY, LiveServer
 METRIC_NAMES = [
     "kvserve_num_requests_running", "kvserve_num_requests_waiting", "kvserve_kv_cache_usage_ratio",
     "kvserve_prompt_tokens_total", "kvserve_generation_tokens_total", "kvserve_request_success_total",
-    "kvserve_request_errors_total", "kvserve_num_preemptions_total", "kvserve_prefix_cache_queries_total",
+    "kvserve_request_aborted_total", "kvserve_request_errors_total", "kvserve_num_preemptions_total", "kvserve_prefix_cache_queries_total",
     "kvserve_prefix_cache_hits_total", "kvserve_time_to_first_token_seconds", "kvserve_inter_token_latency_seconds",
     "kvserve_e2e_request_latency_seconds", "kvserve_request_queue_time_seconds", "kvserve_request_prompt_tokens",
     "kvserve_request_generation_tokens", "kvserve_iteration_tokens",
@@ -63,7 +63,7 @@ def test_metrics_move_with_traffic(server: LiveServer, http: httpx.Client) -> No
 
 
 def test_disconnect_mid_stream_aborts_and_frees_kv(server: LiveServer) -> None:
-    aborted_before = server.metric("kvserve_request_success_total", finish_reason="abort")
+    aborted_before = server.metric("kvserve_request_aborted_total", reason="client_disconnected")
     body = {"prompt": "Count slowly:", "max_tokens": 400, "ignore_eos": True, "stream": True}
     with httpx.Client(base_url=server.base_url, headers={"Authorization": f"Bearer {API_KEY}"},
                       timeout=60) as session:
@@ -78,7 +78,8 @@ def test_disconnect_mid_stream_aborts_and_frees_kv(server: LiveServer) -> None:
     # Leaving the block closed the connection mid-stream.
     assert wait_for(lambda: server.metric("kvserve_num_requests_running") == 0)
     assert wait_for(lambda: server.metric("kvserve_kv_cache_usage_ratio") == 0)
-    assert server.metric("kvserve_request_success_total", finish_reason="abort") == aborted_before + 1
+    assert wait_for(lambda: server.metric("kvserve_request_aborted_total", reason="client_disconnected")
+                    == aborted_before + 1)
 
 
 def test_disconnect_during_non_streamed_request_aborts(server: LiveServer) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from pydantic import ValidationError
 
@@ -79,3 +81,32 @@ def test_chat_delta_carries_only_what_changed() -> None:
     assert ChatDelta(content="x").model_dump() == {"content": "x"}
     assert ChatDelta().model_dump() == {}
     assert ChatDelta(role="assistant", content="").model_dump() == {"role": "assistant", "content": ""}
+
+
+@pytest.mark.parametrize("body", [
+    '{"prompt": "a\\ud800"}', '{"prompt": ["ok", "\\udc00"]}', '{"prompt": "x", "stop": "\\ud800"}',
+    '{"prompt": "x", "stop": ["a", "\\ud800"]}', '{"prompt": "x", "user": "\\udfff"}',
+    '{"prompt": "x", "logit_bias": {"\\ud800": 1}}',
+])
+def test_completion_rejects_lone_surrogates(body: str) -> None:
+    with pytest.raises(ValidationError):
+        CompletionRequest.model_validate(json.loads(body))
+
+
+@pytest.mark.parametrize("message", [
+    '{"role": "user", "content": "\\ud800"}', '{"role": "user", "content": [{"type": "text", "text": "\\ud800"}]}',
+    '{"role": "user", "content": "hi", "name": "\\ud800"}',
+    '{"role": "user"}', '{"role": "user", "content": null}', '{"role": "system", "content": null}',
+    '{"role": "developer"}', '{"role": "tool", "content": null}',
+])
+def test_chat_rejects_bad_messages(message: str) -> None:
+    with pytest.raises(ValidationError):
+        ChatCompletionRequest.model_validate(json.loads(f'{{"messages": [{message}]}}'))
+
+
+def test_valid_text_and_pairs_pass() -> None:
+    request = ChatCompletionRequest.model_validate(json.loads(
+        '{"messages": [{"role": "user", "content": "smile \\ud83d\\ude00 caf\\u00e9"},'
+        ' {"role": "assistant", "content": null}]}'))
+    assert request.messages[0].content == "smile \U0001F600 café"
+    assert completion(prompt=list(range(100_000))).prompts()[0][-1] == 99_999

@@ -71,6 +71,10 @@ class FakeEngine:
         finally:
             self.running.discard(request_id)
 
+    def check(self, prompt: list[int], params: SamplingParams) -> None:
+        if params.n > 4:
+            raise ValueError(f"n={params.n} is more than max_num_seqs=4")
+
     def abort(self, request_id: str) -> None:
         self.aborted.append(request_id)
 
@@ -197,3 +201,57 @@ def test_openapi_promises_400_not_422_and_declares_the_key() -> None:
             assert "422" not in operation["responses"], path
             keyed = path.startswith("/v1/") or path in ("/tokenize", "/detokenize")
             assert bool(operation.get("security")) is keyed, path
+
+
+async def test_stream_timeout_ends_with_an_error_event_and_counts_an_abort() -> None:
+    app = make_app(FakeEngine(delay=0.02), request_timeout=0.2)
+    async with client_for(app) as client:
+        response = await client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 50, "stream": True})
+    assert response.status_code == 200  # the stream starts before the engine has produced anything
+    events = response.text.split("\n\n")
+    assert events[-2] == "data: [DONE]"
+    assert json.loads(events[-3].removeprefix("data: "))["error"]["code"] == "timeout"
+    metrics = app.state.kvserve.metrics.render().decode()
+    assert 'kvserve_request_aborted_total{model="fake",reason="timeout"} 1.0' in metrics
+    assert 'kvserve_request_success_total{finish_reason="length",model="fake"} 0.0' in metrics
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_what_the_engine_refuses_is_400_before_any_stream(stream: bool) -> None:
+    async with client_for(make_app(FakeEngine())) as client:
+        response = await client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2, "n": 5,
+                                                              "stream": stream})
+    assert response.status_code == 400 and "max_num_seqs" in response.json()["error"]["message"]
+
+
+async def test_unexpected_error_is_500_that_closes_the_connection(monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        raise RuntimeError("tokenizer bug")
+
+    monkeypatch.setattr(CharTokenizer, "encode", broken)
+    transport = httpx.ASGITransport(app=make_app(FakeEngine()), raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        response = await client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2})
+    assert response.status_code == 500 and response.json()["error"]["type"] == "server_error"
+    assert response.headers["connection"] == "close"  # uvicorn drops it after an unhandled error: say so
+
+
+@pytest.mark.parametrize("body", [b'{"prompt": ', b'{"prompt": "\\ud800"}', b'{"prompt": "hi", "n": 0}'])
+async def test_without_a_key_the_body_is_never_looked_at(body: bytes) -> None:
+    async with client_for(make_app(FakeEngine(), api_keys=["k"])) as client:
+        response = await client.post("/v1/completions", content=body, headers={"Content-Type": "application/json"})
+        assert response.status_code == 401 and response.json()["error"]["code"] == "invalid_api_key"
+        assert response.headers["connection"] == "close"
+        page = await client.get("/inspect")  # the viewer page itself is open; it sends the key
+        assert page.status_code == 200
+        keyed = await client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2},
+                                  headers={"Authorization": "Bearer k"})
+        assert keyed.status_code == 200
+
+
+async def test_a_response_before_the_body_was_read_closes_the_connection() -> None:
+    async with client_for(make_app(FakeEngine())) as client:
+        unread = await client.post("/v1/nowhere", json={"prompt": "hi"})  # 404: the body is never read
+        read = await client.post("/tokenize", json={"prompt": "hi"})
+    assert unread.status_code == 404 and unread.headers["connection"] == "close"
+    assert read.status_code == 200 and "connection" not in read.headers

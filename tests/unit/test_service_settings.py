@@ -111,3 +111,13 @@ def test_settings_defaults_are_the_engines() -> None:
     engine_defaults = EngineConfig()
     for name, value in Settings.model_construct().engine_config_kwargs().items():
         assert value == getattr(engine_defaults, name), name
+
+
+def test_request_body_timeout_defaults_to_30_s(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("KVSERVE_REQUEST_BODY_TIMEOUT", raising=False)
+    assert parse().request_body_timeout == 30.0
+    monkeypatch.setenv("KVSERVE_REQUEST_BODY_TIMEOUT", "5")
+    assert parse().request_body_timeout == 5.0
+    assert parse("--request-body-timeout", "2.5").request_body_timeout == 2.5
+    with pytest.raises(ValueError):
+        parse("--request-body-timeout", "0")
