@@ -32,6 +32,8 @@ def load_model(settings: Settings, metrics: ServiceMetrics) -> LoadedModel:
     async_engine = AsyncEngine.launch(lambda: LLMEngine(settings.model, config, progress=False),
                                       on_step=metrics.observe_step)
     engine = async_engine.engine
+    if settings.chat_template is not None:
+        engine.tokenizer.set_chat_template(settings.chat_template)
     log.info("engine built", extra={"fields": {"device": engine.device, "dtype": str(engine.dtype).removeprefix("torch."),
                                                "quantization": engine.quantization,
                                                "kv_cache_blocks": len(engine.blocks.blocks)}})

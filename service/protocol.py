@@ -21,6 +21,7 @@ MAX_PROMPTS = 64  # prompts in one batched completions request
 MAX_STOP = 16
 MAX_TOP_LOGPROBS = 20
 MAX_SEED = 2**63 - 1
+MAX_TOOLS = 128
 
 TokenId = Annotated[int, Field(ge=0)]
 
@@ -147,19 +148,54 @@ class TextPart(StrictModel):
     text: str
 
 
+class FunctionCall(StrictModel):
+    name: str
+    arguments: str = Field(description="the arguments as a JSON string")
+
+
+class ToolCall(StrictModel):
+    """A tool call: in an assistant message of the conversation, and in responses."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class FunctionDefinition(StrictModel):
+    name: str = Field(pattern=r"^[a-zA-Z0-9_.-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = Field(None, description="JSON Schema of the arguments")
+    strict: bool | None = None
+
+
+class ChatTool(StrictModel):
+    type: Literal["function"] = "function"
+    function: FunctionDefinition
+
+
+class NamedFunction(StrictModel):
+    name: str
+
+
+class NamedToolChoice(StrictModel):
+    type: Literal["function"] = "function"
+    function: NamedFunction
+
+
 class ChatMessage(StrictModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
 
-    def as_template_dict(self) -> dict[str, str]:
-        if isinstance(self.content, list):
-            text = "".join(part.text for part in self.content)
-        else:
-            text = self.content or ""
+    def as_template_dict(self) -> dict[str, Any]:
+        """The message as chat templates get it (text parts are joined by engine.chat_template)."""
+        message = self.model_dump(exclude_none=True)
+        message["content"] = message.get("content")
         # Chat templates know "system", not OpenAI's newer "developer" role.
-        role = "system" if self.role == "developer" else self.role
-        return {"role": role, "content": text}
+        message["role"] = "system" if self.role == "developer" else self.role
+        return message
 
 
 class ChatCompletionRequest(SamplingRequest):
@@ -170,7 +206,13 @@ class ChatCompletionRequest(SamplingRequest):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     response_format: ResponseFormat | None = None
+    tools: list[ChatTool] | None = Field(None, min_length=1, max_length=MAX_TOOLS)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
+    # vLLM's chat template options
     add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
 
     @model_validator(mode="after")
     def _check_chat(self) -> ChatCompletionRequest:
@@ -178,6 +220,7 @@ class ChatCompletionRequest(SamplingRequest):
             raise ValueError("top_logprobs requires logprobs to be true")
         if self.max_tokens is not None and self.max_completion_tokens is not None:
             raise ValueError("give max_tokens or max_completion_tokens, not both")
+        check_tools(self.tools, self.tool_choice)
         return self
 
     @property
@@ -188,6 +231,19 @@ class ChatCompletionRequest(SamplingRequest):
         """Engine parameters; `max_tokens` is already resolved against the context length."""
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
         return SamplingParams(**self._sampling_kwargs(max_tokens), logprobs=logprobs)
+
+
+def check_tools(tools: list[ChatTool] | None, tool_choice: str | NamedToolChoice | None) -> None:
+    """Cross-field rules of tools and tool_choice, as OpenAI states them."""
+    names = [tool.function.name for tool in tools or []]
+    duplicated = sorted({name for name in names if names.count(name) > 1})
+    if duplicated:
+        raise ValueError(f"tools: function names must be unique; repeated: {', '.join(duplicated)}")
+    if isinstance(tool_choice, NamedToolChoice):
+        if tool_choice.function.name not in names:
+            raise ValueError(f"tool_choice names function {tool_choice.function.name!r}, which is not in tools")
+    elif tool_choice in ("auto", "required") and not names:
+        raise ValueError(f"tool_choice {tool_choice!r} needs tools")
 
 
 # ---- responses ----
@@ -241,14 +297,23 @@ class ChatChoiceLogprobs(BaseModel):
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] | None = None
+
+    @model_serializer(mode="wrap")
+    def _drop_no_calls(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # content stays (null when the reply is only tool calls); tool_calls only when there are some.
+        return {k: v for k, v in handler(self).items() if k != "tool_calls" or v is not None}
+
+
+ChatFinishReason = Literal["stop", "length", "tool_calls"]
 
 
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
     logprobs: ChatChoiceLogprobs | None = None
-    finish_reason: Literal["stop", "length"] | None = None
+    finish_reason: ChatFinishReason | None = None
 
 
 class ChatCompletionResponse(BaseModel):
@@ -260,21 +325,38 @@ class ChatCompletionResponse(BaseModel):
     usage: UsageInfo
 
 
-class ChatDelta(BaseModel):
-    role: Literal["assistant"] | None = None
-    content: str | None = None
-
+class DeltaModel(BaseModel):
     @model_serializer(mode="wrap")
     def _drop_unset(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
         # A delta carries only what changed: {"content": "x"}, and {} in the final chunk.
         return {k: v for k, v in handler(self).items() if v is not None}
 
 
+class DeltaFunctionCall(DeltaModel):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class DeltaToolCall(DeltaModel):
+    """A piece of a streamed tool call: id, type and name in its first piece, arguments in pieces."""
+
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: DeltaFunctionCall
+
+
+class ChatDelta(DeltaModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
+
+
 class ChatStreamChoice(BaseModel):
     index: int
     delta: ChatDelta
     logprobs: ChatChoiceLogprobs | None = None
-    finish_reason: Literal["stop", "length"] | None = None
+    finish_reason: ChatFinishReason | None = None
 
 
 class ChatCompletionChunk(BaseModel):

@@ -10,6 +10,8 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 # The CPU weight formats (engine.models.cpu_matmul.QUANTIZATIONS), spelled out so the service needs no torch.
 Quantization = Literal["auto", "none", "bf16", "fp16", "int8"]
+# Tool-call formats of tool_choice "auto" (service.tools.PARSERS), vLLM's --tool-call-parser names.
+ToolCallParserName = Literal["hermes", "llama3_json", "mistral"]
 
 
 class Settings(BaseSettings):
@@ -41,6 +43,19 @@ class Settings(BaseSettings):
     max_request_bytes: int = Field(1 << 20, ge=1024, description="largest accepted request body, in bytes")
     inspect_max_tokens: int = Field(256, ge=1, description="longest prompt the inspection API accepts, in tokens")
     inspect_max_bytes: int = Field(64 << 20, ge=1024, description="largest inspection response, in bytes")
+    chat_template: str | None = Field(None, description="chat template file or Jinja text replacing the model's")
+    tool_call_parser: ToolCallParserName | None = Field(
+        None, description="tool-call format parsed with tool_choice auto: hermes, llama3_json, mistral "
+                          "(default: detected from the chat template)")
+
+    @field_validator("chat_template")
+    @classmethod
+    def _load_chat_template(cls, value: str | None) -> str | None:
+        # Read the file and compile the template at startup, so a bad one stops the server at once.
+        # Imported here: the engine package loads torch, which `kvserve --help` should not wait for.
+        from engine.chat_template import load_chat_template
+
+        return load_chat_template(value) if value is not None else None
 
     @field_validator("api_keys", mode="before")
     @classmethod
