@@ -3,7 +3,6 @@ tool_choice required/named, and how a chat request's tools shape its prompt, dec
 
 from __future__ import annotations
 
-
 from service.tools.hermes import HermesToolParser
 from service.tools.llama3_json import Llama3JsonToolParser
 from service.tools.mistral import MistralToolParser

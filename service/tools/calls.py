@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import secrets
 import string
 from dataclasses import dataclass, field
@@ -46,4 +47,10 @@ def openai_call_id() -> str:
 def call_object(call: dict[str, Any], arguments_key: str = "arguments") -> dict[str, Any]:
     """{"name", arguments_key} of an OpenAI-shaped tool call (for rendering calls as model text)."""
     function = call.get("function", call)
-    return {"name": function.get("name"), arguments_key: function.get("arguments", {})}
+    arguments = function.get("arguments", {})
+    if isinstance(arguments, str):  # OpenAI's JSON string; written out as the object it stands for
+        try:
+            arguments = json.loads(arguments)
+        except json.JSONDecodeError:
+            pass
+    return {"name": function.get("name"), arguments_key: arguments}

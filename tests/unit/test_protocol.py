@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
+from engine.chat_template import content_text
 from service.protocol import ChatCompletionRequest, ChatDelta, CompletionRequest, TokenizeRequest
 
 
@@ -58,7 +59,10 @@ def test_chat_rules_and_params() -> None:
     request = ChatCompletionRequest.model_validate({"messages": messages, "max_completion_tokens": 7,
                                                     "logprobs": True, "top_logprobs": 3})
     assert request.requested_max_tokens == 7
-    assert request.messages[0].as_template_dict() == {"role": "system", "content": "be brief"}
+    # Parts go to the template renderer as parts: engine.chat_template.content_text is the one place they
+    # become text, for the API and for engine users alike.
+    shaped = request.messages[0].as_template_dict()
+    assert shaped["role"] == "system" and content_text(shaped["content"]) == "be \nbrief"
     params = request.to_sampling_params(7)
     assert params.logprobs == 3 and params.max_tokens == 7
     assert ChatCompletionRequest.model_validate({"messages": messages}).to_sampling_params(5).logprobs is None

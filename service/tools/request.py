@@ -1,0 +1,113 @@
+"""How a chat request's tools and tool_choice shape its prompt, its decoding and the parsing of its reply:
+the route's few calls into tool calling."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from engine.sampling_params import SamplingParams
+from engine.structured import StructuredOutput
+from service.chat import ChatOptions
+from service.choices import ChatChoiceBuilder
+from service.errors import APIError
+from service.protocol import ChatCompletionRequest, ChatMessage, NamedToolChoice
+from service.tools import PARSERS, detect_parser
+from service.tools.choice import ToolChatChoiceBuilder
+from service.tools.forced import (
+    NamedCallParser,
+    RequiredCallsParser,
+    named_call_schema,
+    required_calls_schema,
+)
+from service.tools.parser import ToolParser
+
+
+@dataclass(frozen=True)
+class ToolPlan:
+    """What one request's tools mean for it."""
+
+    template_tools: list[dict[str, Any]] | None  # the chat template's `tools` variable
+    text_format: type[ToolParser]  # how the model writes calls (and how past calls are shown to it)
+    make_parser: Callable[[], ToolParser] | None  # parses the reply into calls; None: plain text
+    structured_output: StructuredOutput | None  # required/named: the reply is constrained to the call(s)
+
+    @property
+    def forced(self) -> bool:
+        return self.structured_output is not None
+
+    @property
+    def needs_special_tokens(self) -> bool:
+        return self.make_parser is not None and not self.forced and self.text_format.needs_special_tokens
+
+
+def plan_tools(body: ChatCompletionRequest, chat_template: str | None, parser_name: str | None) -> ToolPlan:
+    """The plan for a request on a model with `chat_template`; `parser_name` is --tool-call-parser."""
+    text_format = PARSERS[parser_name] if parser_name else detect_parser(chat_template)
+    tools = body.tools or []
+    template_tools = [tool.model_dump(exclude_none=True) for tool in tools] or None
+    choice = body.tool_choice if body.tool_choice is not None else ("auto" if tools else "none")
+    functions = [tool.function for tool in tools]
+    if isinstance(choice, NamedToolChoice):
+        function = next(f for f in functions if f.name == choice.function.name)
+        return ToolPlan(template_tools, text_format, lambda: NamedCallParser(function.name),
+                        StructuredOutput("json", named_call_schema(function)))
+    if choice == "required":
+        return ToolPlan(template_tools, text_format, RequiredCallsParser,
+                        StructuredOutput("json", required_calls_schema(functions, body.parallel_tool_calls)))
+    if choice == "auto":
+        return ToolPlan(template_tools, text_format, text_format, None)
+    return ToolPlan(template_tools, text_format, None, None)
+
+
+def calls_as_text(messages: list[dict[str, Any]], text_format: type[ToolParser]) -> list[dict[str, Any]]:
+    """For templates that do not read tool_calls: past assistant calls written into the content, in the
+    format the model is expected to use, so the model still sees what it called."""
+    shown = []
+    for message in messages:
+        calls = message.get("tool_calls")
+        if message.get("role") == "assistant" and calls:
+            before = message.get("content")
+            text = text_format.render(calls)
+            message = {key: value for key, value in message.items() if key != "tool_calls"}
+            message["content"] = f"{before}\n{text}" if isinstance(before, str) and before else text
+        shown.append(message)
+    return shown
+
+
+def chat_options(body: ChatCompletionRequest, plan: ToolPlan) -> ChatOptions:
+    return ChatOptions(add_generation_prompt=body.add_generation_prompt,
+                       continue_final_message=body.continue_final_message,
+                       template_kwargs=body.chat_template_kwargs, tools=plan.template_tools)
+
+
+def template_messages(tokenizer: Any, messages: list[ChatMessage], plan: ToolPlan) -> list[dict[str, Any]]:
+    """The request's messages as the chat template gets them."""
+    shaped = [message.as_template_dict() for message in messages]
+    template = getattr(tokenizer, "template", None)
+    if template is not None and not template.renders_tool_calls:
+        shaped = calls_as_text(shaped, plan.text_format)
+    return shaped
+
+
+def with_tools(params: SamplingParams, plan: ToolPlan) -> SamplingParams:
+    """The request's sampling parameters with what its tools need: the constraint of a forced call,
+    and special tokens kept in the text when the tool-call markers are special tokens."""
+    changes: dict[str, Any] = {}
+    if plan.structured_output is not None:
+        if params.structured_output is not None:
+            raise APIError(400, "tool_choice 'required' or a named function cannot be combined with "
+                                "response_format or structured outputs", param="tool_choice")
+        changes["structured_output"] = plan.structured_output
+    if plan.needs_special_tokens:
+        changes["skip_special_tokens"] = False
+    return dataclasses.replace(params, **changes) if changes else params
+
+
+def chat_choice_builder(index: int, tokenizer: Any, logprobs: bool, plan: ToolPlan) -> ChatChoiceBuilder:
+    """A plain choice builder, or one that parses tool calls out of the reply."""
+    if plan.make_parser is None:
+        return ChatChoiceBuilder(index, tokenizer, logprobs)
+    return ToolChatChoiceBuilder(index, tokenizer, logprobs, plan.make_parser(), forced=plan.forced)
