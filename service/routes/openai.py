@@ -38,6 +38,7 @@ from service.protocol import (
     UsageInfo,
 )
 from service.state import ServerState, get_state
+from service.structured import apply_structured_output
 
 router = APIRouter(tags=["openai"])
 
@@ -70,6 +71,7 @@ async def create_completion(body: CompletionRequest, request: Request,
     prompts = [fit_context(state, tokenize_prompt(state, p), body.requested_max_tokens, "max_tokens")
                for p in body.prompts()]
     params = [_sampling_params(state, lambda p=p: body.to_sampling_params(p.max_tokens)) for p in prompts]
+    params = await apply_structured_output(state, body, params)
     tokenizer = state.require_engine().tokenizer
     builders = [
         CompletionChoiceBuilder(i * body.n + j, tokenizer, body.logprobs,
@@ -109,6 +111,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request,
     prompt = fit_context(state, chat_prompt(state, body.messages, body.add_generation_prompt),
                          body.requested_max_tokens, "max_completion_tokens")
     params = [_sampling_params(state, lambda: body.to_sampling_params(prompt.max_tokens))]
+    params = await apply_structured_output(state, body, params)
     builders = [ChatChoiceBuilder(j, tokenizer, body.logprobs) for j in range(body.n)]
     run = _Run(state, request, [prompt], params, f"chatcmpl-{request.scope[REQUEST_ID_KEY]}")
 
