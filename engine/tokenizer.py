@@ -200,6 +200,10 @@ class Tokenizer:
             return bytes(byte_of[ch] for ch in raw)
         return text.encode()
 
+    def to_json(self) -> str:
+        """The HF `tokenizers` definition (tokenizer.json text), for libraries that tokenize alongside us."""
+        return self._tok.to_str()
+
     def token_to_id(self, token: str) -> int | None:
         """Id of a vocabulary entry spelled exactly as `token`, or None."""
         return self._tok.token_to_id(token)

@@ -37,7 +37,8 @@ def load_model(settings: Settings, metrics: ServiceMetrics) -> LoadedModel:
     log.info("engine built", extra={"fields": {"device": engine.device, "dtype": str(engine.dtype).removeprefix("torch."),
                                                "quantization": engine.quantization,
                                                "kv_cache_blocks": len(engine.blocks.blocks)}})
-    return LoadedModel(engine=async_engine, tokenizer=engine.tokenizer, max_model_len=engine.max_model_len)
+    return LoadedModel(engine=async_engine, tokenizer=engine.tokenizer, max_model_len=engine.max_model_len,
+                       grammars=engine.grammars)
 
 
 def create_app(settings: Settings | None = None, *, loaded: LoadedModel | None = None) -> FastAPI:

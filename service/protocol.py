@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Annotated, Any, Literal
 
@@ -25,11 +26,24 @@ MAX_TOOLS = 128
 
 TokenId = Annotated[int, Field(ge=0)]
 
+log = logging.getLogger("kvserve.service")
+
 
 class StrictModel(BaseModel):
-    """Requests reject unknown fields and wrong JSON types (no "5" for 5) with a 400."""
+    """Requests reject wrong JSON types (no "5" for 5) with a 400. Unknown fields are ignored, as OpenAI and
+    vLLM do: clients send fields of their own (`store`, `metadata`, `service_tier`...)."""
 
-    model_config = ConfigDict(strict=True, extra="forbid")
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _log_unknown_fields(cls, data: Any) -> Any:
+        if isinstance(data, dict) and log.isEnabledFor(logging.DEBUG):
+            known = set(cls.model_fields) | {f.alias for f in cls.model_fields.values() if f.alias}
+            if unknown := sorted(str(k) for k in data if k not in known):
+                log.debug("ignoring unknown request fields", extra={"fields": {"model": cls.__name__,
+                                                                               "ignored": unknown}})
+        return data
 
 
 class StreamOptions(StrictModel):
@@ -37,11 +51,43 @@ class StreamOptions(StrictModel):
     continuous_usage_stats: bool = False
 
 
+class JsonSchemaFormat(StrictModel):
+    name: str = Field(max_length=64)
+    description: str | None = None
+    json_schema: dict[str, Any] | None = Field(None, alias="schema", description="the JSON Schema")
+    strict: bool | None = None
+
+
 class ResponseFormat(StrictModel):
-    type: Literal["text"] = "text"
+    """OpenAI's response_format; service/structured.py turns it into a grammar."""
+
+    type: Literal["text", "json_object", "json_schema"] = "text"
+    json_schema: JsonSchemaFormat | None = None
 
 
-class SamplingRequest(StrictModel):
+class StructuredOutputsParams(StrictModel):
+    """vLLM's `structured_outputs`: exactly one of these."""
+
+    json_: dict[str, Any] | str | None = Field(None, alias="json", description="a JSON Schema")
+    regex: str | None = None
+    choice: list[str] | None = Field(None, min_length=1)
+    grammar: str | None = Field(None, description="EBNF: GBNF (llama.cpp) or Lark")
+    json_object: bool | None = None
+
+
+class StructuredOutputFields(StrictModel):
+    """Constrained decoding, on chat and completions: OpenAI's response_format, vLLM's structured_outputs
+    and its older guided_* fields (service/structured.py checks them and builds the grammar)."""
+
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsParams | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = Field(None, min_length=1)
+    guided_grammar: str | None = None
+
+
+class SamplingRequest(StructuredOutputFields):
     """Fields shared by completions and chat (OpenAI's, plus vLLM's extras)."""
 
     model: str | None = Field(None, description="served model name; omitted means the one served model")

@@ -42,6 +42,7 @@ class LoadedModel:
     engine: AsyncEngineLike
     tokenizer: Any  # engine.tokenizer.Tokenizer
     max_model_len: int
+    grammars: Any = None  # engine.grammar.GrammarCompiler: the service compiles structured outputs with it
 
 
 @dataclass

@@ -39,7 +39,14 @@ from service.protocol import (
     UsageInfo,
 )
 from service.state import ServerState, get_state
-from service.tools.request import chat_choice_builder, chat_options, plan_tools, template_messages, with_tools
+from service.structured import apply_structured_output
+from service.tools.request import (
+    apply_tools,
+    chat_choice_builder,
+    chat_options,
+    plan_tools,
+    template_messages,
+)
 
 router = APIRouter(tags=["openai"])
 
@@ -72,6 +79,7 @@ async def create_completion(body: CompletionRequest, request: Request,
     prompts = [fit_context(state, tokenize_prompt(state, p), body.requested_max_tokens, "max_tokens")
                for p in body.prompts()]
     params = [_sampling_params(state, lambda p=p: body.to_sampling_params(p.max_tokens)) for p in prompts]
+    params = await apply_structured_output(state, body, params)
     tokenizer = state.require_engine().tokenizer
     builders = [
         CompletionChoiceBuilder(i * body.n + j, tokenizer, body.logprobs,
@@ -112,7 +120,8 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request,
     prompt = fit_context(state, chat_prompt(state, template_messages(tokenizer, body.messages, plan),
                                             chat_options(body, plan)),
                          body.requested_max_tokens, "max_completion_tokens")
-    params = [_sampling_params(state, lambda: with_tools(body.to_sampling_params(prompt.max_tokens), plan))]
+    params = [_sampling_params(state, lambda: body.to_sampling_params(prompt.max_tokens))]
+    params = await apply_tools(state, plan, await apply_structured_output(state, body, params))
     builders = [chat_choice_builder(j, tokenizer, body.logprobs, plan) for j in range(body.n)]
     run = _Run(state, request, [prompt], params, f"chatcmpl-{request.scope[REQUEST_ID_KEY]}")
 

@@ -3,17 +3,20 @@ the route's few calls into tool calling."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from engine.grammar import GrammarError
 from engine.sampling_params import SamplingParams
 from engine.structured import StructuredOutput
 from service.chat import ChatOptions
 from service.choices import ChatChoiceBuilder
 from service.errors import APIError
 from service.protocol import ChatCompletionRequest, ChatMessage, NamedToolChoice
+from service.state import ServerState
 from service.tools import PARSERS, detect_parser
 from service.tools.choice import ToolChatChoiceBuilder
 from service.tools.forced import (
@@ -92,18 +95,25 @@ def template_messages(tokenizer: Any, messages: list[ChatMessage], plan: ToolPla
     return shaped
 
 
-def with_tools(params: SamplingParams, plan: ToolPlan) -> SamplingParams:
-    """The request's sampling parameters with what its tools need: the constraint of a forced call,
-    and special tokens kept in the text when the tool-call markers are special tokens."""
+async def apply_tools(state: ServerState, plan: ToolPlan, params: list[SamplingParams]) -> list[SamplingParams]:
+    """The request's sampling parameters with what its tools need: the constraint of a forced call
+    (compiled here, off the event loop), and special tokens kept in the text when the tool-call markers
+    are special tokens."""
     changes: dict[str, Any] = {}
     if plan.structured_output is not None:
-        if params.structured_output is not None:
+        if any(p.structured_output is not None for p in params):
             raise APIError(400, "tool_choice 'required' or a named function cannot be combined with "
                                 "response_format or structured outputs", param="tool_choice")
+        grammars = getattr(state.require_engine(), "grammars", None)
+        if grammars is not None:  # None: a fake engine in unit tests
+            try:
+                await asyncio.to_thread(grammars.compile, plan.structured_output)
+            except GrammarError as exc:
+                raise APIError(400, f"tools: a parameters schema cannot be enforced: {exc}", param="tools") from exc
         changes["structured_output"] = plan.structured_output
     if plan.needs_special_tokens:
         changes["skip_special_tokens"] = False
-    return dataclasses.replace(params, **changes) if changes else params
+    return [dataclasses.replace(p, **changes) for p in params] if changes else params
 
 
 def chat_choice_builder(index: int, tokenizer: Any, logprobs: bool, plan: ToolPlan) -> ChatChoiceBuilder:

@@ -30,7 +30,7 @@ def test_prompt_forms(prompt: object, expected: list) -> None:
     {"stop": ""}, {"stop": [""]}, {"stop": ["x"] * 17}, {"logit_bias": {"a": 1.0}}, {"logit_bias": {"5": 101}},
     {"prompt": []}, {"prompt": [-1]}, {"prompt": [[]]}, {"prompt": 3},
     {"max_tokens": "4"}, {"n": 1.0}, {"n": True}, {"echo": "yes"},
-    {"unknown": 1}, {"suffix": "x"}, {"best_of": 3},
+    {"suffix": "x"}, {"best_of": 3},
     {"stream_options": {"include_usage": True}},  # without stream
     {"min_tokens": 5, "max_tokens": 4},
 ])
@@ -67,7 +67,8 @@ def test_chat_rules_and_params() -> None:
     assert params.logprobs == 3 and params.max_tokens == 7
     assert ChatCompletionRequest.model_validate({"messages": messages}).to_sampling_params(5).logprobs is None
     for bad in ({"top_logprobs": 2}, {"max_tokens": 2, "max_completion_tokens": 3}, {"messages": []},
-                {"tools": []}, {"response_format": {"type": "json_object"}}):
+                {"tools": []}, {"tool_choice": "required"}, {"tools": [{"function": {"name": "a b"}}]},
+                {"tools": [{"function": {"name": "f"}}], "tool_choice": {"function": {"name": "g"}}}):
         with pytest.raises(ValidationError):
             ChatCompletionRequest.model_validate({"messages": messages, **bad})
 
