@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from typing import Literal
 
 import httpx
 import jsonschema
 import openai
 import pytest
 from live_server import REPO_ROOT, SERVED_NAME, LiveServer, start_server
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field
 
 pytestmark = pytest.mark.slow
 
@@ -156,3 +157,95 @@ def test_bad_tool_and_template_options_get_400(tools_client: openai.OpenAI, extr
         tools_client.chat.completions.create(model=SERVED_NAME, messages=[{"role": "user", "content": "hi"}],
                                              max_tokens=2, extra_body=body)
     assert message in error.value.body["message"]
+
+
+# ---- forced calls: tool_choice "required" or a named function constrains the reply to valid calls ----
+
+BOOKING_PARAMETERS = {
+    "type": "object",
+    "properties": {
+        "guest": {"type": "object", "properties": {
+            "name": {"type": "string", "minLength": 1, "maxLength": 20},
+            "age": {"type": "integer", "minimum": 18, "maximum": 99}},
+            "required": ["name", "age"], "additionalProperties": False},
+        "nights": {"type": "integer", "minimum": 1, "maximum": 14},
+        "room": {"enum": ["single", "double", "suite"]},
+        "extras": {"type": "array", "items": {"type": "string", "pattern": "^[a-z]{1,10}$"},
+                   "minItems": 1, "maxItems": 3},
+        "budget": {"anyOf": [{"type": "number", "minimum": 0, "maximum": 1000}, {"type": "null"}]},
+    },
+    "required": ["guest", "nights", "room", "extras", "budget"],
+    "additionalProperties": False,
+}
+BOOKING_TOOL = {"type": "function", "function": {"name": "book_room", "description": "Book a hotel room",
+                                                 "parameters": BOOKING_PARAMETERS}}
+SCHEMAS = {"get_weather": WEATHER_PARAMETERS, "book_room": BOOKING_PARAMETERS}
+BOOK = [{"role": "user", "content": "Book a double room for Ann, 34, for three nights with breakfast."}]
+
+
+@pytest.mark.parametrize("sampling", [{"temperature": 0}, {"temperature": 1.0, "seed": 7, "n": 2}])
+def test_named_function_arguments_match_its_schema(tools_client: openai.OpenAI, sampling: dict) -> None:
+    response = tools_client.chat.completions.create(
+        model=SERVED_NAME, messages=BOOK, tools=[WEATHER_TOOL, BOOKING_TOOL], max_tokens=200,
+        tool_choice={"type": "function", "function": {"name": "book_room"}}, **sampling)
+    for choice in response.choices:
+        assert choice.finish_reason == "tool_calls" and choice.message.content is None
+        [call] = choice.message.tool_calls
+        assert call.function.name == "book_room" and call.id.startswith("call_")
+        jsonschema.validate(json.loads(call.function.arguments), BOOKING_PARAMETERS)
+
+
+@pytest.mark.parametrize("parallel", [False, True])
+def test_required_calls_match_their_functions_schemas(tools_client: openai.OpenAI, parallel: bool) -> None:
+    response = tools_client.chat.completions.create(
+        model=SERVED_NAME, messages=BOOK, tools=[WEATHER_TOOL, BOOKING_TOOL], tool_choice="required",
+        parallel_tool_calls=parallel, temperature=0, max_tokens=300)
+    choice = response.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    calls = choice.message.tool_calls
+    assert len(calls) >= 1 and (parallel or len(calls) == 1)
+    assert len({call.id for call in calls}) == len(calls)
+    for call in calls:
+        jsonschema.validate(json.loads(call.function.arguments), SCHEMAS[call.function.name])
+
+
+class Guest(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # closed objects and bounded strings keep replies short
+
+    name: str = Field(max_length=20)
+    age: int = Field(ge=0, le=120)
+
+
+class BookRoom(BaseModel):
+    """Book a hotel room."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    guest: Guest
+    nights: int = Field(ge=1, le=14)
+    room: Literal["single", "double", "suite"]
+
+
+def test_streamed_named_call_parses_into_the_pydantic_model(tools_client: openai.OpenAI) -> None:
+    tool = openai.pydantic_function_tool(BookRoom, name="book_room")
+    with tools_client.chat.completions.stream(
+            model=SERVED_NAME, messages=BOOK, tools=[tool], temperature=0, max_tokens=200,
+            tool_choice={"type": "function", "function": {"name": "book_room"}}) as stream:
+        final = stream.get_final_completion()
+    choice = final.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    [call] = choice.message.tool_calls
+    assert isinstance(call.function.parsed_arguments, BookRoom)
+
+
+def test_langchain_bind_tools_and_structured_output(tools_server: LiveServer) -> None:
+    from langchain_openai import ChatOpenAI
+
+    model = ChatOpenAI(model=SERVED_NAME, base_url=f"{tools_server.base_url}/v1", api_key="unused",
+                       temperature=0, max_tokens=120, max_retries=0, timeout=300)
+    reply = model.bind_tools([BookRoom, GetWeather], tool_choice="BookRoom").invoke(BOOK[0]["content"])
+    [call] = reply.tool_calls
+    assert call["name"] == "BookRoom" and call["id"].startswith("call_")
+    BookRoom.model_validate(call["args"])
+    booking = model.with_structured_output(BookRoom, method="function_calling").invoke(BOOK[0]["content"])
+    assert isinstance(booking, BookRoom)
