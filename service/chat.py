@@ -7,7 +7,10 @@ from typing import Any
 
 from service.errors import APIError
 from service.generation import Prompt, tokenize_prompt
+from service.protocol import ChatMessage
 from service.state import ServerState
+from service.tools import tool_text_format
+from service.tools.history import template_messages
 
 
 @dataclass(frozen=True)
@@ -20,14 +23,16 @@ class ChatOptions:
     tools: list[dict[str, Any]] | None = None
 
 
-def chat_prompt(state: ServerState, messages: list[dict[str, Any]], options: ChatOptions = ChatOptions()) -> Prompt:
-    """Render template-shaped messages and tokenize (the template adds the special tokens)."""
+def chat_prompt(state: ServerState, messages: list[ChatMessage], options: ChatOptions = ChatOptions()) -> Prompt:
+    """Render request messages with the chat template and tokenize (the template adds the special tokens)."""
     tokenizer = state.require_engine().tokenizer
     if not getattr(tokenizer, "has_chat_template", True):
         raise APIError(400, "this model has no chat template; use /v1/completions", param="messages")
+    text_format = tool_text_format(getattr(tokenizer, "chat_template", None), state.settings.tool_call_parser)
+    shaped = template_messages(messages, getattr(tokenizer, "template", None), text_format)
     try:
         text = tokenizer.apply_chat_template(
-            messages, add_generation_prompt=options.add_generation_prompt,
+            shaped, add_generation_prompt=options.add_generation_prompt,
             continue_final_message=options.continue_final_message, tools=options.tools,
             template_kwargs=options.template_kwargs)
     except ValueError as exc:

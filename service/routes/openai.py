@@ -45,7 +45,6 @@ from service.tools.request import (
     chat_choice_builder,
     chat_options,
     plan_tools,
-    template_messages,
 )
 
 router = APIRouter(tags=["openai"])
@@ -117,8 +116,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request,
     state.check_model(body.model)
     tokenizer = state.require_engine().tokenizer
     plan = plan_tools(body, getattr(tokenizer, "chat_template", None), state.settings.tool_call_parser)
-    prompt = fit_context(state, chat_prompt(state, template_messages(tokenizer, body.messages, plan),
-                                            chat_options(body, plan)),
+    prompt = fit_context(state, chat_prompt(state, body.messages, chat_options(body, plan)),
                          body.requested_max_tokens, "max_completion_tokens")
     params = [_sampling_params(state, lambda: body.to_sampling_params(prompt.max_tokens))]
     params = await apply_tools(state, plan, await apply_structured_output(state, body, params))

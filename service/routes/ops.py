@@ -76,8 +76,8 @@ async def tokenize(body: TokenizeRequest, state: ServerState = Depends(get_state
     state.check_model(body.model)
     loaded = state.require_engine()
     if body.messages is not None:
-        ids = chat_prompt(state, [m.as_template_dict() for m in body.messages],
-                          ChatOptions(add_generation_prompt=body.add_generation_prompt)).token_ids
+        options = ChatOptions(add_generation_prompt=body.add_generation_prompt)
+        ids = chat_prompt(state, body.messages, options).token_ids
     else:
         ids = loaded.tokenizer.encode(body.prompt or "", add_special_tokens=body.add_special_tokens)
     return TokenizeResponse(count=len(ids), max_model_len=loaded.max_model_len, tokens=ids,

@@ -26,4 +26,9 @@ def detect_parser(template: str | None) -> type[ToolParser]:
     return PARSERS[DEFAULT_PARSER]
 
 
-__all__ = ["DEFAULT_PARSER", "PARSERS", "ToolParser", "detect_parser"]
+def tool_text_format(template: str | None, parser_name: str | None) -> type[ToolParser]:
+    """The format of tool calls in model text: --tool-call-parser if set, else the template's."""
+    return PARSERS[parser_name] if parser_name else detect_parser(template)
+
+
+__all__ = ["DEFAULT_PARSER", "PARSERS", "ToolParser", "detect_parser", "tool_text_format"]

@@ -15,9 +15,9 @@ from engine.structured import StructuredOutput
 from service.chat import ChatOptions
 from service.choices import ChatChoiceBuilder
 from service.errors import APIError
-from service.protocol import ChatCompletionRequest, ChatMessage, NamedToolChoice
+from service.protocol import ChatCompletionRequest, NamedToolChoice
 from service.state import ServerState
-from service.tools import PARSERS, detect_parser
+from service.tools import tool_text_format
 from service.tools.choice import ToolChatChoiceBuilder
 from service.tools.forced import (
     NamedCallParser,
@@ -48,7 +48,7 @@ class ToolPlan:
 
 def plan_tools(body: ChatCompletionRequest, chat_template: str | None, parser_name: str | None) -> ToolPlan:
     """The plan for a request on a model with `chat_template`; `parser_name` is --tool-call-parser."""
-    text_format = PARSERS[parser_name] if parser_name else detect_parser(chat_template)
+    text_format = tool_text_format(chat_template, parser_name)
     tools = body.tools or []
     template_tools = [tool.model_dump(exclude_none=True) for tool in tools] or None
     choice = body.tool_choice if body.tool_choice is not None else ("auto" if tools else "none")
@@ -65,34 +65,10 @@ def plan_tools(body: ChatCompletionRequest, chat_template: str | None, parser_na
     return ToolPlan(template_tools, text_format, None, None)
 
 
-def calls_as_text(messages: list[dict[str, Any]], text_format: type[ToolParser]) -> list[dict[str, Any]]:
-    """For templates that do not read tool_calls: past assistant calls written into the content, in the
-    format the model is expected to use, so the model still sees what it called."""
-    shown = []
-    for message in messages:
-        calls = message.get("tool_calls")
-        if message.get("role") == "assistant" and calls:
-            before = message.get("content")
-            text = text_format.render(calls)
-            message = {key: value for key, value in message.items() if key != "tool_calls"}
-            message["content"] = f"{before}\n{text}" if isinstance(before, str) and before else text
-        shown.append(message)
-    return shown
-
-
 def chat_options(body: ChatCompletionRequest, plan: ToolPlan) -> ChatOptions:
     return ChatOptions(add_generation_prompt=body.add_generation_prompt,
                        continue_final_message=body.continue_final_message,
                        template_kwargs=body.chat_template_kwargs, tools=plan.template_tools)
-
-
-def template_messages(tokenizer: Any, messages: list[ChatMessage], plan: ToolPlan) -> list[dict[str, Any]]:
-    """The request's messages as the chat template gets them."""
-    shaped = [message.as_template_dict() for message in messages]
-    template = getattr(tokenizer, "template", None)
-    if template is not None and not template.renders_tool_calls:
-        shaped = calls_as_text(shaped, plan.text_format)
-    return shaped
 
 
 async def apply_tools(state: ServerState, plan: ToolPlan, params: list[SamplingParams]) -> list[SamplingParams]:

@@ -249,3 +249,23 @@ def test_langchain_bind_tools_and_structured_output(tools_server: LiveServer) ->
     BookRoom.model_validate(call["args"])
     booking = model.with_structured_output(BookRoom, method="function_calling").invoke(BOOK[0]["content"])
     assert isinstance(booking, BookRoom)
+
+
+def test_conversation_on_a_template_without_tool_support(client: openai.OpenAI, http: httpx.Client) -> None:
+    """SmolLM2's own template ignores tool_calls: past calls reach the model as Hermes text instead."""
+    question = {"role": "user", "content": "Weather in Paris?"}
+    reply = client.chat.completions.create(
+        model=SERVED_NAME, messages=[question], tools=[WEATHER_TOOL], max_tokens=40, temperature=0,
+        tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    call = reply.choices[0].message.tool_calls[0]
+    jsonschema.validate(json.loads(call.function.arguments), WEATHER_PARAMETERS)
+    messages = [question, reply.choices[0].message.model_dump(exclude_none=True),
+                {"role": "tool", "tool_call_id": call.id, "content": '{"temp_c": 18}'}]
+    answer = client.chat.completions.create(model=SERVED_NAME, messages=messages, tools=[WEATHER_TOOL],
+                                            max_tokens=20, temperature=0)
+    assert answer.choices[0].finish_reason in ("stop", "length", "tool_calls")
+    text = http.post("/detokenize", json={"tokens": http.post("/tokenize", json={"messages": messages}).json()[
+        "tokens"]}).json()["prompt"]
+    shown = json.dumps({"name": "get_weather", "arguments": json.loads(call.function.arguments)}, ensure_ascii=False)
+    assert f"<|im_start|>assistant\n<tool_call>\n{shown}\n</tool_call><|im_end|>" in text
+    assert text.endswith('<|im_start|>tool\n{"temp_c": 18}<|im_end|>\n<|im_start|>assistant\n')

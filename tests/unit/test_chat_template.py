@@ -10,7 +10,7 @@ import pytest
 
 from engine.chat_template import ChatTemplate, content_text, load_chat_template
 from service.tools.hermes import HermesToolParser
-from service.tools.request import calls_as_text
+from service.tools.history import calls_as_text
 
 TOOLS_TEMPLATE = Path(__file__).resolve().parents[2] / "service" / "chat_templates" / "chatml_tools.jinja"
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
