@@ -37,6 +37,8 @@ CASES = [
     (MistralToolParser, 'Sure.[TOOL_CALLS][{"name": "get_weather", "arguments": ' + json.dumps(WEATHER)
      + '}, {"name": "b", "arguments": {"k": "v"}}]', "Sure.", [("get_weather", WEATHER), ("b", {"k": "v"})]),
     (MistralToolParser, "Plain [TOOL text] only", "Plain [TOOL text] only", []),
+    (MistralToolParser, 'Sure. [TOOL_CALLS]get_weather[ARGS]' + json.dumps(WEATHER) + '[TOOL_CALLS]b[ARGS]{"k": "v"}',
+     "Sure.", [("get_weather", WEATHER), ("b", {"k": "v"})]),
     (lambda: NamedCallParser("get_weather"), json.dumps(WEATHER), None, [("get_weather", WEATHER)]),
     (RequiredCallsParser, '[{"name": "a", "arguments": {"q": "[x]"}}, {"name": "b", "arguments": {}}]', None,
      [("a", {"q": "[x]"}), ("b", {})]),
