@@ -2,9 +2,9 @@
 
 Order of operations on a [B, V] batch of logits (one row per sequence):
 
-0. Structured output: rows with a grammar get every token their grammar forbids set to -inf, in one
-   masked_fill over those rows (the packed bitmask comes from engine/grammar.py). Nothing later can bring a
-   -inf back, so the chosen token is always one the grammar allows.
+0. Structured output: rows with a grammar get every token their grammar forbids set to -inf, by one
+   index_add_ of a 0 / -inf bias over those rows (made from the packed bitmasks, engine/grammar.py).
+   Nothing later can bring a -inf back, so the chosen token is always one the grammar allows.
 1. logit_bias is added.
 2. min_tokens: while a row has fewer outputs than `min_tokens`, its stop_token_ids and (unless
    ignore_eos) its eos ids are set to -inf (vLLM's rule).
@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from engine.grammar import unpack_bitmask
+from engine.grammar import bitmask_to_bias
 from engine.outputs import TokenLogprob
 from engine.sampling_params import SamplingParams
 
@@ -194,9 +194,8 @@ def _apply_grammar(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
     if not guided:
         return
     packed = torch.stack([rows[i].token_bitmask for i in guided]).to(logits.device, non_blocking=True)
-    allowed = unpack_bitmask(packed, logits.shape[-1])
-    index = torch.tensor(guided, device=logits.device)
-    logits[index] = logits[index].masked_fill(~allowed, float("-inf"))
+    bias = bitmask_to_bias(packed, logits.shape[-1])
+    logits.index_add_(0, torch.tensor(guided, device=logits.device), bias)
 
 
 def _apply_logit_bias(logits: torch.Tensor, rows: list[SamplingRow]) -> None:

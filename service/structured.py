@@ -40,40 +40,37 @@ async def apply_structured_output(state: ServerState, body: StructuredOutputFiel
 
 def structured_output_of(body: StructuredOutputFields) -> tuple[StructuredOutput, str] | None:
     """The one constraint the request asks for and the field it came from; APIError if several or malformed."""
-    candidates: list[tuple[StructuredOutput, str]] = []
-    if body.response_format is not None and (spec := _from_response_format(body)) is not None:
-        candidates.append((spec, "response_format"))
-    if body.structured_outputs is not None:
-        candidates.append((_from_structured_outputs(body), "structured_outputs"))
-    guided = {"guided_json": body.guided_json, "guided_regex": body.guided_regex,
-              "guided_choice": body.guided_choice, "guided_grammar": body.guided_grammar}
-    for name, value in guided.items():
-        if value is not None:
-            candidates.append((_spec(name.removeprefix("guided_"), value, name), name))
-    if len(candidates) > 1:
-        names = ", ".join(param for _, param in candidates)
-        raise APIError(400, f"give at most one structured-output constraint; this request has {names}",
-                       param=candidates[1][1])
-    return candidates[0] if candidates else None
+    given = [name for name in ("response_format", "structured_outputs", "guided_json", "guided_regex",
+                               "guided_choice", "guided_grammar") if getattr(body, name) is not None]
+    if body.response_format is not None and body.response_format.type == "text":
+        given.remove("response_format")
+    if len(given) > 1:
+        raise APIError(400, f"give at most one structured-output constraint; this request has {', '.join(given)}",
+                       param=given[1])
+    if not given:
+        return None
+    if given[0] == "response_format":
+        return _from_response_format(body)
+    if given[0] == "structured_outputs":
+        return _from_structured_outputs(body)
+    return _spec(given[0].removeprefix("guided_"), getattr(body, given[0]), given[0])
 
 
-def _from_response_format(body: StructuredOutputFields) -> StructuredOutput | None:
+def _from_response_format(body: StructuredOutputFields) -> tuple[StructuredOutput, str]:
     fmt = body.response_format
     assert fmt is not None
-    if fmt.type == "text":
-        return None
     if fmt.type == "json_object":
-        return StructuredOutput("json_object", None)
+        return StructuredOutput("json_object", None), "response_format"
     if fmt.json_schema is None:
         raise APIError(400, "response_format.json_schema is required when type is 'json_schema'",
                        param="response_format.json_schema")
     schema = fmt.json_schema.json_schema
     if schema is None:  # OpenAI: no schema means any JSON value is fine; an object is what clients expect
-        return StructuredOutput("json_object", None)
+        return StructuredOutput("json_object", None), "response_format.json_schema"
     return _spec("json", schema, "response_format.json_schema.schema")
 
 
-def _from_structured_outputs(body: StructuredOutputFields) -> StructuredOutput:
+def _from_structured_outputs(body: StructuredOutputFields) -> tuple[StructuredOutput, str]:
     so = body.structured_outputs
     assert so is not None
     given = {name: value for name, value in (("json", so.json_), ("regex", so.regex), ("choice", so.choice),
@@ -86,12 +83,13 @@ def _from_structured_outputs(body: StructuredOutputFields) -> StructuredOutput:
                             f"got {what}", param="structured_outputs")
     kind, value = next(iter(given.items()))
     if kind == "json_object":
-        return StructuredOutput("json_object", None)
+        return StructuredOutput("json_object", None), "structured_outputs.json_object"
     return _spec(kind, value, f"structured_outputs.{kind}")
 
 
-def _spec(kind: str, value: Any, param: str) -> StructuredOutput:
-    """A StructuredOutput of `kind` from a request value (a schema may come as an object or as JSON text)."""
+def _spec(kind: str, value: Any, param: str) -> tuple[StructuredOutput, str]:
+    """A StructuredOutput of `kind` from the request field `param` (a schema may come as an object or as JSON
+    text), with that field's name."""
     if kind == "json":
         text = value if isinstance(value, str) else json.dumps(value)
         try:
@@ -100,14 +98,14 @@ def _spec(kind: str, value: Any, param: str) -> StructuredOutput:
             raise APIError(400, f"{param}: the JSON schema is not valid JSON: {exc}", param=param) from exc
         if not isinstance(schema, dict | bool):
             raise APIError(400, f"{param}: a JSON schema must be an object", param=param)
-        return StructuredOutput("json", json.dumps(schema))  # key order kept: it is the output's property order
+        return StructuredOutput("json", json.dumps(schema)), param  # key order kept: the output's property order
     if kind == "choice":
         if not value or any(not c for c in value):
             raise APIError(400, f"{param}: choices must be non-empty strings", param=param)
-        return StructuredOutput("choice", tuple(value))
+        return StructuredOutput("choice", tuple(value)), param
     if not value:
         raise APIError(400, f"{param} must not be empty", param=param)
-    return StructuredOutput(kind, value)  # type: ignore[arg-type]  # regex or grammar
+    return StructuredOutput(kind, value), param  # type: ignore[arg-type]  # regex or grammar
 
 
 def _describe(spec: StructuredOutput) -> str:
