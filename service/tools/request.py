@@ -66,6 +66,7 @@ def plan_tools(body: ChatCompletionRequest, chat_template: str | None, parser_na
 
 
 def chat_options(body: ChatCompletionRequest, plan: ToolPlan) -> ChatOptions:
+    """How the request's conversation is rendered: its template fields, and the tools for the template."""
     return ChatOptions(add_generation_prompt=body.add_generation_prompt,
                        continue_final_message=body.continue_final_message,
                        template_kwargs=body.chat_template_kwargs, tools=plan.template_tools)
