@@ -108,6 +108,10 @@ class AsyncEngine:
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use")
         ids = self.engine.prepare_prompt(prompt, params)  # ValueError before anything is queued
+        if params.structured_output is not None:
+            # Compile in a worker thread (GrammarError, a ValueError, if it cannot be enforced): a large schema
+            # must not stall the step loop; add_request then finds it in the cache.
+            await asyncio.to_thread(self.engine.grammars.compile, params.structured_output)
         stream: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = (asyncio.get_running_loop(), stream)
         self._num_pending += 1

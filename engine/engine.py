@@ -17,6 +17,7 @@ import torch
 
 from engine.config import EngineConfig, ModelConfig, resolve_device, resolve_dtype
 from engine.converted import load_converted, save_converted
+from engine.grammar import CompiledGrammar, GrammarCompiler, GrammarMatcher, fill_bitmasks
 from engine.kv_cache import BlockManager
 from engine.models.cpu_matmul import pack_linears, resolve_quantization
 from engine.models_registry import resolve_model
@@ -44,6 +45,9 @@ class _Sample:
     detokenizer: IncrementalDetokenizer
     stops: StopStringMatcher | None
     generator: torch.Generator | None
+    grammar: CompiledGrammar | None = None
+    matcher: GrammarMatcher | None = None  # the grammar's state after this sample's output tokens
+    matcher_epoch: int = 0  # seq.num_preemptions when the matcher was built (see _matcher)
     text: str = ""
     logprobs: list[TokenLogprob] | None = None
     delta_text: str = ""
@@ -59,6 +63,7 @@ class _Request:
     params: SamplingParams
     samples: list[_Sample]
     metrics: RequestMetrics
+    grammar: CompiledGrammar | None = None
     prompt_logprob_by_position: dict[int, TokenLogprob] = field(default_factory=dict)
     prompt_logprobs_sent: bool = False
     aborted: bool = False
@@ -103,6 +108,7 @@ class LLMEngine:
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens)
         self.runner = ModelRunner(self.model, self.model_config, self.device, self.dtype, config.block_size, num_blocks)
         self.eos_token_ids = set(self.tokenizer.eos_token_ids) | set(self.model_config.eos_token_ids)
+        self.grammars = GrammarCompiler(self.tokenizer, self.model_config.vocab_size, self.eos_token_ids)
         self._requests: dict[str, _Request] = {}
         self._seq_ids = itertools.count()
         self._aborts: set[str] = set()
@@ -205,10 +211,13 @@ class LLMEngine:
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | EmbeddingParams,
                     arrival_time: float | None = None, prompt_ids: list[int] | None = None) -> None:
         """Queue a request (generation, or an embedding with EmbeddingParams). ValueError for an empty or
-        too-long prompt or a reused request id."""
+        too-long prompt, a reused request id or a structured output that does not compile (the service
+        compiles it beforehand, off the step loop: this hits the cache)."""
         if request_id in self._requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         ids = prompt_ids if prompt_ids is not None else self.prepare_prompt(prompt, params)
+        structured = getattr(params, "structured_output", None)  # EmbeddingParams have none
+        grammar = self.grammars.compile(structured) if structured else None
         arrival = arrival_time or time.monotonic()
         embedding = params if isinstance(params, EmbeddingParams) else None
         seq_params = SamplingParams() if embedding is not None else params  # what the scheduler reads (n = 1)
@@ -216,12 +225,12 @@ class LLMEngine:
         if embedding is not None:
             leader.pooler = Pooler(self.pooling_method, len(ids))
         request = _Request(request_id, prompt if isinstance(prompt, str) else None, ids, seq_params,
-                           [self._new_sample(leader)], RequestMetrics(arrival, num_prompt_tokens=len(ids)),
-                           embedding_params=embedding)
+                           [self._new_sample(leader, grammar)], RequestMetrics(arrival, num_prompt_tokens=len(ids)),
+                           embedding_params=embedding, grammar=grammar)
         self._requests[request_id] = request
         self.scheduler.add(leader)
 
-    def _new_sample(self, seq: Sequence) -> _Sample:
+    def _new_sample(self, seq: Sequence, grammar: CompiledGrammar | None) -> _Sample:
         params = seq.params
         return _Sample(
             seq=seq,
@@ -229,6 +238,9 @@ class LLMEngine:
             stops=StopStringMatcher(params.stop, params.include_stop_str_in_output) if params.stop else None,
             generator=make_generator(params.seed, seq.index, self.device),
             logprobs=[] if params.logprobs is not None else None,
+            grammar=grammar,
+            matcher=grammar.new_matcher() if grammar is not None else None,
+            matcher_epoch=seq.num_preemptions,
         )
 
     def abort(self, request_id: str) -> None:
@@ -306,6 +318,7 @@ class LLMEngine:
                 logit_rows.append(result.logits[-1])
         if not rows:
             return []
+        self._attach_token_bitmasks(rows, targets)
         chosen = sample(torch.stack(logit_rows), rows)
         now = time.monotonic()
         touched: dict[str, _Request] = {}
@@ -313,6 +326,27 @@ class LLMEngine:
             self._append_token(sample_, token, logprob, now)
             touched[sample_.seq.request_id] = self._requests[sample_.seq.request_id]
         return list(touched.values())
+
+    def _attach_token_bitmasks(self, rows: list[SamplingRow], targets: list[_Sample]) -> None:
+        """Each guided row gets the packed mask of the tokens its grammar allows next (one bitmask for the batch)."""
+        guided = [i for i, sample_ in enumerate(targets) if sample_.grammar is not None]
+        if not guided:
+            return
+        bitmask = fill_bitmasks([self._matcher(targets[i]) for i in guided], self.grammars.vocab_size)
+        for row_index, i in enumerate(guided):
+            rows[i].token_bitmask = bitmask[row_index]
+
+    def _matcher(self, sample_: _Sample) -> GrammarMatcher:
+        """The sample's matcher, rebuilt by replaying its output tokens if the sequence was preempted since:
+        a recompute must not trust state built before it."""
+        seq = sample_.seq
+        if sample_.matcher is None or sample_.matcher_epoch != seq.num_preemptions:
+            assert sample_.grammar is not None
+            sample_.matcher = sample_.grammar.new_matcher()
+            for token in seq.output_token_ids:
+                sample_.matcher.accept(token)
+            sample_.matcher_epoch = seq.num_preemptions
+        return sample_.matcher
 
     def _fork(self, request: _Request) -> list[_Sample]:
         """The prompt of an n > 1 request is computed once; its n samples then share those blocks."""
@@ -324,7 +358,7 @@ class LLMEngine:
                              first_scheduled_time=leader.first_scheduled_time)
             self.blocks.fork(leader, child)
             self.scheduler.add_running(child)
-            request.samples.append(self._new_sample(child))
+            request.samples.append(self._new_sample(child, request.grammar))
         return request.samples
 
     def _append_token(self, sample_: _Sample, token: int, logprob: TokenLogprob | None, now: float) -> None:
@@ -347,6 +381,8 @@ class LLMEngine:
             self._emit(sample_, sample_.detokenizer.add([token]))
         if finish is None and sample_.stops is not None and sample_.stops.matched is not None:
             finish, stop_reason = "stop", sample_.stops.matched
+        if sample_.matcher is not None:
+            finish = self._advance_grammar(sample_, token, finish)
         if finish is None and params.max_tokens is not None and seq.num_output_tokens >= params.max_tokens:
             finish = "length"
         if finish is None and len(seq) >= self.max_model_len:
@@ -357,7 +393,19 @@ class LLMEngine:
                 if sample_.stops is not None:
                     sample_.delta_text += sample_.stops.flush()
             seq.stop_reason = stop_reason
+            sample_.matcher = None
             self.scheduler.finish(seq, finish)
+
+    def _advance_grammar(self, sample_: _Sample, token: int, finish: str | None) -> str | None:
+        """Advance the grammar over the sampled token: a complete grammar ends the sequence with "stop"."""
+        matcher = sample_.matcher
+        assert matcher is not None
+        if not matcher.accept(token):
+            # The mask only lets through tokens the grammar allows; reaching this is a bug, not bad input.
+            log.error("grammar rejected a sampled token", extra={"fields": {
+                "request_id": sample_.seq.request_id, "token": token, "error": matcher.error}})
+            return "abort"
+        return "stop" if finish is None and matcher.is_complete else finish
 
     def _emit(self, sample_: _Sample, new_text: str) -> None:
         """Pass detokenized text through the stop-string matcher and add what is safe to the output."""

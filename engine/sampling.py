@@ -2,6 +2,9 @@
 
 Order of operations on a [B, V] batch of logits (one row per sequence):
 
+0. Structured output: rows with a grammar get every token their grammar forbids set to -inf, by one
+   index_add_ of a 0 / -inf bias over those rows (made from the packed bitmasks, engine/grammar.py).
+   Nothing later can bring a -inf back, so the chosen token is always one the grammar allows.
 1. logit_bias is added.
 2. min_tokens: while a row has fewer outputs than `min_tokens`, its stop_token_ids and (unless
    ignore_eos) its eos ids are set to -inf (vLLM's rule).
@@ -24,6 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from engine.grammar import bitmask_to_bias
 from engine.outputs import TokenLogprob
 from engine.sampling_params import SamplingParams
 
@@ -44,6 +48,7 @@ class SamplingRow:
     output_token_ids: list[int]
     generator: torch.Generator | None = None
     eos_token_ids: set[int] = field(default_factory=set)
+    token_bitmask: torch.Tensor | None = None  # int32 [ceil(V / 32)]: bit t set = the grammar allows token t
 
     @property
     def is_greedy(self) -> bool:
@@ -55,8 +60,9 @@ class SamplingRow:
         return p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
 
     def banned_by_min_tokens(self) -> set[int]:
-        """Token ids that may not be sampled yet because min_tokens is not reached."""
-        if len(self.output_token_ids) >= self.params.min_tokens:
+        """Token ids that may not be sampled yet because min_tokens is not reached. A grammar outranks
+        min_tokens: once it is complete only a stop token is left, and banning it would leave nothing."""
+        if len(self.output_token_ids) >= self.params.min_tokens or self.token_bitmask is not None:
             return set()
         banned = set(self.params.stop_token_ids)
         if not self.params.ignore_eos:
@@ -83,6 +89,7 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> list[tuple[int, Tok
         return [(token, None) for token in first_argmax(logits).tolist()]
 
     processed = logits.float().clone()
+    _apply_grammar(processed, rows)
     _apply_logit_bias(processed, rows)
     _apply_min_tokens(processed, rows)
     penalized = [i for i, row in enumerate(rows) if row.has_penalties]
@@ -178,8 +185,17 @@ def apply_min_p(logits: torch.Tensor, min_p: list[float]) -> torch.Tensor:
 
 def _is_plain_greedy(row: SamplingRow) -> bool:
     p = row.params
-    return (row.is_greedy and not p.logit_bias and not row.has_penalties and p.logprobs is None
+    return (row.is_greedy and row.token_bitmask is None and not p.logit_bias and not row.has_penalties and p.logprobs is None
             and not row.banned_by_min_tokens())
+
+
+def _apply_grammar(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
+    guided = [i for i, row in enumerate(rows) if row.token_bitmask is not None]
+    if not guided:
+        return
+    packed = torch.stack([rows[i].token_bitmask for i in guided]).to(logits.device, non_blocking=True)
+    bias = bitmask_to_bias(packed, logits.shape[-1])
+    logits.index_add_(0, torch.tensor(guided, device=logits.device), bias)
 
 
 def _apply_logit_bias(logits: torch.Tensor, rows: list[SamplingRow]) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from engine.structured import StructuredOutput
+
 
 @dataclass(slots=True)
 class SamplingParams:
@@ -26,6 +28,7 @@ class SamplingParams:
     logprobs: int | None = None  # number of top logprobs per generated token (0: only the chosen token's)
     prompt_logprobs: int | None = None  # same, per prompt token (for echo)
     skip_special_tokens: bool = True
+    structured_output: StructuredOutput | None = None  # constrained decoding (engine/structured.py)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

@@ -5,16 +5,13 @@ from __future__ import annotations
 import functools
 import json
 import re
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import jinja2
-import jinja2.ext
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
 from tokenizers import Tokenizer as HFTokenizer
 
+from engine.chat_template import ChatTemplate
 from engine.sentencepiece_vocab import sentencepiece_bpe
 
 # Tokens that end a turn in common chat formats; generation stops on them as on eos.
@@ -65,7 +62,7 @@ class Tokenizer:
         self.eos_token_id = eos_token_id
         self.eos_token_ids = self._collect_eos_ids(eos_token_id, extra_eos_ids or set())
         self.chat_template = chat_template
-        self._template = _compile_chat_template(chat_template) if chat_template else None
+        self._template = ChatTemplate(chat_template) if chat_template else None
 
     # ---- construction -------------------------------------------------------------------------------
 
@@ -205,6 +202,10 @@ class Tokenizer:
             return bytes(byte_of[ch] for ch in raw)
         return text.encode()
 
+    def to_json(self) -> str:
+        """The HF `tokenizers` definition (tokenizer.json text), for libraries that tokenize alongside us."""
+        return self._tok.to_str()
+
     def token_to_id(self, token: str) -> int | None:
         """Id of a vocabulary entry spelled exactly as `token`, or None."""
         return self._tok.token_to_id(token)
@@ -215,21 +216,29 @@ class Tokenizer:
     def has_chat_template(self) -> bool:
         return self._template is not None
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    @property
+    def template(self) -> ChatTemplate | None:
+        """The compiled chat template (None when the model has none)."""
+        return self._template
+
+    def set_chat_template(self, source: str) -> None:
+        """Replace the model's chat template (a server's --chat-template)."""
+        self._template = ChatTemplate(source)
+        self.chat_template = source
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, *,
+                            continue_final_message: bool = False, tools: list[dict] | None = None,
+                            template_kwargs: dict[str, Any] | None = None) -> str:
         """Render a conversation with the model's chat template; ValueError on malformed messages."""
         if self._template is None:
             raise ValueError("this model has no chat template; send a plain completion prompt instead")
-        checked = _check_messages(messages)
         special = {
             "bos_token": self._special_text(self.bos_token_id),
             "eos_token": self._special_text(self.eos_token_id),
         }
-        try:
-            return self._template.render(
-                messages=checked, add_generation_prompt=add_generation_prompt, **special
-            )
-        except jinja2.TemplateError as exc:
-            raise ValueError(f"chat template rejected the messages: {exc}") from exc
+        return self._template.render(messages, add_generation_prompt=add_generation_prompt,
+                                     continue_final_message=continue_final_message, tools=tools,
+                                     special_tokens=special, template_kwargs=template_kwargs)
 
     def _special_text(self, token_id: int | None) -> str:
         return (self._tok.id_to_token(token_id) or "") if token_id is not None else ""
@@ -388,65 +397,3 @@ def _pick_template(value: Any) -> str | None:
         named = {t.get("name"): t.get("template") for t in value if isinstance(t, dict)}
         return named.get("default") or next(iter(named.values()), None)
     return None
-
-
-def _compile_chat_template(source: str) -> jinja2.Template:
-    env = ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols]
-    )
-    env.filters["tojson"] = _tojson
-    env.globals["raise_exception"] = _raise_exception
-    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-    try:
-        return env.from_string(source)
-    except jinja2.TemplateSyntaxError as exc:
-        raise ValueError(f"invalid chat template: {exc}") from exc
-
-
-def _tojson(
-    value: Any,
-    ensure_ascii: bool = False,
-    indent: int | None = None,
-    separators: Any = None,
-    sort_keys: bool = False,
-) -> str:
-    # Jinja's own tojson HTML-escapes; chat templates expect plain JSON.
-    return json.dumps(
-        value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
-    )
-
-
-def _raise_exception(message: str) -> None:
-    raise jinja2.TemplateError(message)
-
-
-def _check_messages(messages: Any) -> list[dict[str, Any]]:
-    """Validate chat messages; content given as a list of text parts is joined into one string."""
-    if not isinstance(messages, list) or not messages:
-        raise ValueError("messages must be a non-empty list of {'role', 'content'} objects")
-    checked = []
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict):
-            raise ValueError(f"messages[{i}] must be an object with 'role' and 'content'")
-        role = message.get("role")
-        if not isinstance(role, str) or not role:
-            raise ValueError(f"messages[{i}] has no 'role' (expected e.g. 'system', 'user', 'assistant')")
-        if "content" not in message:
-            raise ValueError(f"messages[{i}] (role {role!r}) has no 'content'")
-        content = message["content"]
-        if isinstance(content, list):
-            content = "\n".join(_text_part(part, i) for part in content)
-        elif content is None and not message.get("tool_calls"):
-            raise ValueError(f"messages[{i}] (role {role!r}) has null 'content'")
-        elif content is not None and not isinstance(content, str):
-            raise ValueError(f"messages[{i}].content must be a string or a list of text parts")
-        checked.append({**message, "content": content})
-    return checked
-
-
-def _text_part(part: Any, index: int) -> str:
-    if isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str):
-        return part["text"]
-    raise ValueError(
-        f"messages[{index}].content: only parts of the form {{'type': 'text', 'text': ...}} are supported"
-    )

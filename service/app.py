@@ -40,6 +40,8 @@ def load_model(settings: Settings, metrics: ServiceMetrics) -> LoadedModel:
 
     def build() -> LLMEngine:
         engine = LLMEngine(settings.model, config, progress=False)
+        if settings.chat_template is not None:
+            engine.tokenizer.set_chat_template(settings.chat_template)
         # Before /ready says yes, so the first client's request is not the one paying for cold kernels.
         seconds = warm_up(engine)
         log.info("engine built and warmed up", extra={"fields": {
@@ -51,7 +53,7 @@ def load_model(settings: Settings, metrics: ServiceMetrics) -> LoadedModel:
     async_engine = AsyncEngine.launch(build, on_step=metrics.observe_step)
     engine = async_engine.engine
     return LoadedModel(engine=async_engine, tokenizer=engine.tokenizer, max_model_len=engine.max_model_len,
-                       embedding_size=engine.model_config.hidden_size)
+                       embedding_size=engine.model_config.hidden_size, grammars=engine.grammars)
 
 
 def create_app(settings: Settings | None = None, *, loaded: LoadedModel | None = None,

@@ -149,16 +149,27 @@ class ChatChoiceBuilder:
         finish = None
         if out.finish_reason is not None and self.finish_reason is None:
             self.finish_reason = finish = out.finish_reason
-        if not out.delta_text and not new_logprobs and finish is None:
+        message_delta = self._message_delta(out.delta_text, finished=finish is not None)
+        if message_delta is None and not new_logprobs and finish is None:
             return None
         return ChatStreamChoice(
             index=self.index,
-            delta=ChatDelta(content=out.delta_text or None) if out.delta_text else ChatDelta(),
+            delta=message_delta or ChatDelta(),
             logprobs=ChatChoiceLogprobs(content=new_logprobs) if new_logprobs is not None else None,
-            finish_reason=public_finish_reason(finish),
+            finish_reason=self.public_finish_reason(finish),
         )
 
+    def _message_delta(self, text: str, finished: bool) -> ChatDelta | None:
+        """What the client sees of new model text (a subclass parses tool calls out of it)."""
+        return ChatDelta(content=text) if text else None
+
+    def _message(self) -> AssistantMessage:
+        return AssistantMessage(content=self.text)
+
+    def public_finish_reason(self, reason: str | None) -> str | None:
+        return public_finish_reason(reason)
+
     def final(self) -> ChatChoice:
-        return ChatChoice(index=self.index, message=AssistantMessage(content=self.text),
+        return ChatChoice(index=self.index, message=self._message(),
                           logprobs=ChatChoiceLogprobs(content=self.logprobs) if self.want_logprobs else None,
-                          finish_reason=public_finish_reason(self.finish_reason))
+                          finish_reason=self.public_finish_reason(self.finish_reason))

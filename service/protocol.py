@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Annotated, Any, Literal
 
@@ -23,14 +24,28 @@ MAX_PROMPTS = 64  # prompts in one batched completions request
 MAX_STOP = 16
 MAX_TOP_LOGPROBS = 20
 MAX_SEED = 2**63 - 1
+MAX_TOOLS = 128
 
 TokenId = Annotated[int, Field(ge=0)]
 
+log = logging.getLogger("kvserve.service")
+
 
 class StrictModel(BaseModel):
-    """Requests reject unknown fields and wrong JSON types (no "5" for 5) with a 400."""
+    """Requests reject wrong JSON types (no "5" for 5) with a 400. Unknown fields are ignored, as OpenAI and
+    vLLM do: clients send fields of their own (`store`, `metadata`, `service_tier`...)."""
 
-    model_config = ConfigDict(strict=True, extra="forbid")
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _log_unknown_fields(cls, data: Any) -> Any:
+        if isinstance(data, dict) and log.isEnabledFor(logging.DEBUG):
+            known = set(cls.model_fields) | {f.alias for f in cls.model_fields.values() if f.alias}
+            if unknown := sorted(str(k) for k in data if k not in known):
+                log.debug("ignoring unknown request fields", extra={"fields": {"model": cls.__name__,
+                                                                               "ignored": unknown}})
+        return data
 
     @field_validator("*", mode="after")
     @classmethod
@@ -43,11 +58,43 @@ class StreamOptions(StrictModel):
     continuous_usage_stats: bool = False
 
 
+class JsonSchemaFormat(StrictModel):
+    name: str = Field(max_length=64)
+    description: str | None = None
+    json_schema: dict[str, Any] | None = Field(None, alias="schema", description="the JSON Schema")
+    strict: bool | None = None
+
+
 class ResponseFormat(StrictModel):
-    type: Literal["text"] = "text"
+    """OpenAI's response_format; service/structured.py turns it into a grammar."""
+
+    type: Literal["text", "json_object", "json_schema"] = "text"
+    json_schema: JsonSchemaFormat | None = None
 
 
-class SamplingRequest(StrictModel):
+class StructuredOutputsParams(StrictModel):
+    """vLLM's `structured_outputs`: exactly one of these."""
+
+    json_: dict[str, Any] | str | None = Field(None, alias="json", description="a JSON Schema")
+    regex: str | None = None
+    choice: list[str] | None = Field(None, min_length=1)
+    grammar: str | None = Field(None, description="EBNF: GBNF (llama.cpp) or Lark")
+    json_object: bool | None = None
+
+
+class StructuredOutputFields(StrictModel):
+    """Constrained decoding, on chat and completions: OpenAI's response_format, vLLM's structured_outputs
+    and its older guided_* fields (service/structured.py checks them and builds the grammar)."""
+
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsParams | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = Field(None, min_length=1)
+    guided_grammar: str | None = None
+
+
+class SamplingRequest(StructuredOutputFields):
     """Fields shared by completions and chat (OpenAI's, plus vLLM's extras)."""
 
     model: str | None = Field(None, description="served model name; omitted means the one served model")
@@ -161,10 +208,46 @@ class TextPart(StrictModel):
     text: str
 
 
+class FunctionCall(StrictModel):
+    name: str
+    arguments: str = Field(description="the arguments as a JSON string")
+
+
+class ToolCall(StrictModel):
+    """A tool call: in an assistant message of the conversation, and in responses."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class FunctionDefinition(StrictModel):
+    name: str = Field(pattern=r"^[a-zA-Z0-9_.-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = Field(None, description="JSON Schema of the arguments")
+    strict: bool | None = None
+
+
+class ChatTool(StrictModel):
+    type: Literal["function"] = "function"
+    function: FunctionDefinition
+
+
+class NamedFunction(StrictModel):
+    name: str
+
+
+class NamedToolChoice(StrictModel):
+    type: Literal["function"] = "function"
+    function: NamedFunction
+
+
 class ChatMessage(StrictModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
 
     @model_validator(mode="after")
     def _needs_content(self) -> ChatMessage:
@@ -174,14 +257,13 @@ class ChatMessage(StrictModel):
             raise ValueError(f"content is required in a {self.role} message")
         return self
 
-    def as_template_dict(self) -> dict[str, str]:
-        if isinstance(self.content, list):
-            text = "".join(part.text for part in self.content)
-        else:
-            text = self.content or ""
+    def as_template_dict(self) -> dict[str, Any]:
+        """The message as chat templates get it (text parts are joined by engine.chat_template)."""
+        message = self.model_dump(exclude_none=True)
+        message["content"] = message.get("content")
         # Chat templates know "system", not OpenAI's newer "developer" role.
-        role = "system" if self.role == "developer" else self.role
-        return {"role": role, "content": text}
+        message["role"] = "system" if self.role == "developer" else self.role
+        return message
 
 
 class ChatCompletionRequest(SamplingRequest):
@@ -192,7 +274,13 @@ class ChatCompletionRequest(SamplingRequest):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     response_format: ResponseFormat | None = None
+    tools: list[ChatTool] | None = Field(None, min_length=1, max_length=MAX_TOOLS)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
+    # vLLM's chat template options
     add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
 
     @model_validator(mode="after")
     def _check_chat(self) -> ChatCompletionRequest:
@@ -200,6 +288,7 @@ class ChatCompletionRequest(SamplingRequest):
             raise ValueError("top_logprobs requires logprobs to be true")
         if self.max_tokens is not None and self.max_completion_tokens is not None:
             raise ValueError("give max_tokens or max_completion_tokens, not both")
+        check_tools(self.tools, self.tool_choice)
         return self
 
     @property
@@ -210,6 +299,19 @@ class ChatCompletionRequest(SamplingRequest):
         """Engine parameters; `max_tokens` is already resolved against the context length."""
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
         return SamplingParams(**self._sampling_kwargs(max_tokens), logprobs=logprobs)
+
+
+def check_tools(tools: list[ChatTool] | None, tool_choice: str | NamedToolChoice | None) -> None:
+    """Cross-field rules of tools and tool_choice, as OpenAI states them."""
+    names = [tool.function.name for tool in tools or []]
+    duplicated = sorted({name for name in names if names.count(name) > 1})
+    if duplicated:
+        raise ValueError(f"tools: function names must be unique; repeated: {', '.join(duplicated)}")
+    if isinstance(tool_choice, NamedToolChoice):
+        if tool_choice.function.name not in names:
+            raise ValueError(f"tool_choice names function {tool_choice.function.name!r}, which is not in tools")
+    elif tool_choice in ("auto", "required") and not names:
+        raise ValueError(f"tool_choice {tool_choice!r} needs tools")
 
 
 # ---- responses ----
@@ -263,14 +365,23 @@ class ChatChoiceLogprobs(BaseModel):
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] | None = None
+
+    @model_serializer(mode="wrap")
+    def _drop_no_calls(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # content stays (null when the reply is only tool calls); tool_calls only when there are some.
+        return {k: v for k, v in handler(self).items() if k != "tool_calls" or v is not None}
+
+
+ChatFinishReason = Literal["stop", "length", "tool_calls"]
 
 
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
     logprobs: ChatChoiceLogprobs | None = None
-    finish_reason: Literal["stop", "length"] | None = None
+    finish_reason: ChatFinishReason | None = None
 
 
 class ChatCompletionResponse(BaseModel):
@@ -282,21 +393,38 @@ class ChatCompletionResponse(BaseModel):
     usage: UsageInfo
 
 
-class ChatDelta(BaseModel):
-    role: Literal["assistant"] | None = None
-    content: str | None = None
-
+class DeltaModel(BaseModel):
     @model_serializer(mode="wrap")
     def _drop_unset(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
         # A delta carries only what changed: {"content": "x"}, and {} in the final chunk.
         return {k: v for k, v in handler(self).items() if v is not None}
 
 
+class DeltaFunctionCall(DeltaModel):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class DeltaToolCall(DeltaModel):
+    """A piece of a streamed tool call: id, type and name in its first piece, arguments in pieces."""
+
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: DeltaFunctionCall
+
+
+class ChatDelta(DeltaModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
+
+
 class ChatStreamChoice(BaseModel):
     index: int
     delta: ChatDelta
     logprobs: ChatChoiceLogprobs | None = None
-    finish_reason: Literal["stop", "length"] | None = None
+    finish_reason: ChatFinishReason | None = None
 
 
 class ChatCompletionChunk(BaseModel):

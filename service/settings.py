@@ -10,6 +10,8 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 # The CPU weight formats (engine.models.cpu_matmul.QUANTIZATIONS), spelled out so the service needs no torch.
 Quantization = Literal["auto", "none", "bf16", "fp16", "int8"]
+# Tool-call formats of tool_choice "auto" (service.tools.PARSERS), vLLM's --tool-call-parser names.
+ToolCallParserName = Literal["hermes", "llama3_json", "mistral"]
 
 
 def _unset(meaning: str) -> dict[str, str]:
@@ -67,6 +69,20 @@ class Settings(BaseSettings):
     otlp_traces_endpoint: str | None = Field(
         None, description="send OpenTelemetry traces here by OTLP (vLLM's flag; OTEL_* env vars configure the "
                           "rest, see README)", json_schema_extra=_unset("tracing off"))
+    chat_template: str | None = Field(None, description="chat template file or Jinja text replacing the model's",
+                                      json_schema_extra=_unset("the model's own"))
+    tool_call_parser: ToolCallParserName | None = Field(
+        None, description="tool-call format parsed with tool_choice auto: hermes, llama3_json, mistral",
+        json_schema_extra=_unset("detected from the chat template"))
+
+    @field_validator("chat_template")
+    @classmethod
+    def _load_chat_template(cls, value: str | None) -> str | None:
+        # Read the file and compile the template at startup, so a bad one stops the server at once.
+        # Imported here: the engine package loads torch, which `kvserve --help` should not wait for.
+        from engine.chat_template import load_chat_template
+
+        return load_chat_template(value) if value is not None else None
 
     @field_validator("api_keys", mode="before")
     @classmethod

@@ -45,6 +45,7 @@ class LoadedModel:
     tokenizer: Any  # engine.tokenizer.Tokenizer
     max_model_len: int
     embedding_size: int | None = None  # the hidden size: the length of /v1/embeddings vectors
+    grammars: Any = None  # engine.grammar.GrammarCompiler: the service compiles structured outputs with it
 
 
 @dataclass

@@ -14,7 +14,8 @@ from pydantic import BaseModel
 
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
-from service.choices import ChatChoiceBuilder, CompletionChoiceBuilder
+from service.chat import chat_prompt
+from service.choices import CompletionChoiceBuilder
 from service.errors import APIError, error_body
 from service.generation import (
     COMPLETION_DEFAULT_MAX_TOKENS,
@@ -39,6 +40,13 @@ from service.protocol import (
     UsageInfo,
 )
 from service.state import ServerState, get_state
+from service.structured import apply_structured_output
+from service.tools.request import (
+    apply_tools,
+    chat_choice_builder,
+    chat_options,
+    plan_tools,
+)
 from service.tracing import SPAN_KEY, record_generation
 
 router = APIRouter(tags=["openai"])
@@ -73,6 +81,7 @@ async def create_completion(body: CompletionRequest, request: Request,
                            default_max_tokens=COMPLETION_DEFAULT_MAX_TOKENS, zero_allowed=body.echo)
                for p in body.prompts()]
     params = [_sampling_params(state, lambda p=p: body.to_sampling_params(p.max_tokens)) for p in prompts]
+    params = await apply_structured_output(state, body, params)
     tokenizer = state.require_engine().tokenizer
     builders = [
         CompletionChoiceBuilder(i * body.n + j, tokenizer, body.logprobs,
@@ -109,11 +118,13 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request,
     """Chat completion: the model's chat template is applied to `messages`."""
     state.check_model(body.model)
     tokenizer = state.require_engine().tokenizer
-    prompt = fit_context(state, chat_prompt(state, body.messages, body.add_generation_prompt),
+    plan = plan_tools(body, getattr(tokenizer, "chat_template", None), state.settings.tool_call_parser)
+    prompt = fit_context(state, chat_prompt(state, body.messages, chat_options(body, plan)),
                          body.requested_max_tokens, "max_tokens" if body.max_tokens is not None else "max_completion_tokens",
                          default_max_tokens=None)  # the rest of the context, as vLLM does
     params = [_sampling_params(state, lambda: body.to_sampling_params(prompt.max_tokens))]
-    builders = [ChatChoiceBuilder(j, tokenizer, body.logprobs) for j in range(body.n)]
+    params = await apply_tools(state, plan, await apply_structured_output(state, body, params))
+    builders = [chat_choice_builder(j, tokenizer, body.logprobs, plan) for j in range(body.n)]
     run = _Run(state, request, [prompt], params, f"chatcmpl-{request.scope[REQUEST_ID_KEY]}")
 
     def on_output(_: int, out: RequestOutput) -> list[Any]:
@@ -129,19 +140,6 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request,
         return Response(status_code=CLIENT_CLOSED)
     return ChatCompletionResponse(id=run.response_id, model=state.model_name,
                                   choices=[b.final() for b in builders], usage=run.usage(builders))
-
-
-def chat_prompt(state: ServerState, messages: list[Any], add_generation_prompt: bool = True) -> Prompt:
-    """Render messages with the model's chat template and tokenize (the template adds special tokens)."""
-    tokenizer = state.require_engine().tokenizer
-    if not getattr(tokenizer, "has_chat_template", True):
-        raise APIError(400, "this model has no chat template; use /v1/completions", param="messages")
-    try:
-        text = tokenizer.apply_chat_template([m.as_template_dict() for m in messages],
-                                             add_generation_prompt=add_generation_prompt)
-    except ValueError as exc:
-        raise APIError(400, f"cannot apply the chat template: {exc}", param="messages") from exc
-    return tokenize_prompt(state, text, add_special_tokens=False)
 
 
 def _sampling_params(state: ServerState, make: Callable[[], SamplingParams]) -> SamplingParams:

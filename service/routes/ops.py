@@ -8,6 +8,7 @@ from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from service.chat import ChatOptions, chat_prompt
 from service.errors import APIError, error_response
 from service.protocol import (
     DetokenizeRequest,
@@ -18,7 +19,6 @@ from service.protocol import (
     TokenizeResponse,
     VersionResponse,
 )
-from service.routes.openai import chat_prompt
 from service.state import ServerState, get_state
 
 router = APIRouter(tags=["operations"])
@@ -76,7 +76,8 @@ async def tokenize(body: TokenizeRequest, state: ServerState = Depends(get_state
     state.check_model(body.model)
     loaded = state.require_engine()
     if body.messages is not None:
-        ids = chat_prompt(state, body.messages, body.add_generation_prompt).token_ids
+        options = ChatOptions(add_generation_prompt=body.add_generation_prompt)
+        ids = chat_prompt(state, body.messages, options).token_ids
     else:
         ids = loaded.tokenizer.encode(body.prompt or "", add_special_tokens=body.add_special_tokens)
     return TokenizeResponse(count=len(ids), max_model_len=loaded.max_model_len, tokens=ids,

@@ -7,6 +7,7 @@ import json
 import pytest
 from pydantic import ValidationError
 
+from engine.chat_template import content_text
 from service.protocol import ChatCompletionRequest, ChatDelta, CompletionRequest, TokenizeRequest
 
 
@@ -31,7 +32,7 @@ def test_prompt_forms(prompt: object, expected: list) -> None:
     {"stop": ""}, {"stop": [""]}, {"stop": ["x"] * 17}, {"logit_bias": {"a": 1.0}}, {"logit_bias": {"5": 101}},
     {"prompt": []}, {"prompt": [-1]}, {"prompt": [[]]}, {"prompt": 3},
     {"max_tokens": "4"}, {"n": 1.0}, {"n": True}, {"echo": "yes"},
-    {"unknown": 1}, {"suffix": "x"}, {"best_of": 3},
+    {"suffix": "x"}, {"best_of": 3}, {"stream_options": {"include_usage": "yes"}, "stream": True},
     {"stream_options": {"include_usage": True}},  # without stream
     {"min_tokens": 5, "max_tokens": 4},
 ])
@@ -60,12 +61,18 @@ def test_chat_rules_and_params() -> None:
     request = ChatCompletionRequest.model_validate({"messages": messages, "max_completion_tokens": 7,
                                                     "logprobs": True, "top_logprobs": 3})
     assert request.requested_max_tokens == 7
-    assert request.messages[0].as_template_dict() == {"role": "system", "content": "be brief"}
+    # Parts go to the template renderer as parts: engine.chat_template.content_text is the one place they
+    # become text, for the API and for engine users alike.
+    shaped = request.messages[0].as_template_dict()
+    assert shaped["role"] == "system" and content_text(shaped["content"]) == "be \nbrief"
     params = request.to_sampling_params(7)
     assert params.logprobs == 3 and params.max_tokens == 7
     assert ChatCompletionRequest.model_validate({"messages": messages}).to_sampling_params(5).logprobs is None
     for bad in ({"top_logprobs": 2}, {"max_tokens": 2, "max_completion_tokens": 3}, {"messages": []},
-                {"tools": []}, {"response_format": {"type": "json_object"}}):
+                {"response_format": {"type": "xml"}}, {"response_format": {"type": "json_schema",
+                                                                          "json_schema": {"schema": {}}}},
+                {"tools": []}, {"tool_choice": "required"}, {"tools": [{"function": {"name": "a b"}}]},
+                {"tools": [{"function": {"name": "f"}}], "tool_choice": {"function": {"name": "g"}}}):
         with pytest.raises(ValidationError):
             ChatCompletionRequest.model_validate({"messages": messages, **bad})
 
@@ -110,3 +117,18 @@ def test_valid_text_and_pairs_pass() -> None:
         ' {"role": "assistant", "content": null}]}'))
     assert request.messages[0].content == "smile \U0001F600 café"
     assert completion(prompt=list(range(100_000))).prompts()[0][-1] == 99_999
+
+
+def test_unknown_fields_are_ignored_known_ones_still_checked(caplog: pytest.LogCaptureFixture) -> None:
+    """As OpenAI and vLLM: clients send fields of their own (the openai client, LangChain), at any depth."""
+    extras = {"store": True, "metadata": {"k": "v"}, "service_tier": "auto", "parallel_tool_calls": False,
+              "stream": True, "stream_options": {"include_usage": True, "include_obfuscation": False}}
+    with caplog.at_level("DEBUG", logger="kvserve.service"):
+        request = ChatCompletionRequest.model_validate({"messages": [{"role": "user", "content": "x", "x": 1}],
+                                                        **extras})
+    assert request.include_usage and not hasattr(request, "store")
+    assert any("store" in str(getattr(r, "fields", "")) for r in caplog.records)
+    assert completion(frobnicate=True).prompts() == ["hi"]
+    assert TokenizeRequest.model_validate({"prompt": "x", "return_token_strs": True}).prompt == "x"
+    with pytest.raises(ValidationError, match="temperature"):
+        completion(temperature="hot", frobnicate=True)

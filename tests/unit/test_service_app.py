@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 
+from engine.chat_template import content_text
 from engine.outputs import CompletionOutput, EngineStats, RequestMetrics, RequestOutput
 from engine.sampling_params import SamplingParams
 from service.app import create_app
@@ -39,8 +40,9 @@ class CharTokenizer:
     def token_text(self, token_id: int) -> str:
         return chr(token_id)
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        return "".join(f"[{m['role']}]{m['content']}" for m in messages) + ("[assistant]" if add_generation_prompt else "")
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **options: object) -> str:
+        return "".join(f"[{m['role']}]{content_text(m['content'])}" for m in messages) + (
+            "[assistant]" if add_generation_prompt else "")
 
 
 class FakeEngine:
