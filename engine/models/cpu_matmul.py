@@ -135,7 +135,7 @@ def _bf16_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> Kernel:
 # the thread count, so it is measured, once per shape, on the first weight of that shape: calls are cut
 # into blocks of a row count up to which every smaller count gives each row its single-row result. A
 # different sum shows only in the rows whose rounding it happens to change, so the probe uses rows of
-# very different scales and checks each count at both ends of the sample. (Only AMX gets here: elsewhere
+# very different scales and checks each count on every row of the sample. (Only AMX gets here: elsewhere
 # the split changes from 2 rows on and bf16 is refused, see format_refusal.)
 _BF16_BLOCK_CANDIDATES = (64, 32, 16, 8)
 _BF16_PROBE_ROWS = 80
@@ -156,9 +156,9 @@ def _measure_bf16_block_rows(linear: Kernel, in_features: int) -> int:
     x[::3] *= 40.0
     alone = torch.cat([linear(row) for row in x.split(1)])
 
-    def rows_independent(count: int) -> bool:
-        return all(torch.equal(linear(x[start:start + count]), alone[start:start + count])
-                   for start in (0, _BF16_PROBE_ROWS - count))
+    def rows_independent(count: int) -> bool:  # every probe row, in calls of `count` rows
+        starts = [*range(0, _BF16_PROBE_ROWS - count + 1, count), _BF16_PROBE_ROWS - count]
+        return all(torch.equal(linear(x[start:start + count]), alone[start:start + count]) for start in starts)
 
     consistent = 1
     while consistent < _BF16_BLOCK_CANDIDATES[0] and rows_independent(consistent + 1):
