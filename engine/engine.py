@@ -216,8 +216,7 @@ class LLMEngine:
         if request_id in self._requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         ids = prompt_ids if prompt_ids is not None else self.prepare_prompt(prompt, params)
-        structured = getattr(params, "structured_output", None)  # EmbeddingParams have none
-        grammar = self.grammars.compile(structured) if structured else None
+        grammar = self.grammars.compile(params.structured_output) if params.structured_output else None
         arrival = arrival_time or time.monotonic()
         embedding = params if isinstance(params, EmbeddingParams) else None
         seq_params = SamplingParams() if embedding is not None else params  # what the scheduler reads (n = 1)

@@ -48,6 +48,11 @@ class EmbeddingParams:
         """One output per request (the request path treats this like SamplingParams.n)."""
         return 1
 
+    @property
+    def structured_output(self) -> None:
+        """No constrained decoding: nothing is sampled (read where SamplingParams.structured_output is)."""
+        return None
+
 
 def read_pooling_method(model_path: str | Path, arch: str) -> PoolingMethod:
     """The pooling a model was trained with: sentence-transformers config, GGUF metadata, else per arch."""
