@@ -23,41 +23,42 @@ EPP_SPEC_FIELDS = ("queuedRequestsSpec", "runningRequestsSpec", "kvUsageSpec", "
 EPP_BUILTIN_VLLM = {"vllm:num_requests_waiting", "vllm:num_requests_running", "vllm:kv_cache_usage_perc"}
 
 
-def _walk_strings(node: object, keys: set[str]) -> Iterator[str]:
+def walk_strings(node: object, keys: set[str]) -> Iterator[str]:
+    """Every string value stored under one of `keys`, anywhere in a JSON/YAML tree."""
     if isinstance(node, dict):
         for key, value in node.items():
             if key in keys and isinstance(value, str):
                 yield value
             else:
-                yield from _walk_strings(value, keys)
+                yield from walk_strings(value, keys)
     elif isinstance(node, list):
         for item in node:
-            yield from _walk_strings(item, keys)
+            yield from walk_strings(item, keys)
 
 
-def _yaml_docs(path: Path) -> list[dict]:
+def load_yaml(path: Path) -> list[dict]:
     return [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
 
 
 def dashboard_metric_names() -> set[str]:
     dashboard = json.loads((DEPLOY / "grafana" / "dashboards" / "kvserve.json").read_text())
-    exprs = _walk_strings(dashboard, {"expr", "definition"})
+    exprs = walk_strings(dashboard, {"expr", "definition"})
     return {name for expr in exprs for name in PROMQL_METRIC_RE.findall(expr)}
 
 
 def alert_metric_names() -> set[str]:
-    rules = _yaml_docs(DEPLOY / "prometheus" / "rules.yml")[0]
+    rules = load_yaml(DEPLOY / "prometheus" / "rules.yml")[0]
     return {name for group in rules["groups"] for rule in group["rules"]
             for name in PROMQL_METRIC_RE.findall(rule["expr"])}
 
 
 def hpa_metric_names() -> set[str]:
     """Per-pod metrics the HPAs under deploy/k8s scale on, as the series prometheus-adapter reads for them."""
-    adapter = _yaml_docs(DEPLOY / "prometheus-adapter" / "values.yaml")[0]["rules"]["custom"]
+    adapter = load_yaml(DEPLOY / "prometheus-adapter" / "values.yaml")[0]["rules"]["custom"]
     series_for = {rule["name"]["as"]: PROMQL_METRIC_RE.findall(rule["seriesQuery"]) for rule in adapter}
     names: set[str] = set()
     for path in (DEPLOY / "k8s").rglob("*.yaml"):
-        for doc in _yaml_docs(path):
+        for doc in load_yaml(path):
             if doc.get("kind") != "HorizontalPodAutoscaler":
                 continue
             for metric in doc["spec"]["metrics"]:
@@ -69,7 +70,7 @@ def hpa_metric_names() -> set[str]:
 
 def router_metric_names() -> set[str]:
     """What the endpoint picker scrapes: its engine config's metric specs, without label selectors."""
-    config = _yaml_docs(EPP_CONFIG)[0]
+    config = load_yaml(EPP_CONFIG)[0]
     names: set[str] = set()
     for plugin in config["plugins"]:
         if plugin["type"] != "core-metrics-extractor":

@@ -12,11 +12,11 @@ import os
 import re
 import shutil
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import yaml
+from helpers.deploy_metrics import load_yaml, walk_strings
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -47,23 +47,6 @@ def need_tool(name: str) -> str:
 
 def run(*args: str, input_text: str | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(args, cwd=ROOT, input=input_text, capture_output=True, text=True, timeout=120)
-
-
-def load_yaml(path: Path) -> list[dict]:
-    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
-
-
-def walk_strings(node: object, keys: set[str]) -> Iterator[str]:
-    """Every string value stored under one of `keys`, anywhere in a JSON/YAML tree."""
-    if isinstance(node, dict):
-        for key, value in node.items():
-            if key in keys and isinstance(value, str):
-                yield value
-            else:
-                yield from walk_strings(value, keys)
-    elif isinstance(node, list):
-        for item in node:
-            yield from walk_strings(item, keys)
 
 
 @pytest.fixture(scope="module")
