@@ -19,7 +19,7 @@ from engine.config import EngineConfig, ModelConfig, resolve_device, resolve_dty
 from engine.converted import load_converted, save_converted
 from engine.grammar import CompiledGrammar, GrammarCompiler, GrammarMatcher, fill_bitmasks
 from engine.kv_cache import BlockManager
-from engine.models.cpu_matmul import pack_linears, resolve_quantization
+from engine.models.cpu_matmul import keeps_4bit, pack_linears, resolve_quantization
 from engine.models_registry import resolve_model
 from engine.outputs import CompletionOutput, EngineStats, RequestMetrics, RequestOutput, TokenLogprob
 from engine.pooling import EmbeddingParams, Pooler, PoolingMethod, read_pooling_method
@@ -94,9 +94,11 @@ class LLMEngine:
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
         torch.manual_seed(config.seed)
-        self.quantization = resolve_quantization(config.quantization, self.device, self.dtype)
+        base_format = resolve_quantization(config.quantization, self.device, self.dtype)
         self.model, self.model_config, self.tokenizer = self._load(path, progress)
-        pack_linears(self.model, self.quantization)
+        # The formats in use, e.g. "int4+fp16": `auto` keeps a GGUF's 4-bit weights 4-bit (cpu_matmul.py).
+        self.quantization = pack_linears(self.model, base_format,
+                                         keeps_4bit(config.quantization, self.device, self.dtype))
         max_len = min(config.max_model_len or self.model_config.max_position_embeddings,
                       self.model_config.max_position_embeddings)
         num_blocks = self._num_kv_blocks(max_len)

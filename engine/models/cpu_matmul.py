@@ -1,4 +1,4 @@
-"""How the CPU matmuls hold their weights: `quantization` none, bf16, fp16 or int8.
+"""How the CPU matmuls hold their weights: `quantization` none, bf16, fp16, int8 or int4.
 
 Decoding on a small CPU is a stream of weight reads (batch 1) or of fp32 multiply-adds (batch 64),
 and PyTorch's default `F.linear` is slow at both, because MKL repacks the weight on every call. So each
@@ -14,9 +14,13 @@ and PyTorch's default `F.linear` is slow at both, because MKL repacks the weight
 - int8: fbgemm's int8 GEMM: 7-bit per-output-channel weights, 8-bit activations scaled per row.
   Fewest bytes to read (the fastest batch-1 decode), and lossy (SmolLM2: perplexity +6-12%, see the
   README), so it is opt-in.
+- int4: 4-bit weights in groups of 32 with a scale and an offset, bf16 activations (int4_matmul.py).
+  A quarter of fp16's bytes, so the fastest batch-1 decode.
 
-Elsewhere `auto` picks fp16 where fbgemm runs (PyTorch's x86 builds), else none. What the CPU has is
-asked of engine/cpu_features.py; `kvserve cpu-features` prints it and the choice it makes.
+`auto` keeps weights that are already 4-bit in the file (a GGUF's Q4_0/Q4_1 tensors) in int4, which
+rounds nothing more than bf16 activations, and gives the rest bf16 where the CPU has AMX, else fp16
+where fbgemm runs (PyTorch's x86 builds), else none. What the CPU has is asked of
+engine/cpu_features.py; `kvserve cpu-features` prints it and the choice it makes.
 """
 
 from __future__ import annotations
@@ -31,9 +35,10 @@ import torch
 import torch.nn.functional as F
 
 from engine.cpu_features import CpuFeatures, detect
+from engine.models.int4_matmul import four_bit_groups, int4_linear, packable, round_to_four_bits
 
 Kernel = Callable[[torch.Tensor], torch.Tensor]
-QUANTIZATIONS = ("auto", "none", "bf16", "fp16", "int8")
+QUANTIZATIONS = ("auto", "none", "bf16", "fp16", "int8", "int4")
 FORMATS = QUANTIZATIONS[1:]  # what `auto` chooses from
 
 # fbgemm's AVX2 int8 kernel sums pairs of u8 x s8 products in int16; 255 * 63 * 2 < 32767, so 7-bit
@@ -58,6 +63,8 @@ def format_refusal(quantization: str, features: CpuFeatures | None = None) -> st
                 "request's output would depend on its batch")
     if quantization in ("fp16", "int8") and not features.fbgemm:
         return "needs PyTorch's fbgemm backend (x86 builds)"
+    if quantization == "int4" and not features.avx2:
+        return "needs an x86 CPU with AVX2 or AVX-512 (PyTorch's packed int4 kernel is vectorized only there)"
     return None
 
 
@@ -86,14 +93,38 @@ def resolve_quantization(name: str | None, device: str, dtype: torch.dtype,
     return name
 
 
-def make_kernel(weight: torch.Tensor, bias: torch.Tensor | None, quantization: str) -> Kernel | None:
-    """x -> x @ weight.T + bias over a packed copy of the weight, or None to use F.linear."""
+def keeps_4bit(name: str | None, device: str, dtype: torch.dtype, features: CpuFeatures | None = None) -> bool:
+    """Whether `auto` keeps weights stored in 4 bits as int4 here (CPU fp32 models, where the kernel runs)."""
+    return ((name or "auto") == "auto" and device == "cpu" and dtype == torch.float32
+            and format_refusal("int4", features) is None)
+
+
+def make_kernel(weight: torch.Tensor, bias: torch.Tensor | None, quantization: str,
+                keep_4bit: bool = False) -> tuple[Kernel | None, str]:
+    """x -> x @ weight.T + bias over a packed copy of the weight (None: use F.linear), and its format.
+
+    keep_4bit (what `auto` asks): a weight already on a 4-bit grid gets int4, the rest `quantization`.
+    `quantization` int4 rounds every weight the kernel can take to 4 bits; the others (shapes it cannot
+    pack) get fp16.
+    """
     if weight.device.type != "cpu":
-        return None
+        return None, "none"
     if weight.dtype == torch.bfloat16:  # a bf16 model (--dtype bfloat16): the same kernel, minus the casts
-        return _bf16_kernel(weight, bias) if detect().avx512_bf16 else None
+        return (_bf16_kernel(weight, bias), "bf16") if detect().avx512_bf16 else (None, "none")
     if weight.dtype != torch.float32:
-        return None
+        return None, "none"
+    if (keep_4bit or quantization == "int4") and packable(weight):
+        groups = four_bit_groups(weight)
+        if groups is None and quantization == "int4":
+            groups = round_to_four_bits(weight)
+        if groups is not None:
+            return _row_blocked("int4", int4_linear(groups, bias), *weight.shape), "int4"
+    if quantization == "int4":
+        quantization = "fp16"
+    return _float_kernel(weight, bias, quantization), quantization
+
+
+def _float_kernel(weight: torch.Tensor, bias: torch.Tensor | None, quantization: str) -> Kernel | None:
     if quantization == "fp16":
         return _fp16_kernel(weight, bias)
     if quantization == "int8":
@@ -111,15 +142,19 @@ def _onednn_kernel(weight: torch.Tensor, bias: torch.Tensor | None) -> Kernel | 
 
 
 def _bf16_kernel(weight: torch.Tensor, bias: torch.Tensor | None) -> Kernel:
-    linear = _bf16_linear(weight, bias)
-    block = _bf16_block_rows(linear, *weight.shape)
+    return _row_blocked("bf16", _bf16_linear(weight, bias), *weight.shape)
 
-    def bf16_linear(x: torch.Tensor) -> torch.Tensor:  # x: (rows, in_features)
+
+def _row_blocked(kind: str, linear: Kernel, out_features: int, in_features: int) -> Kernel:
+    """The kernel, called in blocks of at most the row count that keeps every row's result its own."""
+    block = _safe_block_rows(kind, linear, out_features, in_features)
+
+    def blocked(x: torch.Tensor) -> torch.Tensor:  # x: (rows, in_features)
         if x.shape[0] <= block:
             return linear(x)
         return torch.cat([linear(part) for part in x.split(block)])
 
-    return bf16_linear
+    return blocked
 
 
 def _bf16_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> Kernel:
@@ -131,39 +166,40 @@ def _bf16_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> Kernel:
 
 
 # oneDNN may split a GEMM's reduction across threads once there are enough rows, and then a row's sum is
-# rounded differently from when it is computed alone. Which row counts do that depends on the shape and
+# rounded differently from when it is computed alone (PyTorch's int4 kernel may too: it switches to a
+# blocked GEMM for more rows on some CPUs, so it gets the same check). Which row counts do that depends on the shape and
 # the thread count, so it is measured, once per shape, on the first weight of that shape: calls are cut
 # into blocks of a row count up to which every smaller count gives each row its single-row result. A
 # different sum shows only in the rows whose rounding it happens to change, so the probe uses rows of
-# very different scales and checks each count on every row of the sample. (Only AMX gets here: elsewhere
-# the split changes from 2 rows on and bf16 is refused, see format_refusal.)
-_BF16_BLOCK_CANDIDATES = (64, 32, 16, 8)
-_BF16_PROBE_ROWS = 80
-_bf16_blocks: dict[tuple[int, int, int], int] = {}
-_bf16_blocks_lock = threading.Lock()  # packing runs on a thread pool; measure each shape once
+# very different scales and checks each count on every row of the sample. (For bf16 only AMX gets here:
+# elsewhere the split changes from 2 rows on and bf16 is refused, see format_refusal.)
+_BLOCK_CANDIDATES = (64, 32, 16, 8)
+_PROBE_ROWS = 80
+_safe_blocks: dict[tuple[str, int, int, int], int] = {}
+_safe_blocks_lock = threading.Lock()  # packing runs on a thread pool; measure each shape once
 
 
-def _bf16_block_rows(linear: Kernel, out_features: int, in_features: int) -> int:
-    key = (out_features, in_features, torch.get_num_threads())
-    with _bf16_blocks_lock:
-        if key not in _bf16_blocks:
-            _bf16_blocks[key] = _measure_bf16_block_rows(linear, in_features)
-        return _bf16_blocks[key]
+def _safe_block_rows(kind: str, linear: Kernel, out_features: int, in_features: int) -> int:
+    key = (kind, out_features, in_features, torch.get_num_threads())
+    with _safe_blocks_lock:
+        if key not in _safe_blocks:
+            _safe_blocks[key] = _measure_safe_block_rows(linear, in_features)
+        return _safe_blocks[key]
 
 
-def _measure_bf16_block_rows(linear: Kernel, in_features: int) -> int:
-    x = torch.randn(_BF16_PROBE_ROWS, in_features, generator=torch.Generator().manual_seed(0))
+def _measure_safe_block_rows(linear: Kernel, in_features: int) -> int:
+    x = torch.randn(_PROBE_ROWS, in_features, generator=torch.Generator().manual_seed(0))
     x[::3] *= 40.0
     alone = torch.cat([linear(row) for row in x.split(1)])
 
     def rows_independent(count: int) -> bool:  # every probe row, in calls of `count` rows
-        starts = [*range(0, _BF16_PROBE_ROWS - count + 1, count), _BF16_PROBE_ROWS - count]
+        starts = [*range(0, _PROBE_ROWS - count + 1, count), _PROBE_ROWS - count]
         return all(torch.equal(linear(x[start:start + count]), alone[start:start + count]) for start in starts)
 
     consistent = 1
-    while consistent < _BF16_BLOCK_CANDIDATES[0] and rows_independent(consistent + 1):
+    while consistent < _BLOCK_CANDIDATES[0] and rows_independent(consistent + 1):
         consistent += 1
-    return max([c for c in _BF16_BLOCK_CANDIDATES if c <= consistent], default=1)
+    return max([c for c in _BLOCK_CANDIDATES if c <= consistent], default=1)
 
 
 def _fp16_kernel(weight: torch.Tensor, bias: torch.Tensor | None) -> Kernel:
@@ -232,21 +268,24 @@ def _int8_kernel(weight: torch.Tensor, bias: torch.Tensor | None) -> Kernel:
     return int8_linear
 
 
-def pack_linears(model: torch.nn.Module, quantization: str) -> None:
+def pack_linears(model: torch.nn.Module, quantization: str, keep_4bit: bool = False) -> str:
     """Give every Linear of a CPU fp32 or bf16 model, and its LM head, a packed kernel (a no-op elsewhere).
 
-    Packing runs on all intra-op threads: fbgemm's fp16 packing converts element by element (~1.5 s for
-    SmolLM2 on one core), which would otherwise dominate a cold start.
+    Returns the formats in use, e.g. "int4+fp16" (int4 first). Packing runs on all intra-op threads:
+    fbgemm's fp16 packing converts element by element (~1.5 s for SmolLM2 on one core), which would
+    otherwise dominate a cold start.
     """
     from engine.models.layers import Linear
 
     linears = [m for m in model.modules() if isinstance(m, Linear)]
     with ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads())) as pool:
-        head = pool.submit(make_kernel, model.lm_head_weight, None, quantization)
-        kernels = list(pool.map(lambda m: make_kernel(m.weight, m.bias, quantization), linears))
-        for module, kernel in zip(linears, kernels, strict=True):
+        head = pool.submit(make_kernel, model.lm_head_weight, None, quantization, keep_4bit)
+        kernels = list(pool.map(lambda m: make_kernel(m.weight, m.bias, quantization, keep_4bit), linears))
+        for module, (kernel, _) in zip(linears, kernels, strict=True):
             module.kernel = kernel
-        model.lm_head_kernel = head.result()
+        model.lm_head_kernel, head_format = head.result()
+    used = {head_format, *(name for _, name in kernels)}
+    return "+".join(sorted(used, key=lambda name: (name != "int4", name)))
 
 
 def vocab_projection(x: torch.Tensor, weight: torch.Tensor, kernel: Kernel | None) -> torch.Tensor:

@@ -62,7 +62,8 @@ def assert_all_free(engine: LLMEngine) -> None:
 
 # Every CPU weight format, and a bf16 model, must keep a request's output independent of what else is in
 # the batch, or be refused on this CPU (tests/helpers/cpu_formats.py).
-FORMATS = [("float32", "none"), ("float32", "bf16"), ("float32", "fp16"), ("float32", "int8"), ("bfloat16", "auto")]
+FORMATS = [("float32", "none"), ("float32", "bf16"), ("float32", "fp16"), ("float32", "int8"), ("float32", "int4"),
+           ("bfloat16", "auto")]
 
 
 @pytest.mark.parametrize(("dtype", "quantization"), FORMATS)

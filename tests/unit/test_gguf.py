@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from gguf import GGMLQuantizationType as Q
+from helpers.cpu_formats import runs_here
 from helpers.tiny_models import (
     hf_logits,
     roundtrip,
@@ -28,6 +29,7 @@ from engine.gguf_loader import (
     read_gguf_config,
     unpermute_rotary,
 )
+from engine.models.cpu_matmul import pack_linears
 from engine.runner import ModelRunner
 from engine.weights import load_model
 
@@ -43,6 +45,29 @@ MODELS: dict[str, Callable[[], torch.nn.Module]] = {
 def kvserve_logits(path: str, ids: list[int], chunk_size: int | None = None) -> torch.Tensor:
     model, cfg = load_model(path, "cpu", torch.float32, max_positions=64, progress=False)
     return ModelRunner.for_testing(model, cfg, block_size=4, num_blocks=16).logits_for(ids, chunk_size)
+
+
+@runs_here("int4")
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1, Q.Q8_0], ids=lambda q: q.name)
+def test_auto_keeps_4bit_gguf_weights_4bit(tmp_path: Path, qtype: Q) -> None:
+    """`auto` finds a 4-bit GGUF's grids in the dequantized weights and packs them as int4, leaving 8-bit
+    ones to the float format. Kept 4-bit, the logits move by bf16 rounding only (on these sharp random
+    weights 2-4% of the largest logit); rounding 8-bit weights to 4 bits moves them ~50%."""
+    gguf_path = write_gguf(MODELS["llama-gqa"](), tmp_path / "model.gguf", qtype)
+    exact = kvserve_logits(gguf_path, PROMPT)
+
+    def error_with(quantization: str, keep_4bit: bool) -> tuple[str, float]:
+        model, cfg = load_model(gguf_path, "cpu", torch.float32, max_positions=64, progress=False)
+        used = pack_linears(model, quantization, keep_4bit)
+        logits = ModelRunner.for_testing(model, cfg, block_size=4, num_blocks=16).logits_for(PROMPT)
+        return used, ((logits - exact).abs().amax(-1) / exact.abs().amax(-1)).max().item()
+
+    used, error = error_with("fp16", keep_4bit=True)  # what auto does on a CPU without AMX
+    if qtype == Q.Q8_0:
+        assert used == "fp16" and error < 5e-3
+        assert error_with("int4", keep_4bit=False)[1] > 0.2  # asked for: rounded to 4 bits, and lossy
+    else:
+        assert used == "int4" and error < 0.08  # the tiny model's LM head is 4-bit too
 
 
 @pytest.mark.parametrize("family", list(MODELS))

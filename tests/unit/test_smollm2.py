@@ -95,7 +95,8 @@ PASSAGE = (
 
 @pytest.mark.parametrize(("dtype", "quantization", "max_kl", "min_top1", "max_ppl_ratio"),
                          [("float32", "bf16", 0.005, 0.95, 1.01), ("float32", "fp16", 1e-3, 0.99, 1.005),
-                          ("float32", "int8", 0.15, 0.75, 1.15), ("bfloat16", "auto", 0.005, 0.92, 1.01)])
+                          ("float32", "int8", 0.15, 0.75, 1.15), ("float32", "int4", 0.15, 0.75, 1.15),
+                          ("float32", "auto", 0.002, 0.95, 1.01), ("bfloat16", "auto", 0.005, 0.92, 1.01)])
 def test_faster_formats_stay_close_to_fp32(smollm2_gguf_path: Path, llm: LLM, dtype: str, quantization: str,
                                            max_kl: float, min_top1: float, max_ppl_ratio: float) -> None:
     """The documented cost of each faster weight format (and of a bf16 model), measured on a passage
