@@ -114,7 +114,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     num_threads: int | None = None  # torch intra-op threads on CPU; None: torch's default
     cache_converted: bool = True  # keep a converted copy of a GGUF in $KVSERVE_HOME/converted (CPU fp32)
-    quantization: str = "auto"  # CPU matmul weights: auto, none (exact fp32), bf16, fp16, int8; see models/cpu_matmul.py
+    quantization: str = "auto"  # CPU matmul weights: auto, none (exact fp32), bf16, fp16, int8, int4; see models/cpu_matmul.py
     seed: int = 0
 
     def __post_init__(self) -> None:

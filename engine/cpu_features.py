@@ -42,11 +42,13 @@ def detect() -> CpuFeatures:
 
 def report(features: CpuFeatures | None = None) -> str:
     """What `kvserve cpu-features` prints: the features, the format `auto` picks, and each format offered or not."""
-    from engine.models.cpu_matmul import FORMATS, format_refusal, resolve_quantization
+    from engine.models.cpu_matmul import FORMATS, format_refusal, keeps_4bit, resolve_quantization
 
     features = features or detect()
-    lines = [f"CPU features: {features.describe()}",
-             f"default CPU format (--quantization auto): {resolve_quantization('auto', 'cpu', torch.float32, features)}"]
+    default = resolve_quantization('auto', 'cpu', torch.float32, features)
+    if keeps_4bit("auto", "cpu", torch.float32, features):
+        default = f"int4 for weights stored in 4 bits (Q4_0/Q4_1 GGUF tensors), {default} for the rest"
+    lines = [f"CPU features: {features.describe()}", f"default CPU format (--quantization auto): {default}"]
     flags = [(f"--quantization {name}", name) for name in FORMATS] + [("--dtype bfloat16", "bf16")]
     for flag, name in flags:
         reason = format_refusal(name, features)

@@ -48,7 +48,7 @@ def test_api_key_file_adds_keys(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("argv", [["--port", "http"], ["--port", "70000"], ["--log-format", "xml"],
-                                  ["--max-num-seqs", "0"], ["--quantization", "int4"], ["--api-key-file", "/nonexistent/keys"]])
+                                  ["--max-num-seqs", "0"], ["--quantization", "int3"], ["--api-key-file", "/nonexistent/keys"]])
 def test_invalid_settings_are_rejected(argv: list[str]) -> None:
     with pytest.raises(ValueError):
         parse(*argv)
