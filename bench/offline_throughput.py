@@ -150,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--quantizations", default=None,
                         help="kvserve weight formats to run, comma-separated, each optionally DTYPE/FORMAT "
                              "(bfloat16/auto: the whole model in bf16); auto is reported as plain kvserve "
-                             "(default: auto,int8,none, plus bfloat16/auto on CPUs with AMX)")
+                             "(default: auto,fp16,none, plus bfloat16/auto on CPUs with AMX)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads for kvserve and transformers")
     parser.add_argument("--no-kvserve", action="store_true", help="skip kvserve in-process")
     parser.add_argument("--no-transformers", action="store_true", help="skip transformers generate")
@@ -174,7 +174,7 @@ def variant_name(dtype: str, quantization: str) -> str:
 def default_variants() -> str:
     from engine.models.cpu_matmul import format_refusal
 
-    return "auto,int8,none" + (",bfloat16/auto" if format_refusal("bf16") is None else "")
+    return "auto,fp16,none" + (",bfloat16/auto" if format_refusal("bf16") is None else "")
 
 
 def main(argv: list[str] | None = None) -> int:
