@@ -47,7 +47,7 @@ def report(features: CpuFeatures | None = None) -> str:
     features = features or detect()
     default = resolve_quantization('auto', 'cpu', torch.float32, features)
     if keeps_4bit("auto", "cpu", torch.float32, features):
-        default = f"int4 for weights stored in 4 bits (Q4_0/Q4_1 GGUF tensors), {default} for the rest"
+        default = f"int4 for weights stored in 4 bits (Q4_0/Q4_1/Q4_K GGUF tensors), {default} for the rest"
     lines = [f"CPU features: {features.describe()}", f"default CPU format (--quantization auto): {default}"]
     flags = [(f"--quantization {name}", name) for name in FORMATS] + [("--dtype bfloat16", "bf16")]
     for flag, name in flags:

@@ -267,3 +267,20 @@ def test_low_bit_decoders_equal_gguf_reference(qtype: Q, seed: int) -> None:
     assert got.shape == expected.shape == (7, 1024)
     np.testing.assert_array_equal(got, expected)
     assert len(np.unique(expected)) > 100  # the random blocks exercise many distinct values
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_q4_k_tensors_are_found_on_a_4bit_grid(seed: int) -> None:
+    """Q4_K (the 4-bit tensors of the common Q4_K_M files) is a 4-bit grid per sub-block of 32, with a
+    6-bit scale and min each: `auto` finds it like Q4_0/Q4_1's, and the grid gives back gguf's values."""
+    from gguf.quants import dequantize
+
+    from engine.models.int4_matmul import GROUP, four_bit_groups
+
+    values = torch.from_numpy(dequantize(_random_blocks(Q.Q4_K, 32, 512, seed), Q.Q4_K))
+    groups = four_bit_groups(values)
+    assert groups is not None
+    assert 0 <= groups.q.min() and groups.q.max() <= 15
+    q = groups.q.reshape(32, -1, GROUP).float()
+    rebuilt = (groups.low[..., None] + q * groups.step[..., None]).reshape(values.shape)
+    torch.testing.assert_close(rebuilt, values, rtol=1e-5, atol=1e-5)
