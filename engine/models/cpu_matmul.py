@@ -18,8 +18,8 @@ and PyTorch's default `F.linear` is slow at both, because MKL repacks the weight
   A quarter of fp16's bytes, so the fastest batch-1 decode.
 
 `auto` keeps weights that are already 4-bit in the file (a GGUF's Q4_0/Q4_1/Q4_K tensors) in int4, which
-rounds only their group scales and the activations to bf16, and gives the rest bf16 where the CPU has AMX, else fp16
-where fbgemm runs (PyTorch's x86 builds), else none. What the CPU has is asked of
+rounds only their group scales and the activations to bf16, and gives the rest bf16 where the CPU has
+AMX, else fp16 where fbgemm runs (PyTorch's x86 builds), else none. What the CPU has is asked of
 engine/cpu_features.py; `kvserve cpu-features` prints it and the choice it makes.
 """
 
