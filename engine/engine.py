@@ -28,6 +28,7 @@ from engine.sampling import SamplingRow, make_generator, prompt_logprobs, sample
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler, SchedulerOutput
 from engine.sequence import Sequence
+from engine.speculative import propose, speculates
 from engine.stop import StopStringMatcher
 from engine.tokenizer import IncrementalDetokenizer, Tokenizer
 from engine.weights import load_model, read_model_config
@@ -273,6 +274,8 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """One forward pass over the scheduled batch; outputs of the requests that moved."""
         outputs = self._apply_aborts()
+        if self.config.speculative is not None:
+            self._propose_drafts()
         batch = self.scheduler.schedule()
         self.last_step_tokens = batch.num_tokens
         if not batch.scheduled:
@@ -282,11 +285,31 @@ class LLMEngine:
             seq = item.seq
             self._stats.prompt_tokens += max(0, min(seq.num_prompt_tokens, seq.num_computed_tokens + item.num_new_tokens)
                                              - seq.num_computed_tokens)
-            seq.num_computed_tokens += item.num_new_tokens
+            # A verifying sequence's drafts count as computed once accepted (_verify); its last token now.
+            seq.num_computed_tokens += 1 if item.verifies else item.num_new_tokens
             self.blocks.commit(seq)
         self._stats.num_steps += 1
         touched = self._sample(results) + self._finish_embeddings(batch)
         return outputs + [self._output(request) for request in touched]
+
+    def _propose_drafts(self) -> None:
+        """Guess the next tokens of each greedy decoding sequence from its own earlier n-grams (speculative.py)."""
+        config = self.config.speculative
+        running = self.scheduler.running
+        for seq in running:  # a sequence left out of the last batch may still hold its guesses
+            seq.draft_token_ids = []
+        if len(running) > config.disable_by_batch_size:
+            return
+        for seq in running:
+            # Decoding: only its last token lacks K/V, and it has sampled before (the first token, which forks
+            # n > 1 requests and ends prompt logprobs, is always sampled the plain way).
+            if seq.num_computed_tokens != len(seq) - 1 or seq.num_output_tokens == 0 or not speculates(seq.params):
+                continue
+            # Never past the context or max_tokens: every draft accepted plus the token after them must fit.
+            room = self.max_model_len - len(seq)
+            if seq.params.max_tokens is not None:
+                room = min(room, seq.params.max_tokens - seq.num_output_tokens - 1)
+            seq.draft_token_ids = propose(seq.token_ids, config, room)
 
     def _finish_embeddings(self, batch: SchedulerOutput) -> list[_Request]:
         """Embedding sequences whose whole input is computed: take the pooled vector, free the blocks."""
@@ -305,9 +328,14 @@ class LLMEngine:
         rows: list[SamplingRow] = []
         targets: list[_Sample] = []
         logit_rows: list[torch.Tensor] = []
+        touched_verified: list[_Request] = []
         for result in results:
             seq = result.seq
             request = self._requests[seq.request_id]
+            if seq.draft_token_ids:
+                self._verify(next(s for s in request.samples if s.seq is seq), result)
+                touched_verified.append(request)
+                continue
             if wants_prompt_logits(seq):
                 self._record_prompt_logprobs(request, result)
             if seq.num_computed_tokens < len(seq):
@@ -319,16 +347,38 @@ class LLMEngine:
                                         sample_.generator, self.eos_token_ids))
                 targets.append(sample_)
                 logit_rows.append(result.logits[-1])
+        touched: dict[str, _Request] = {request.request_id: request for request in touched_verified}
         if not rows:
-            return []
+            return list(touched.values())
         self._attach_token_bitmasks(rows, targets)
         chosen = sample(torch.stack(logit_rows), rows)
         now = time.monotonic()
-        touched: dict[str, _Request] = {}
         for sample_, (token, logprob) in zip(targets, chosen, strict=True):
             self._append_token(sample_, token, logprob, now)
             touched[sample_.seq.request_id] = self._requests[sample_.seq.request_id]
         return list(touched.values())
+
+    def _verify(self, sample_: _Sample, result: StepLogits) -> None:
+        """Keep the drafts the model agrees with, and the model's own token after the last of them.
+
+        Row j of the logits followed the last token and drafts[:j]: sampled with those as output so far, it
+        gives the token plain decoding would choose there. Tokens are appended one at a time, so stop
+        strings, EOS and max_tokens end the sequence exactly where they would without speculation.
+        """
+        seq = sample_.seq
+        drafts, seq.draft_token_ids = seq.draft_token_ids, []
+        rows = [SamplingRow(seq.params, seq.prompt_token_ids, seq.output_token_ids + drafts[:j], sample_.generator,
+                            self.eos_token_ids) for j in range(len(drafts) + 1)]
+        now = time.monotonic()
+        self._stats.spec_draft_tokens += len(drafts)
+        for j, (token, logprob) in enumerate(sample(result.logits, rows)):
+            self._append_token(sample_, token, logprob, now)
+            if seq.is_finished or j == len(drafts) or token != drafts[j]:
+                break
+            seq.num_computed_tokens += 1  # the draft fed as input j + 1 is this token: its K/V stand
+            self._stats.spec_accepted_tokens += 1
+        if not seq.is_finished:
+            self.blocks.commit(seq)
 
     def _attach_token_bitmasks(self, rows: list[SamplingRow], targets: list[_Sample]) -> None:
         """Each guided row gets the packed mask of the tokens its grammar allows next (one bitmask for the batch)."""

@@ -75,6 +75,8 @@ class EngineStats:
     prompt_tokens: int = 0  # prompt tokens computed (prefill work actually done)
     generation_tokens: int = 0
     num_steps: int = 0
+    spec_draft_tokens: int = 0  # speculative decoding: draft tokens checked
+    spec_accepted_tokens: int = 0  # of those, accepted (each saved a forward pass)
 
     @property
     def kv_cache_usage(self) -> float:

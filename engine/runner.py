@@ -42,6 +42,25 @@ def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
     return torch.zeros(shape, dtype=dtype, device=device)
 
 
+@dataclass(slots=True)
+class _DecodeRow:
+    """One query row attending as a decode: the token at `position` of a decoding or verifying sequence."""
+
+    item: ScheduledSeq
+    position: int
+    block_size: int
+
+    @property
+    def token_id(self) -> int:
+        seq = self.item.seq
+        return seq.token_ids[self.position] if self.position < len(seq) else seq.draft_token_ids[self.position - len(seq)]
+
+    @property
+    def num_blocks(self) -> int:
+        """Blocks holding keys 0..position: what a plain decode at this position has in its block table."""
+        return -(-(self.position + 1) // self.block_size)
+
+
 def wants_prompt_logits(seq: Sequence) -> bool:
     return seq.params.prompt_logprobs is not None and seq.num_output_tokens == 0
 
@@ -87,53 +106,66 @@ class ModelRunner:
         """One forward pass over the batch; logits for sequences that complete or want prompt logprobs."""
         for src, dst in batch.block_copies:
             self.kv_cache[:, :, dst].copy_(self.kv_cache[:, :, src])
-        # Prefill chunks first, then single-token decodes, which share one batched attention call.
-        prefills = [s for s in batch.scheduled if s.num_new_tokens > 1]
-        # Decodes sorted by block-table length, so each length's rows are contiguous (see DecodeGroup).
-        decodes = sorted((s for s in batch.scheduled if s.num_new_tokens == 1), key=lambda s: len(s.seq.block_table))
-        ordered = prefills + decodes
+        # Prefill chunks first, then single-token decode rows, which share one batched attention call. A
+        # verifying sequence (draft tokens to check) gives one decode row per token, each laid out exactly as
+        # a plain decode at that position would be, so its logits are the same (engine/speculative.py).
+        prefills = [s for s in batch.scheduled if s.num_new_tokens > 1 and not s.verifies]
+        decode_rows = [_DecodeRow(item, item.seq.num_computed_tokens + j, self.block_size)
+                       for item in batch.scheduled if item.num_new_tokens == 1 or item.verifies
+                       for j in range(item.num_new_tokens)]
+        # Sorted by block-table length, so each length's rows are contiguous (see DecodeGroup); stable, so a
+        # verifying sequence's rows stay in position order.
+        decode_rows.sort(key=lambda row: row.num_blocks)
         ids, positions, slots = [], [], []
-        for item in ordered:
+        rows_of: dict[int, list[int]] = {}  # seq_id -> its rows of the hidden states, in position order
+        for item in prefills:
             seq, start = item.seq, item.seq.num_computed_tokens
             end = start + item.num_new_tokens
+            rows_of[seq.seq_id] = list(range(len(ids), len(ids) + item.num_new_tokens))
             ids += seq.token_ids[start:end]
             positions += range(start, end)
             slots += [self._slot(seq, p) for p in range(start, end)]
-        meta = self._metadata(prefills, decodes, slots)
+        for row in decode_rows:
+            seq = row.item.seq
+            rows_of.setdefault(seq.seq_id, []).append(len(ids))
+            ids.append(row.token_id)
+            positions.append(row.position)
+            slots.append(self._slot(seq, row.position))
+        meta = self._metadata(prefills, decode_rows, slots)
         input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
         pos = torch.tensor(positions, dtype=torch.long, device=self.device)
         hidden = self.model(input_ids, pos, meta)
 
-        wanted, pooled, row = [], [], 0
-        for item in ordered:
-            seq, n = item.seq, item.num_new_tokens
+        wanted, pooled = [], []
+        for item in batch.scheduled:
+            seq, rows = item.seq, rows_of[item.seq.seq_id]
             if seq.pooler is not None:
-                pooled.append((item, slice(row, row + n)))
-            elif wants_prompt_logits(seq):
-                wanted.append((item, slice(row, row + n)))
+                pooled.append((item, rows))
+            elif wants_prompt_logits(seq) or item.verifies:
+                wanted.append((item, rows))
             elif item.completes:
-                wanted.append((item, slice(row + n - 1, row + n)))
-            row += n
+                wanted.append((item, rows[-1:]))
         if pooled:
             self._pool(hidden, pooled)
         if not wanted:
             return []
-        picked = torch.cat([hidden[rows] for _, rows in wanted])
+        picked = hidden[torch.tensor([r for _, rows in wanted for r in rows], device=self.device)]
         logits = self.model.compute_logits(picked)
         out, offset = [], 0
         for item, rows in wanted:
-            n = rows.stop - rows.start
+            n = len(rows)
             first = item.seq.num_computed_tokens + item.num_new_tokens - n
             out.append(StepLogits(item.seq, logits[offset:offset + n], first))
             offset += n
         return out
 
-    def _pool(self, hidden: torch.Tensor, pooled: list[tuple[ScheduledSeq, slice]]) -> None:
+    def _pool(self, hidden: torch.Tensor, pooled: list[tuple[ScheduledSeq, list[int]]]) -> None:
         """Hand embedding sequences their rows' final hidden states (after the final norm, no LM head)."""
-        states = self.model.final_norm(torch.cat([hidden[rows] for _, rows in pooled]))
+        states = self.model.final_norm(hidden[torch.tensor([r for _, rows in pooled for r in rows],
+                                                            device=self.device)])
         offset = 0
         for item, rows in pooled:
-            n = rows.stop - rows.start
+            n = len(rows)
             item.seq.pooler.add(states[offset:offset + n], item.seq.num_computed_tokens)
             offset += n
 
@@ -144,7 +176,7 @@ class ModelRunner:
         """Where a key is read from; a block given back (FREED, out of every window) reads block 0, masked."""
         return max(seq.block_table[position // self.block_size], 0) * self.block_size + position % self.block_size
 
-    def _metadata(self, prefills: list[ScheduledSeq], decodes: list[ScheduledSeq], slots: list[int]) -> AttentionMetadata:
+    def _metadata(self, prefills: list[ScheduledSeq], decode_rows: list[_DecodeRow], slots: list[int]) -> AttentionMetadata:
         device = self.device
         meta = AttentionMetadata(slot_mapping=torch.tensor(slots, dtype=torch.long, device=device))
         start = 0
@@ -162,16 +194,16 @@ class ModelRunner:
             start += n
         meta.num_prefill_tokens = start
         start = 0
-        for num_blocks, same_length in itertools.groupby(decodes, key=lambda d: len(d.seq.block_table)):
+        for num_blocks, same_length in itertools.groupby(decode_rows, key=lambda row: row.num_blocks):
             members = list(same_length)
-            block_ids = torch.tensor([max(b, 0) for d in members for b in d.seq.block_table],  # FREED -> 0, masked
-                                     dtype=torch.long, device=device)
-            context_lens = torch.tensor([d.seq.num_computed_tokens + 1 for d in members], device=device)
+            block_ids = torch.tensor([max(b, 0) for row in members for b in row.item.seq.block_table[:num_blocks]],
+                                     dtype=torch.long, device=device)  # FREED -> 0, masked
+            context_lens = torch.tensor([row.position + 1 for row in members], device=device)
             key_pos = torch.arange(num_blocks * self.block_size, device=device).unsqueeze(0)
             valid = key_pos < context_lens.unsqueeze(1)
             mask = grouped_mask(valid.unsqueeze(1), self.group)
             group = DecodeGroup(start, len(members), block_ids, mask)
-            if self.window is not None and max(d.seq.num_computed_tokens + 1 for d in members) > self.window:
+            if self.window is not None and max(row.position + 1 for row in members) > self.window:
                 in_window = valid & (key_pos >= context_lens.unsqueeze(1) - self.window)
                 group.window_mask = grouped_mask(in_window.unsqueeze(1), self.group)
             meta.decode_groups.append(group)

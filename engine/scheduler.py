@@ -25,7 +25,12 @@ class ScheduledSeq:
     @property
     def completes(self) -> bool:
         """After this step every known token is computed, so the last one's logits are sampled."""
-        return self.seq.num_computed_tokens + self.num_new_tokens == len(self.seq)
+        return self.seq.num_computed_tokens + self.num_new_tokens == len(self.seq) + len(self.seq.draft_token_ids)
+
+    @property
+    def verifies(self) -> bool:
+        """A decode with draft tokens: its last token and the drafts, each computed as a decode row."""
+        return bool(self.seq.draft_token_ids)
 
 
 @dataclass(slots=True)
@@ -68,7 +73,11 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            num_new = min(len(seq) - seq.num_computed_tokens, budget)
+            if seq.draft_token_ids:  # a decode with guesses to check: as many as the budget leaves room for
+                del seq.draft_token_ids[max(0, budget - 1):]
+                if not self.blocks.can_allocate(seq, len(seq) + len(seq.draft_token_ids)):
+                    seq.draft_token_ids.clear()  # guesses are never worth a preemption
+            num_new = min(len(seq) + len(seq.draft_token_ids) - seq.num_computed_tokens, budget)
             target = seq.num_computed_tokens + num_new
             while not self.blocks.can_allocate(seq, target):
                 victim = self.running[-1]
@@ -122,6 +131,7 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
+        seq.draft_token_ids.clear()
         self.blocks.free_sequence(seq)
         seq.num_computed_tokens = 0
         seq.status = SequenceStatus.WAITING

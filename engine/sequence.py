@@ -40,6 +40,8 @@ class Sequence:
     last_token_time: float | None = None
     num_preemptions: int = 0
     pooler: Pooler | None = None  # set for embedding requests: prefill only, final states pooled
+    # Guessed next tokens checked by this step's forward pass (engine/speculative.py); empty otherwise.
+    draft_token_ids: list[int] = field(default_factory=list)
 
     @property
     def needs_every_position(self) -> bool:

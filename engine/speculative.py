@@ -1,0 +1,92 @@
+"""N-gram (prompt lookup) speculative decoding: draft tokens copied from earlier in the sequence.
+
+A decode step at batch 1 on a CPU costs about the same for a few query rows as for one (the weights are
+read once either way), so when the text is likely to repeat something already in the context (a code
+edit, a summary quoting its source, a JSON echo), the engine guesses the next tokens by finding the last
+few tokens earlier in the sequence and copying what followed them, then checks all the guesses in one
+forward pass: row j's logits are computed exactly as a plain decode step would compute them (see the
+runner: every verify row is laid out as a decode row of its own), and the longest run of guesses the
+model itself would have chosen is kept, plus the model's own token after it. Greedy output is therefore
+token for token the same as without speculation; only the number of forward passes changes.
+
+Configured as vLLM's `speculative_config` {"method": "ngram", "num_speculative_tokens": k,
+"prompt_lookup_max": n, "prompt_lookup_min": m}. Only greedy requests without a grammar speculate: a
+sampled token would need rejection sampling, which would change a seeded request's output.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from engine.sampling_params import SamplingParams
+
+_KEYS = ("method", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min", "disable_by_batch_size")
+_DEFAULT_LOOKUP_MIN = 2
+
+
+@dataclass(frozen=True, slots=True)
+class NgramConfig:
+    num_speculative_tokens: int = 4  # most draft tokens checked in one step
+    prompt_lookup_max: int = 4  # longest n-gram looked up (tried first)
+    prompt_lookup_min: int = _DEFAULT_LOOKUP_MIN  # shortest n-gram looked up
+    # Speculate only while at most this many sequences run: with many, a step is compute-bound and extra
+    # rows cost as much as they may save (measured: README, Speculative decoding).
+    disable_by_batch_size: int = 4
+
+    def __post_init__(self) -> None:
+        if self.num_speculative_tokens < 1:
+            raise ValueError(f"num_speculative_tokens must be >= 1, got {self.num_speculative_tokens}")
+        if not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max:
+            raise ValueError(f"need 1 <= prompt_lookup_min ({self.prompt_lookup_min}) <= prompt_lookup_max "
+                             f"({self.prompt_lookup_max})")
+        if self.disable_by_batch_size < 1:
+            raise ValueError(f"disable_by_batch_size must be >= 1, got {self.disable_by_batch_size}")
+
+    @classmethod
+    def parse(cls, value: str | dict) -> NgramConfig:
+        """From vLLM's speculative_config (a dict, or its JSON text); ValueError names what is wrong."""
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"speculative_config is not valid JSON: {exc}") from None
+        if not isinstance(value, dict):
+            raise ValueError("speculative_config must be a JSON object")
+        unknown = sorted(set(value) - set(_KEYS))
+        if unknown:
+            raise ValueError(f"speculative_config: unknown key(s) {', '.join(unknown)}; known: {', '.join(_KEYS)}")
+        if value.get("method", "ngram") != "ngram":
+            raise ValueError(f"speculative_config: method {value['method']!r} is not supported; only 'ngram' is "
+                             "(prompt lookup, no draft model)")
+        options = {key: item for key, item in value.items() if key != "method"}
+        if not all(isinstance(item, int) and not isinstance(item, bool) for item in options.values()):
+            raise ValueError("speculative_config: every value but method must be an integer")
+        if "prompt_lookup_max" in options and "prompt_lookup_min" not in options:
+            options["prompt_lookup_min"] = min(_DEFAULT_LOOKUP_MIN, options["prompt_lookup_max"])
+        return cls(**options)
+
+
+def speculates(params: SamplingParams) -> bool:
+    """Whether a request's tokens can be verified several at a time with the same result: greedy, no grammar."""
+    return params.greedy and params.structured_output is None
+
+
+def propose(token_ids: list[int], config: NgramConfig, limit: int) -> list[int]:
+    """Up to `limit` tokens that followed the most recent earlier occurrence of the sequence's last n tokens.
+
+    Longer n-grams are tried first (a longer match predicts better); among occurrences, the latest wins.
+    """
+    limit = min(limit, config.num_speculative_tokens)
+    length = len(token_ids)
+    if limit < 1:
+        return []
+    last = token_ids[-1]
+    # Where the last token occurred before (latest first): every n-gram match ends at one of these.
+    ends = [i for i in range(length - 2, -1, -1) if token_ids[i] == last]
+    for n in range(min(config.prompt_lookup_max, length - 1), config.prompt_lookup_min - 1, -1):
+        tail = token_ids[length - n:]
+        for end in ends:
+            if end + 1 >= n and token_ids[end + 1 - n:end + 1] == tail:
+                return token_ids[end + 1:end + 1 + limit]
+    return []

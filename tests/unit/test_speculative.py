@@ -1,0 +1,151 @@
+"""N-gram speculative decoding: the proposer, the config, and greedy output token for token that of plain decoding."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from helpers.cpu_formats import build_or_expect_refusal
+from helpers.tiny_engine import make_tiny_model_dir
+from test_engine import FORMATS, assert_all_free, make_engine, run_all
+
+from engine import LLMEngine, SamplingParams
+from engine.speculative import NgramConfig, propose
+
+# Speculate at every batch size the tests use, so batched verify rows are exercised too.
+SPEC = NgramConfig(num_speculative_tokens=4, prompt_lookup_max=3, prompt_lookup_min=1, disable_by_batch_size=64)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> str:
+    return make_tiny_model_dir(tmp_path_factory.mktemp("tiny"))
+
+
+# ---- the proposer ----
+
+def test_the_latest_occurrence_of_the_longest_ngram_is_copied() -> None:
+    config = NgramConfig(num_speculative_tokens=3, prompt_lookup_max=3, prompt_lookup_min=1)
+    #        0  1  2  3  4  5  6  7  8  9 10
+    ids = [5, 6, 7, 1, 2, 9, 6, 7, 3, 4, 6, 7]
+    # "6 7" occurs at 1-2 and 6-7; the later one (followed by 3 4 6) wins; the 3-gram "x 6 7" never recurs.
+    assert propose(ids, config, limit=10) == [3, 4, 6]
+    assert propose(ids, config, limit=2) == [3, 4]
+    # A longer match beats a more recent shorter one: "9 6 7" matches at 5-7 only via the 3-gram.
+    ids = [9, 6, 7, 8, 8, 1, 6, 7, 2, 9, 6, 7]
+    assert propose(ids, config, limit=3) == [8, 8, 1]
+
+
+def test_no_match_or_no_room_proposes_nothing() -> None:
+    config = NgramConfig(num_speculative_tokens=4, prompt_lookup_max=3, prompt_lookup_min=2)
+    assert propose([1, 2, 3, 4, 5], config, limit=4) == []
+    assert propose([1, 2, 1, 2], config, limit=0) == []
+    assert propose([7], config, limit=4) == []
+    # The match may overlap the tail: a run of one token predicts more of it.
+    assert propose([3, 3, 3, 3], config, limit=4) == [3]
+
+
+def test_vllm_speculative_config_is_accepted_and_bad_ones_are_refused() -> None:
+    parsed = NgramConfig.parse('{"method": "ngram", "num_speculative_tokens": 5, "prompt_lookup_max": 4}')
+    assert (parsed.num_speculative_tokens, parsed.prompt_lookup_max, parsed.prompt_lookup_min) == (5, 4, 2)
+    assert NgramConfig.parse({"prompt_lookup_max": 1}).prompt_lookup_min == 1
+    for bad, words in [('{"method": "eagle"}', "only 'ngram'"), ("{nope", "not valid JSON"), ("[1]", "JSON object"),
+                       ('{"num_speculative_tokens": 0}', ">= 1"), ('{"draft_model": "x"}', "unknown key"),
+                       ('{"prompt_lookup_min": 3, "prompt_lookup_max": 2}', "prompt_lookup_min"),
+                       ('{"num_speculative_tokens": "4"}', "integer")]:
+        with pytest.raises(ValueError, match=words):
+            NgramConfig.parse(bad)
+
+
+# ---- the engine ----
+
+def repetitive_prompts(count: int, seed: int, vocab: int) -> list[list[int]]:
+    """Random phrases said two or three times over: the n-gram proposer finds matches in them."""
+    rng = random.Random(seed)
+    prompts = []
+    for _ in range(count):
+        phrase = [rng.randrange(2, vocab) for _ in range(rng.randint(4, 12))]
+        prompts.append([rng.randrange(2, vocab) for _ in range(rng.randint(1, 5))] + phrase * rng.randint(2, 3))
+    return prompts
+
+
+def plain_and_speculative(engine: LLMEngine, arrivals, steps_between: int = 2) -> tuple[dict, dict]:
+    """Outputs of the same arrivals without, then with speculation (the same engine, its config switched)."""
+    engine.config.speculative = None
+    plain = run_all(engine, arrivals, steps_between)
+    engine.config.speculative = SPEC
+    speculative = run_all(engine, arrivals, steps_between)
+    return plain, speculative
+
+
+@pytest.mark.parametrize(("dtype", "quantization"), FORMATS)
+def test_greedy_output_is_plain_decodings_alone_and_batched(tiny_dir: str, dtype: str, quantization: str) -> None:
+    engine = build_or_expect_refusal(lambda: make_engine(tiny_dir, dtype=dtype, quantization=quantization),
+                                     dtype, quantization)
+    prompts = repetitive_prompts(12, seed=1, vocab=engine.model_config.vocab_size)
+    greedy = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    sampled = SamplingParams(max_tokens=24, temperature=0.9, seed=7, ignore_eos=True)  # never speculates
+    for i, ids in enumerate(prompts[:4]):  # alone
+        plain, speculative = plain_and_speculative(engine, [[(f"a{i}", ids, greedy)]])
+        assert speculative == plain, f"prompt {i} alone"
+    # Batched with staggered arrivals: prefill chunks, plain decodes and verify rows share steps.
+    groups = [[(f"r{i}", ids, sampled if i % 4 == 3 else greedy) for i, ids in enumerate(prompts[j:j + 4], j)]
+              for j in range(0, 12, 4)]
+    drafts_before = engine.stats().spec_draft_tokens
+    plain, speculative = plain_and_speculative(engine, groups, steps_between=3)
+    assert speculative == plain
+    stats = engine.stats()
+    assert stats.spec_accepted_tokens > 0, "no draft was ever accepted: the test checks nothing"
+    assert stats.spec_draft_tokens - drafts_before > stats.spec_accepted_tokens, "no draft was ever rejected"
+    assert_all_free(engine)
+
+
+def test_logprobs_stop_strings_and_max_tokens_end_where_plain_decoding_does(tiny_dir: str) -> None:
+    engine = make_engine(tiny_dir, quantization="none")
+    prompts = repetitive_prompts(6, seed=2, vocab=engine.model_config.vocab_size)
+    # The stop string is a piece of plain decoding's text, so it matches partway through some verify step.
+    engine.add_request("probe", prompts[0], SamplingParams(max_tokens=30, temperature=0, ignore_eos=True))
+    text = ""
+    while engine.has_unfinished():
+        for out in engine.step():
+            text = out.outputs[0].text
+    stop = text[len(text) // 2:len(text) // 2 + 3]
+    params = [SamplingParams(max_tokens=30, temperature=0, logprobs=2, ignore_eos=True),
+              SamplingParams(max_tokens=30, temperature=0, stop=[stop], ignore_eos=True),
+              SamplingParams(max_tokens=7, temperature=0, ignore_eos=True),
+              SamplingParams(max_tokens=30, temperature=0, repetition_penalty=1.3, min_tokens=5),
+              SamplingParams(max_tokens=30, temperature=0, n=2, ignore_eos=True)]
+
+    def outputs(speculative: NgramConfig | None) -> list:
+        engine.config.speculative = speculative
+        for i, (ids, p) in enumerate(zip(prompts, params, strict=False)):
+            engine.add_request(f"q{i}", ids, p)
+        done = {}
+        while engine.has_unfinished():
+            for out in engine.step():
+                if out.finished:
+                    done[out.request_id] = [(o.text, o.token_ids, o.finish_reason, o.stop_reason,
+                                             o.logprobs)
+                                            for o in out.outputs]
+        return [done[f"q{i}"] for i in range(len(params))]
+
+    assert outputs(SPEC) == outputs(None)
+    assert engine.stats().spec_accepted_tokens > 0
+    assert_all_free(engine)
+
+
+def test_preemption_and_context_limits_keep_outputs_and_free_every_block(tiny_dir: str) -> None:
+    # A cache of 24 blocks of 4 for 6 sequences of ~60 tokens: sequences are preempted and recomputed, and
+    # drafts must never push one past the context (max_model_len 64).
+    roomy = make_engine(tiny_dir, quantization="none", max_model_len=64)
+    block_bytes = roomy.runner.kv_cache[:, :, 0].numel() * roomy.runner.kv_cache.element_size()
+    tight = make_engine(tiny_dir, quantization="none", max_model_len=64, kv_cache_bytes=24 * block_bytes)
+    prompts = repetitive_prompts(6, seed=3, vocab=roomy.model_config.vocab_size)
+    params = SamplingParams(max_tokens=None, temperature=0, ignore_eos=True)
+    arrivals = [[(f"p{i}", ids, params) for i, ids in enumerate(prompts)]]
+    roomy.config.speculative = None
+    expected = run_all(roomy, arrivals)
+    tight.config.speculative = SPEC
+    assert run_all(tight, arrivals) == expected
+    assert tight.scheduler.num_preemptions > 0, "the cache was large enough: nothing was preempted"
+    assert all(len(expected[f"p{i}"]) + len(ids) == 64 for i, ids in enumerate(prompts))
+    assert_all_free(tight)
