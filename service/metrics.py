@@ -52,6 +52,10 @@ class ServiceMetrics:
                                       m, registry=reg)
         self.prefix_hits = Counter("kvserve_prefix_cache_hits", "Prompt tokens found in the prefix cache", m,
                                    registry=reg)
+        self.spec_draft_tokens = Counter("kvserve_spec_decode_num_draft_tokens",
+                                         "Draft tokens checked by n-gram speculative decoding", m, registry=reg)
+        self.spec_accepted_tokens = Counter("kvserve_spec_decode_num_accepted_tokens",
+                                            "Draft tokens accepted (each one a forward pass saved)", m, registry=reg)
         self.ttft = Histogram("kvserve_time_to_first_token_seconds", "Arrival to first token", m,
                               buckets=_LATENCY_BUCKETS, registry=reg)
         self.itl = Histogram("kvserve_inter_token_latency_seconds", "Time between generated tokens", m,
@@ -76,7 +80,8 @@ class ServiceMetrics:
         self._sync_lock = threading.Lock()
         # Create every labelled child now so each series shows (at 0) before the first request.
         for metric in (self.running, self.waiting, self.kv_usage, self.prompt_tokens, self.generation_tokens,
-                       self.preemptions, self.prefix_queries, self.prefix_hits, self.ttft, self.itl, self.e2e,
+                       self.preemptions, self.prefix_queries, self.prefix_hits, self.spec_draft_tokens,
+                       self.spec_accepted_tokens, self.ttft, self.itl, self.e2e,
                        self.queue_time, self.request_prompt_tokens, self.request_generation_tokens,
                        self.iteration_tokens):
             metric.labels(model_name)
@@ -146,7 +151,11 @@ class ServiceMetrics:
                     ((self.prefix_queries.labels(name), vllm.prefix_queries), stats.prefix_cache_queries,
                      last.prefix_cache_queries),
                     ((self.prefix_hits.labels(name), vllm.prefix_hits), stats.prefix_cache_hits,
-                     last.prefix_cache_hits)):
+                     last.prefix_cache_hits),
+                    ((self.spec_draft_tokens.labels(name), vllm.spec_draft_tokens), stats.spec_draft_tokens,
+                     last.spec_draft_tokens),
+                    ((self.spec_accepted_tokens.labels(name), vllm.spec_accepted_tokens), stats.spec_accepted_tokens,
+                     last.spec_accepted_tokens)):
                 if now > before:
                     for counter in counters:
                         counter.inc(now - before)

@@ -47,6 +47,10 @@ class Settings(BaseSettings):
                                        json_schema_extra=_unset(
         "on CPU what max_num_seqs full-length sequences need, at most 1 GiB; on CUDA half the free memory"))
     max_model_len: int | None = Field(None, ge=1, description="context length cap", json_schema_extra=_unset("the model's"))
+    speculative_config: str | None = Field(
+        None, description='n-gram speculative decoding of greedy requests, vLLM\'s JSON: {"method": "ngram", '
+                          '"num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 2, '
+                          '"disable_by_batch_size": 4}', json_schema_extra=_unset("off"))
     max_tokens_default: int | None = Field(
         None, ge=1, description="cap on the tokens a request without max_tokens generates (completions: 16, chat: "
                                 "the rest of the context)", json_schema_extra=_unset("no cap"))
@@ -85,6 +89,15 @@ class Settings(BaseSettings):
 
         return load_chat_template(value) if value is not None else None
 
+    @field_validator("speculative_config")
+    @classmethod
+    def _check_speculative_config(cls, value: str | None) -> str | None:
+        from engine.speculative import NgramConfig  # a bad config stops the server at once
+
+        if value is not None:
+            NgramConfig.parse(value)
+        return value
+
     @field_validator("api_keys", mode="before")
     @classmethod
     def _split_keys(cls, value: object) -> object:
@@ -111,6 +124,11 @@ class Settings(BaseSettings):
 
     def engine_config_kwargs(self) -> dict[str, object]:
         """EngineConfig keyword arguments that were set (unset ones keep the engine's defaults)."""
+        from engine.speculative import NgramConfig
+
         names = ("device", "dtype", "quantization", "max_num_seqs", "max_num_batched_tokens", "kv_cache_bytes",
                  "max_model_len")
-        return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
+        kwargs: dict[str, object] = {name: getattr(self, name) for name in names if getattr(self, name) is not None}
+        if self.speculative_config is not None:
+            kwargs["speculative"] = NgramConfig.parse(self.speculative_config)
+        return kwargs

@@ -48,10 +48,21 @@ def test_api_key_file_adds_keys(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("argv", [["--port", "http"], ["--port", "70000"], ["--log-format", "xml"],
-                                  ["--max-num-seqs", "0"], ["--quantization", "int3"], ["--api-key-file", "/nonexistent/keys"]])
+                                  ["--max-num-seqs", "0"], ["--quantization", "int3"], ["--api-key-file", "/nonexistent/keys"],
+                                  ["--speculative-config", '{"method": "eagle"}'], ["--speculative-config", "ngram"]])
 def test_invalid_settings_are_rejected(argv: list[str]) -> None:
     with pytest.raises(ValueError):
         parse(*argv)
+
+
+def test_speculative_config_takes_vllms_json(monkeypatch: pytest.MonkeyPatch) -> None:
+    from engine.speculative import NgramConfig
+
+    assert "speculative" not in parse().engine_config_kwargs()
+    flags = parse("--speculative-config", '{"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 5}')
+    assert flags.engine_config_kwargs()["speculative"] == NgramConfig(num_speculative_tokens=3, prompt_lookup_max=5)
+    monkeypatch.setenv("KVSERVE_SPECULATIVE_CONFIG", '{"prompt_lookup_min": 1}')
+    assert parse().engine_config_kwargs()["speculative"] == NgramConfig(prompt_lookup_min=1)
 
 
 def test_quantization_choices_match_the_engine() -> None:
