@@ -27,12 +27,14 @@ _DEFAULT_LOOKUP_MIN = 2
 
 @dataclass(frozen=True, slots=True)
 class NgramConfig:
-    num_speculative_tokens: int = 4  # most draft tokens checked in one step
+    # Most draft tokens checked in one step. 3, because a step of 4 rows costs ~1.2x one row, and from 5
+    # rows on PyTorch's int4 kernel switches to a path that costs ~3x (measured on Zen 4; bench.speculative).
+    num_speculative_tokens: int = 3
     prompt_lookup_max: int = 4  # longest n-gram looked up (tried first)
     prompt_lookup_min: int = _DEFAULT_LOOKUP_MIN  # shortest n-gram looked up
-    # Speculate only while at most this many sequences run: with many, a step is compute-bound and extra
-    # rows cost as much as they may save (measured: README, Speculative decoding).
-    disable_by_batch_size: int = 4
+    # Speculate only while at most this many sequences run. Measured with 2 and 4 streams: speculation no
+    # longer paid (0.96x), as the extra rows of several sequences cost what the accepted drafts save.
+    disable_by_batch_size: int = 1
 
     def __post_init__(self) -> None:
         if self.num_speculative_tokens < 1:

@@ -49,8 +49,8 @@ class Settings(BaseSettings):
     max_model_len: int | None = Field(None, ge=1, description="context length cap", json_schema_extra=_unset("the model's"))
     speculative_config: str | None = Field(
         None, description='n-gram speculative decoding of greedy requests, vLLM\'s JSON: {"method": "ngram", '
-                          '"num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 2, '
-                          '"disable_by_batch_size": 4}', json_schema_extra=_unset("off"))
+                          '"num_speculative_tokens": 3, "prompt_lookup_max": 4, "prompt_lookup_min": 2, '
+                          '"disable_by_batch_size": 1}', json_schema_extra=_unset("off"))
     max_tokens_default: int | None = Field(
         None, ge=1, description="cap on the tokens a request without max_tokens generates (completions: 16, chat: "
                                 "the rest of the context)", json_schema_extra=_unset("no cap"))

@@ -17,7 +17,7 @@ MESSAGES = [{"role": "user", "content": f"Copy this Python code exactly:\n\n{SOU
 @pytest.fixture(scope="module")
 def speculative() -> Iterator[LiveServer]:
     live = start_server("--api-key", API_KEY, "--max-model-len", "512", "--max-num-seqs", "8",
-                        "--speculative-config", '{"method": "ngram", "num_speculative_tokens": 4}')
+                        "--speculative-config", '{"method": "ngram", "num_speculative_tokens": 3}')
     yield live
     assert live.stop() == 0, live.log_text()[-4000:]
 
