@@ -5,11 +5,12 @@ BENCH_ARGS ?=
 BENCH_PEERS_ARGS ?=
 PEERS ?= $(HOME)/.cache/kvserve-peers
 
-bench: dev-deps model  ## kvserve beside transformers, in-process: offline throughput, batch-1 decode, cold start, guided decoding
+bench: dev-deps model  ## kvserve beside transformers, in-process: offline throughput, batch-1 decode, cold start, guided decoding, speculative decoding
 	$(BIN)/python -m bench.offline_throughput --output $(BENCH_OUT)/offline.json $(BENCH_ARGS)
 	$(BIN)/python -m bench.decode_speed --output $(BENCH_OUT)/decode.json
 	$(BIN)/python -m bench.cold_start --output $(BENCH_OUT)/cold_start.json
 	$(BIN)/python -m bench.guided_throughput --output $(BENCH_OUT)/guided.json
+	$(BIN)/python -m bench.speculative --output $(BENCH_OUT)/speculative.json
 
 bench-peers: dev-deps model  ## kvserve, vLLM CPU and llama.cpp servers in turn, same prompts and client
 	@test -x $(PEERS)/vllm/bin/vllm -a -x $(PEERS)/llama.cpp/llama-server || \

@@ -409,3 +409,17 @@ def test_int4_microbenchmark_kernel_computes_the_q4_1_product() -> None:
     # bf16 activations and scales: within bf16's rounding of the product, not exact
     assert (kernel(x) - reference).abs().max() <= 2e-2 * reference.abs().max()
     assert batch_invariant(kernel, x)
+
+
+def test_speculative_bench_compares_plain_and_speculative_runs_of_the_real_model(smollm2_gguf_path, tmp_path) -> None:
+    from bench import speculative
+
+    out = tmp_path / "spec.json"
+    code = speculative.main(["--model", str(smollm2_gguf_path), "--max-tokens", "24", "--runs", "1",
+                             "--output", str(out)])
+    data = json.loads(out.read_text())
+    assert code == 0  # both produced the same tokens on every workload
+    assert set(data["plain"]) == set(data["speculative"]) == set(speculative.WORKLOADS)
+    assert all(run["draft_tokens"] == 0 for run in data["plain"].values())
+    assert sum(run["accepted_tokens"] for run in data["speculative"].values()) > 0
+    assert "| code edit |" in out.with_suffix(".md").read_text()
