@@ -124,12 +124,24 @@ def _grouped_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch
         mask = grouped_mask(torch.ones(1, num_q, k.shape[2], dtype=torch.bool, device=q.device).tril(), group)
     if spec.softcap is None:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=spec.scale)
-    else:  # SDPA has no soft-capping: the scores written out, softmax in fp32 as transformers' eager Gemma 2
-        scores = (q @ k.transpose(-1, -2)) * spec.scale
-        scores = torch.tanh(scores / spec.softcap) * spec.softcap
-        scores = scores.masked_fill(~mask, float("-inf"))
-        out = scores.softmax(dim=-1, dtype=torch.float32).to(q.dtype) @ v
+    elif batch == 1:
+        out = _softcapped_attention(q, k, v, mask, spec)
+    else:
+        # One sequence at a time: a batched matmul over the gathered (strided) keys rounds a sequence's
+        # scores differently from the same matmul on it alone (measured: 16-dim heads, 40 keys), which
+        # would make its output depend on its batch. Views of one row compute exactly as alone.
+        out = torch.cat([_softcapped_attention(q[i:i + 1], k[i:i + 1], v[i:i + 1], mask[i:i + 1], spec)
+                         for i in range(batch)])
     return out.reshape(batch, heads, num_q, head_dim)
+
+
+def _softcapped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                          spec: AttentionSpec) -> torch.Tensor:
+    """SDPA has no soft-capping: the scores written out, softmax in fp32 as transformers' eager Gemma 2."""
+    scores = (q @ k.transpose(-1, -2)) * spec.scale
+    scores = torch.tanh(scores / spec.softcap) * spec.softcap
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return scores.softmax(dim=-1, dtype=torch.float32).to(q.dtype) @ v
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,

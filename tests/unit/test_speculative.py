@@ -149,3 +149,29 @@ def test_preemption_and_context_limits_keep_outputs_and_free_every_block(tiny_di
     assert tight.scheduler.num_preemptions > 0, "the cache was large enough: nothing was preempted"
     assert all(len(expected[f"p{i}"]) + len(ids) == 64 for i, ids in enumerate(prompts))
     assert_all_free(tight)
+
+
+@pytest.mark.parametrize("family", ["mistral", "gemma2"])
+def test_sliding_windows_and_softcaps_verify_like_plain_decodes(family: str, tmp_path) -> None:
+    """Mistral: every layer slides and blocks out of the window go back mid-generation; Gemma 2: local and
+    global layers, soft-capped scores. Verify rows take the window masks a decode at their position has."""
+    from helpers.tiny_engine import _tokenizer
+    from helpers.tiny_families import tiny_gemma2, tiny_mistral
+    from helpers.tiny_models import save_hf
+
+    from engine.llm import LLM
+
+    save_hf({"mistral": tiny_mistral, "gemma2": tiny_gemma2}[family](), tmp_path)
+    _tokenizer().save(str(tmp_path / "tokenizer.json"))
+    llm = LLM(str(tmp_path), device="cpu", dtype="float32", quantization="none", max_model_len=128, block_size=4)
+    prompts = repetitive_prompts(3, seed=4, vocab=llm.engine.model_config.vocab_size)
+    params = SamplingParams(temperature=0, max_tokens=60, ignore_eos=True, logprobs=1)
+
+    def run(speculative: NgramConfig | None) -> list:
+        llm.engine.config.speculative = speculative
+        return [(o.outputs[0].token_ids, o.outputs[0].logprobs) for o in
+                [llm.generate(ids, params)[0] for ids in prompts]]
+
+    assert run(SPEC) == run(None)
+    assert llm.engine.stats().spec_accepted_tokens > 0
+    assert_all_free(llm.engine)

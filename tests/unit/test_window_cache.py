@@ -79,6 +79,18 @@ def test_beside_other_sequences(mistral) -> None:
     assert [lp.logprob for lp in beside.logprobs] == [lp.logprob for lp in alone.logprobs]
 
 
+def test_soft_capped_attention_beside_other_sequences(tmp_path: Path) -> None:
+    """Gemma 2's soft-capped scores are a matmul of their own (SDPA has no soft-capping); batched over
+    several decodes it rounded a sequence's scores differently: logprobs must be bitwise as alone."""
+    llm = _serve(tiny_gemma2(), tmp_path)
+    greedy = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, logprobs=0)
+    alone = llm.generate(PROMPT, greedy)[0].outputs[0]
+    # Neighbours of the same length decode in the same attention call (one block-table length).
+    beside = llm.generate([PROMPT[1:] + PROMPT[:1], PROMPT, PROMPT[::-1]], greedy)[1].outputs[0]
+    assert beside.token_ids == alone.token_ids
+    assert [lp.logprob for lp in beside.logprobs] == [lp.logprob for lp in alone.logprobs]
+
+
 def test_global_layers_keep_every_block(tmp_path: Path) -> None:
     """Gemma 2's global layers read the whole context: nothing is given back."""
     llm = _serve(tiny_gemma2(), tmp_path)
