@@ -24,7 +24,7 @@ from engine.models_registry import resolve_model
 from engine.outputs import CompletionOutput, EngineStats, RequestMetrics, RequestOutput, TokenLogprob
 from engine.pooling import EmbeddingParams, Pooler, PoolingMethod, read_pooling_method
 from engine.runner import ModelRunner, StepLogits, kv_bytes_per_block, wants_prompt_logits
-from engine.sampling import SamplingRow, make_generator, prompt_logprobs, sample
+from engine.sampling import SamplingRow, make_generator, prompt_logprobs, sample, verify_drafts
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler, SchedulerOutput
 from engine.sequence import Sequence
@@ -362,7 +362,8 @@ class LLMEngine:
         """Keep the drafts the model agrees with, and the model's own token after the last of them.
 
         Row j of the logits followed the last token and drafts[:j]: sampled with those as output so far, it
-        gives the token plain decoding would choose there. Tokens are appended one at a time, so stop
+        gives the token plain decoding would choose there (greedy), or one drawn from the same distribution
+        (speculative sampling, engine.sampling.verify_drafts). Tokens are appended one at a time, so stop
         strings, EOS and max_tokens end the sequence exactly where they would without speculation.
         """
         seq = sample_.seq
@@ -371,7 +372,7 @@ class LLMEngine:
                             self.eos_token_ids) for j in range(len(drafts) + 1)]
         now = time.monotonic()
         self._stats.spec_draft_tokens += len(drafts)
-        for j, (token, logprob) in enumerate(sample(result.logits, rows)):
+        for j, (token, logprob) in enumerate(verify_drafts(result.logits, rows, drafts)):
             self._append_token(sample_, token, logprob, now)
             if seq.is_finished or j == len(drafts) or token != drafts[j]:
                 break

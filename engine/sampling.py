@@ -15,8 +15,11 @@ Order of operations on a [B, V] batch of logits (one row per sequence):
    truncated sampling distribution, so top alternatives stay meaningful whatever top_k/top_p say.
 5. Greedy rows (temperature < 1e-5) take the argmax. Other rows: divide by temperature, then top-k,
    top-p and min-p masks, each on the distribution the previous one left; ties at a cut-off are kept.
-6. Random rows draw with the exponential trick, argmax(p / q), q ~ Exp(1) per token: a seeded row
-   draws q from its own generator, so its tokens do not depend on the rest of the batch.
+6. Random rows draw by inverse CDF: one uniform u per row, the first token whose running sum of
+   probabilities passes u times the total. A seeded row draws u from its own generator, so its tokens do
+   not depend on the rest of the batch. (The exponential trick, argmax(p / q) with q ~ Exp(1) per token,
+   needed a random number per vocabulary entry: 0.7 ms a row for 49k tokens on a CPU, 44 ms a step at
+   batch 64; inverse CDF costs ~0.04 ms a row.)
 """
 
 from __future__ import annotations
@@ -88,6 +91,50 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> list[tuple[int, Tok
     if all(_is_plain_greedy(row) for row in rows):
         return [(token, None) for token in first_argmax(logits).tolist()]
 
+    processed = _processed(logits, rows)
+    tokens = _choose_tokens(processed, rows)
+    logprobs = _sampled_logprobs(processed, tokens, rows)
+    return list(zip(tokens.tolist(), logprobs, strict=True))
+
+
+def verify_drafts(logits: torch.Tensor, rows: list[SamplingRow], drafts: list[int]) -> list[tuple[int, TokenLogprob | None]]:
+    """Tokens for one sequence's speculative step: logits [k + 1, V], row j following drafts[:j].
+
+    Greedy: every row's argmax (the caller keeps them up to the first that differs from its draft).
+    Random (unseeded): the speculative sampling rule for a proposal that is one token: draft j is kept
+    with probability p_j(draft), else the token is drawn from p_j without the draft, renormalized, and
+    the step ends there; after k kept drafts one more token is drawn from p_k. Each token so chosen has
+    exactly the distribution plain sampling would draw it from.
+    """
+    if logits.shape[0] != len(rows) or len(rows) != len(drafts) + 1:
+        raise ValueError(f"{logits.shape[0]} logit rows for {len(rows)} sampling rows and {len(drafts)} drafts")
+    if rows[0].is_greedy:
+        return sample(logits, rows)
+    processed = _processed(logits, rows)
+    probs = _truncated_logits(processed, rows).softmax(dim=-1)
+    chosen: list[int] = []
+    for j, draft in enumerate(drafts):
+        if torch.rand((), device=probs.device) < probs[j, draft]:
+            chosen.append(draft)
+            continue
+        rest = probs[j].clone()
+        rest[draft] = 0.0
+        chosen.append(_categorical(rest))
+        break
+    else:
+        chosen.append(_categorical(probs[-1]))
+    count = len(chosen)
+    tokens = torch.tensor(chosen, device=processed.device)
+    return list(zip(chosen, _sampled_logprobs(processed[:count], tokens, rows[:count]), strict=True))
+
+
+def _categorical(weights: torch.Tensor) -> int:
+    """One draw from unnormalized weights [V] (unseeded: the default generator)."""
+    return int(_inverse_cdf(weights.unsqueeze(0), torch.rand(1, device=weights.device))[0])
+
+
+def _processed(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    """fp32 copy of the logits after steps 0-3: grammar, logit bias, min_tokens, penalties."""
     processed = logits.float().clone()
     _apply_grammar(processed, rows)
     _apply_logit_bias(processed, rows)
@@ -96,10 +143,7 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> list[tuple[int, Tok
     if penalized:
         index = torch.tensor(penalized, device=processed.device)
         processed[index] = apply_penalties(processed[index], [rows[i] for i in penalized])
-
-    tokens = _choose_tokens(processed, rows)
-    logprobs = _sampled_logprobs(processed, tokens, rows)
-    return list(zip(tokens.tolist(), logprobs, strict=True))
+    return processed
 
 
 def first_argmax(x: torch.Tensor) -> torch.Tensor:
@@ -238,8 +282,10 @@ def _token_counts(id_lists: list[list[int]], vocab: int, device: torch.device) -
 
 def _choose_tokens(processed: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
     """[B] chosen ids: argmax for greedy rows, a draw from the truncated distribution for the others."""
-    tokens = first_argmax(processed)
     random = [i for i, row in enumerate(rows) if not row.is_greedy]
+    if len(random) == len(rows):  # no greedy row: no argmax, and no copy of the random rows
+        return _draw(processed, rows)
+    tokens = first_argmax(processed)
     if random:
         index = torch.tensor(random, device=processed.device)
         tokens[index] = _draw(processed[index], [rows[i] for i in random])
@@ -248,13 +294,18 @@ def _choose_tokens(processed: torch.Tensor, rows: list[SamplingRow]) -> torch.Te
 
 def _draw(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
     """[B] ids drawn after temperature and the truncation masks (all rows random)."""
+    probs = _truncated_logits(logits, rows).softmax(dim=-1)
+    return _inverse_cdf(probs, _uniforms(rows, probs.device))
+
+
+def _truncated_logits(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    """Logits after temperature, then the top-k, top-p and min-p masks (all rows random)."""
     params = [row.params for row in rows]
     temperature = torch.tensor([p.temperature for p in params], device=logits.device)
     logits = logits / temperature.unsqueeze(1)
     logits = _on_rows(logits, apply_top_k, [p.top_k for p in params], [p.top_k > 0 for p in params])
     logits = _on_rows(logits, apply_top_p, [p.top_p for p in params], [p.top_p < 1.0 for p in params])
-    logits = _on_rows(logits, apply_min_p, [p.min_p for p in params], [p.min_p > 0.0 for p in params])
-    return first_argmax(logits.softmax(dim=-1) / _exponential_noise(rows, logits.shape, logits.device))
+    return _on_rows(logits, apply_min_p, [p.min_p for p in params], [p.min_p > 0.0 for p in params])
 
 
 def _on_rows(logits: torch.Tensor, mask: Callable[[torch.Tensor, list], torch.Tensor], values: list,
@@ -269,17 +320,23 @@ def _on_rows(logits: torch.Tensor, mask: Callable[[torch.Tensor, list], torch.Te
     return logits
 
 
-def _exponential_noise(rows: list[SamplingRow], shape: torch.Size, device: torch.device) -> torch.Tensor:
-    """Exp(1) noise, one row per sampling row: seeded rows draw from their own generator."""
-    noise = torch.empty(shape, device=device)
-    if any(row.generator is None for row in rows):
-        noise.exponential_()  # unseeded rows share the default generator
+def _uniforms(rows: list[SamplingRow], device: torch.device) -> torch.Tensor:
+    """[B] uniforms in [0, 1), one per sampling row: seeded rows draw from their own generator."""
+    uniforms = torch.rand(len(rows), device=device)  # unseeded rows share the default generator
     for i, row in enumerate(rows):
         if row.generator is not None:
-            draw = torch.empty(shape[1], device=row.generator.device).exponential_(generator=row.generator)
-            noise[i] = draw.to(device)
-    # Exp(1) can round to 0; p / 0 would be inf (or nan for masked tokens).
-    return noise.clamp_(min=torch.finfo(noise.dtype).tiny)
+            uniforms[i] = torch.rand(1, generator=row.generator, device=row.generator.device).to(device)[0]
+    return uniforms
+
+
+def _inverse_cdf(weights: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """[B] ids: per row, the first token whose running sum of weights [B, V] passes uniform * the row's total.
+
+    Zero-weight (masked) tokens add nothing to the running sum, so they are never the first to pass it.
+    """
+    cumulative = weights.cumsum(dim=-1)
+    targets = (uniforms * cumulative[:, -1]).unsqueeze(1)
+    return torch.searchsorted(cumulative, targets, right=True).squeeze(1).clamp_(max=weights.shape[-1] - 1)
 
 
 def _sampled_logprobs(processed: torch.Tensor, tokens: torch.Tensor,

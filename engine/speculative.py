@@ -9,9 +9,12 @@ runner: every verify row is laid out as a decode row of its own), and the longes
 model itself would have chosen is kept, plus the model's own token after it. Greedy output is therefore
 token for token the same as without speculation; only the number of forward passes changes.
 
+Sampled requests speculate too, unless seeded: a draft is kept with the probability the model gives it
+and a rejected one is replaced by a draw from the rest of the distribution (speculative sampling), so
+tokens follow the distribution plain sampling draws from, though not the same tokens for a given seed.
+
 Configured as vLLM's `speculative_config` {"method": "ngram", "num_speculative_tokens": k,
-"prompt_lookup_max": n, "prompt_lookup_min": m}. Only greedy requests without a grammar speculate: a
-sampled token would need rejection sampling, which would change a seeded request's output.
+"prompt_lookup_max": n, "prompt_lookup_min": m}. Requests with a grammar do not speculate.
 """
 
 from __future__ import annotations
@@ -70,8 +73,10 @@ class NgramConfig:
 
 
 def speculates(params: SamplingParams) -> bool:
-    """Whether a request's tokens can be verified several at a time with the same result: greedy, no grammar."""
-    return params.greedy and params.structured_output is None
+    """Whether a request's tokens can be checked several at a time with the same result: greedy or unseeded
+    sampling (a seed promises the tokens of plain sampling, which speculative sampling draws differently),
+    and no grammar (its state would have to follow every draft)."""
+    return (params.greedy or params.seed is None) and params.structured_output is None
 
 
 def propose(token_ids: list[int], config: NgramConfig, limit: int) -> list[int]:

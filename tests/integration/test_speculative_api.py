@@ -49,3 +49,19 @@ def test_greedy_chat_is_the_same_with_speculation_and_drafts_are_counted(servers
     accepted = speculative.metric("kvserve_spec_decode_num_accepted_tokens_total")
     assert 0 < accepted <= drafts
     assert speculative.metric("vllm:spec_decode_num_accepted_tokens_total") == accepted
+
+
+def test_sampled_chat_speculates_unless_seeded(servers) -> None:
+    from openai import OpenAI
+
+    _, speculative = servers
+    options = dict(model="smollm2-test", messages=MESSAGES, max_tokens=60, temperature=0.5)
+    with OpenAI(base_url=f"{speculative.base_url}/v1", api_key=API_KEY, max_retries=0, timeout=120) as client:
+        before = speculative.metric("kvserve_spec_decode_num_draft_tokens_total")
+        seeded = [client.chat.completions.create(**options, seed=11).choices[0].message.content for _ in range(2)]
+        assert seeded[0] == seeded[1]  # a seed still gives the same tokens: seeded requests do not speculate
+        assert speculative.metric("kvserve_spec_decode_num_draft_tokens_total") == before
+        accepted = speculative.metric("kvserve_spec_decode_num_accepted_tokens_total")
+        reply = client.chat.completions.create(**options)
+    assert reply.choices[0].message.content and reply.usage.completion_tokens <= 60
+    assert speculative.metric("kvserve_spec_decode_num_accepted_tokens_total") > accepted
