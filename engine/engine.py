@@ -293,7 +293,8 @@ class LLMEngine:
         return outputs + [self._output(request) for request in touched]
 
     def _propose_drafts(self) -> None:
-        """Guess the next tokens of each greedy decoding sequence from its own earlier n-grams (speculative.py)."""
+        """Guess the next tokens of each decoding sequence that may speculate, from its own earlier n-grams
+        (engine/speculative.py: greedy or unseeded sampled requests without a grammar)."""
         config = self.config.speculative
         running = self.scheduler.running
         for seq in running:  # a sequence left out of the last batch may still hold its guesses

@@ -113,7 +113,8 @@ BAD_BODIES: list[tuple[str, bytes, str]] = [  # (name, body, content type); each
     ("malformed-json", b'{"prompt": "Hello", "max_tokens": 2', "application/json"),
     ("user-without-content", b'{"messages": [{"role": "user"}], "stream": true}', "application/json"),
     ("empty-prompt-list", b'{"prompt": [], "stream": true}', "application/json"),
-    ("unknown-field", b'{"prompt": "hi", "frobnicate": 1}', "application/json"),
+    # (Unknown fields are ignored, as OpenAI does, so they are not bad bodies.)
+    ("wrong-type", b'{"prompt": "hi", "max_tokens": "many"}', "application/json"),
     ("too-long", json.dumps({"prompt": "hi", "max_tokens": 10**6}).encode(), "application/json"),
     ("not-json", b"prompt=hi", "application/x-www-form-urlencoded"),
 ]
