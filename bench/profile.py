@@ -145,7 +145,7 @@ def http_itl(model: str, port: int, prompts: list[list[int]], levels: list[tuple
     """Streaming ITL p50 and server RSS from a kvserve server at each (concurrency, requests) level."""
     from bench import peers, serve_bench
 
-    proc = peers.start_server("kvserve", port, model, log_dir, timeout=300)
+    proc = peers.start_server("kvserve-nospec", port, model, log_dir, timeout=300)
     try:
         idle = process_memory(proc.pid)
         run = asyncio.run(serve_bench.run_bench(f"http://127.0.0.1:{port}", prompts, levels, max_tokens))
@@ -176,7 +176,8 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["OMP_NUM_THREADS"] = str(args.threads)  # and the server started for --http
     from engine import LLM
 
-    llm = LLM(args.model, quantization=args.quantization, max_num_seqs=64)
+    # Plain decode steps: speculation would make batch 1's steps verify several rows (bench.speculative has those).
+    llm = LLM(args.model, quantization=args.quantization, max_num_seqs=64, speculative=None)
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     prompts = chat_prompt_ids(llm.tokenizer, max(batch_sizes + [16]))
     results = {}

@@ -13,7 +13,8 @@ Sampled requests speculate too, unless seeded: a draft is kept with the probabil
 and a rejected one is replaced by a draw from the rest of the distribution (speculative sampling), so
 tokens follow the distribution plain sampling draws from, though not the same tokens for a given seed.
 
-Configured as vLLM's `speculative_config` {"method": "ngram", "num_speculative_tokens": k,
+On by default (EngineConfig.speculative; None, or `kvserve serve --speculative-config off`, turns it off),
+configured as vLLM's `speculative_config` {"method": "ngram", "num_speculative_tokens": k,
 "prompt_lookup_max": n, "prompt_lookup_min": m}. Requests with a grammar do not speculate.
 """
 

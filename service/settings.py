@@ -14,6 +14,9 @@ Quantization = Literal["auto", "none", "bf16", "fp16", "int8", "int4"]
 ToolCallParserName = Literal["hermes", "llama3_json", "mistral"]
 
 
+_OFF = ("off", "none", "")  # --speculative-config values that turn speculation off
+
+
 def _unset(meaning: str) -> dict[str, str]:
     """Field metadata: what an unset (None) setting means, which --help shows as its default."""
     return {"unset_means": meaning}
@@ -47,10 +50,10 @@ class Settings(BaseSettings):
                                        json_schema_extra=_unset(
         "on CPU what max_num_seqs full-length sequences need, at most 1 GiB; on CUDA half the free memory"))
     max_model_len: int | None = Field(None, ge=1, description="context length cap", json_schema_extra=_unset("the model's"))
-    speculative_config: str | None = Field(
-        None, description='n-gram speculative decoding of greedy requests, vLLM\'s JSON: {"method": "ngram", '
-                          '"num_speculative_tokens": 3, "prompt_lookup_max": 4, "prompt_lookup_min": 2, '
-                          '"disable_by_batch_size": 1}', json_schema_extra=_unset("off"))
+    speculative_config: str = Field(
+        '{"method": "ngram"}', description='n-gram speculative decoding while one sequence runs, vLLM\'s JSON: '
+        '{"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 4, "prompt_lookup_min": 2, '
+        '"disable_by_batch_size": 1}; "off" turns it off')
     max_tokens_default: int | None = Field(
         None, ge=1, description="cap on the tokens a request without max_tokens generates (completions: 16, chat: "
                                 "the rest of the context)", json_schema_extra=_unset("no cap"))
@@ -91,11 +94,12 @@ class Settings(BaseSettings):
 
     @field_validator("speculative_config")
     @classmethod
-    def _check_speculative_config(cls, value: str | None) -> str | None:
+    def _check_speculative_config(cls, value: str) -> str:
         from engine.speculative import NgramConfig  # a bad config stops the server at once
 
-        if value is not None:
-            NgramConfig.parse(value)
+        if value.strip().lower() in _OFF:
+            return "off"
+        NgramConfig.parse(value)
         return value
 
     @field_validator("api_keys", mode="before")
@@ -129,6 +133,5 @@ class Settings(BaseSettings):
         names = ("device", "dtype", "quantization", "max_num_seqs", "max_num_batched_tokens", "kv_cache_bytes",
                  "max_model_len")
         kwargs: dict[str, object] = {name: getattr(self, name) for name in names if getattr(self, name) is not None}
-        if self.speculative_config is not None:
-            kwargs["speculative"] = NgramConfig.parse(self.speculative_config)
+        kwargs["speculative"] = None if self.speculative_config == "off" else NgramConfig.parse(self.speculative_config)
         return kwargs

@@ -1,5 +1,6 @@
-"""--speculative-config: the openai client gets, streamed or not, the same greedy text as from a server without it,
-and /metrics counts the draft tokens checked and accepted under kvserve's and vLLM's names."""
+"""Speculative decoding (on by default): the openai client gets, streamed or not, the same greedy text as from a
+server run with --speculative-config off, and /metrics counts the draft tokens checked and accepted under
+kvserve's and vLLM's names."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ def _start(*extra: str) -> LiveServer:
 def servers() -> Iterator[tuple[LiveServer, LiveServer]]:
     """A plain and a speculative server, both fresh: the same requests find the same prefix cache in each
     (a prompt prefilled in other chunks rounds differently, which would move logprobs by itself)."""
-    plain = _start()
+    plain = _start("--speculative-config", "off")
     speculative = _start("--speculative-config", '{"method": "ngram", "num_speculative_tokens": 3}')
     yield plain, speculative
     for live in (plain, speculative):

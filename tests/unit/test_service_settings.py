@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from engine.speculative import NgramConfig
 from service.cli import build_parser, settings_from_args
 from service.settings import Settings, unset_meaning
 
@@ -38,7 +39,7 @@ def test_defaults_env_and_flags(monkeypatch: pytest.MonkeyPatch) -> None:
                   "--served-model-name", "m", "--quantization", "int8")
     assert (flags.port, flags.api_keys, flags.log_requests_text, flags.model_name) == (9002, ["c", "d"], False, "m")
     assert flags.engine_config_kwargs() == {"device": "auto", "dtype": "auto", "quantization": "int8", "max_num_seqs": 4,
-                                            "max_num_batched_tokens": 1024}
+                                            "max_num_batched_tokens": 1024, "speculative": NgramConfig()}
 
 
 def test_api_key_file_adds_keys(tmp_path: Path) -> None:
@@ -56,9 +57,8 @@ def test_invalid_settings_are_rejected(argv: list[str]) -> None:
 
 
 def test_speculative_config_takes_vllms_json(monkeypatch: pytest.MonkeyPatch) -> None:
-    from engine.speculative import NgramConfig
-
-    assert "speculative" not in parse().engine_config_kwargs()
+    assert parse().engine_config_kwargs()["speculative"] == NgramConfig()  # on by default
+    assert parse("--speculative-config", "off").engine_config_kwargs()["speculative"] is None
     flags = parse("--speculative-config", '{"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 5}')
     assert flags.engine_config_kwargs()["speculative"] == NgramConfig(num_speculative_tokens=3, prompt_lookup_max=5)
     monkeypatch.setenv("KVSERVE_SPECULATIVE_CONFIG", '{"prompt_lookup_min": 1}')
