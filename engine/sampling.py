@@ -111,7 +111,8 @@ def verify_drafts(logits: torch.Tensor, rows: list[SamplingRow], drafts: list[in
     if rows[0].is_greedy:
         return sample(logits, rows)
     processed = _processed(logits, rows)
-    probs = _truncated_logits(processed, rows).softmax(dim=-1)
+    probs = _truncated_probs(processed, rows)
+    probs /= probs.sum(dim=-1, keepdim=True)
     chosen: list[int] = []
     for j, draft in enumerate(drafts):
         if torch.rand((), device=probs.device) < probs[j, draft]:
@@ -134,8 +135,12 @@ def _categorical(weights: torch.Tensor) -> int:
 
 
 def _processed(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
-    """fp32 copy of the logits after steps 0-3: grammar, logit bias, min_tokens, penalties."""
-    processed = logits.float().clone()
+    """fp32 logits after steps 0-3: grammar, logit bias, min_tokens, penalties (a copy where any applies)."""
+    processed = logits.float()
+    if not any(row.token_bitmask is not None or row.params.logit_bias or row.has_penalties
+               or row.banned_by_min_tokens() for row in rows):
+        return processed  # nothing to change: read-only from here on, so no copy (a 12 MB one at batch 64)
+    processed = processed.clone()
     _apply_grammar(processed, rows)
     _apply_logit_bias(processed, rows)
     _apply_min_tokens(processed, rows)
@@ -199,9 +204,14 @@ def apply_top_k(logits: torch.Tensor, top_k: list[int]) -> torch.Tensor:
 
 def apply_top_p(logits: torch.Tensor, top_p: list[float]) -> torch.Tensor:
     """Keep the most likely tokens whose probabilities first sum to >= p (one p per row; 1: keep all)."""
-    p = torch.tensor(top_p, device=logits.device).unsqueeze(1)
     probs = logits.softmax(dim=-1)
-    vocab = logits.shape[-1]
+    return logits.masked_fill(probs < _top_p_cutoff(probs, top_p), float("-inf"))
+
+
+def _top_p_cutoff(probs: torch.Tensor, top_p: list[float]) -> torch.Tensor:
+    """[B, 1] the smallest probability top-p keeps in each row of normalized `probs` (0 where p = 1)."""
+    p = torch.tensor(top_p, device=probs.device).unsqueeze(1)
+    vocab = probs.shape[-1]
     # Sorting the whole vocabulary is slow; look at the best `width` tokens, widening until every row's
     # running sum reaches its p there (it usually does early). Same result as a full sort.
     width = min(vocab, _TOP_P_FIRST_WIDTH)
@@ -215,16 +225,18 @@ def apply_top_p(logits: torch.Tensor, top_p: list[float]) -> torch.Tensor:
     last = (cumulative < p).sum(dim=-1).clamp(max=width - 1)
     cutoff = best.gather(1, last.unsqueeze(1))
     # A float32 running sum may stop short of 1.0; p = 1 must keep everything.
-    cutoff = torch.where(p >= 1.0, 0.0, cutoff)
-    return logits.masked_fill(probs < cutoff, float("-inf"))
+    return torch.where(p >= 1.0, 0.0, cutoff)
 
 
 def apply_min_p(logits: torch.Tensor, min_p: list[float]) -> torch.Tensor:
     """Keep tokens whose probability is >= min_p times the row's largest probability (one per row)."""
-    ratio = torch.tensor(min_p, device=logits.device).unsqueeze(1)
     probs = logits.softmax(dim=-1)
-    threshold = probs.amax(dim=-1, keepdim=True) * ratio
-    return logits.masked_fill(probs < threshold, float("-inf"))
+    return logits.masked_fill(probs < _min_p_threshold(probs, min_p), float("-inf"))
+
+
+def _min_p_threshold(weights: torch.Tensor, min_p: list[float]) -> torch.Tensor:
+    """[B, 1] min_p times each row's largest weight: the same cut on probabilities normalized or not."""
+    return weights.amax(dim=-1, keepdim=True) * torch.tensor(min_p, device=weights.device).unsqueeze(1)
 
 
 def _is_plain_greedy(row: SamplingRow) -> bool:
@@ -294,18 +306,27 @@ def _choose_tokens(processed: torch.Tensor, rows: list[SamplingRow]) -> torch.Te
 
 def _draw(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
     """[B] ids drawn after temperature and the truncation masks (all rows random)."""
-    probs = _truncated_logits(logits, rows).softmax(dim=-1)
-    return _inverse_cdf(probs, _uniforms(rows, probs.device))
+    return _inverse_cdf(_truncated_probs(logits, rows), _uniforms(rows, logits.device))
 
 
-def _truncated_logits(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
-    """Logits after temperature, then the top-k, top-p and min-p masks (all rows random)."""
+def _truncated_probs(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    """Probabilities after temperature, then the top-k, top-p and min-p masks (all rows random).
+
+    Masked tokens are 0 and the rest are not renormalized (the draw does not need it): the masks work in
+    probability space, so the softmax is taken once, and top-p, the one cut that needs normalized
+    probabilities, comes right after it. min-p's cut is relative to the row's largest probability, which
+    top-p always keeps, so it is the same on the renormalized distribution.
+    """
     params = [row.params for row in rows]
     temperature = torch.tensor([p.temperature for p in params], device=logits.device)
-    logits = logits / temperature.unsqueeze(1)
-    logits = _on_rows(logits, apply_top_k, [p.top_k for p in params], [p.top_k > 0 for p in params])
-    logits = _on_rows(logits, apply_top_p, [p.top_p for p in params], [p.top_p < 1.0 for p in params])
-    return _on_rows(logits, apply_min_p, [p.min_p for p in params], [p.min_p > 0.0 for p in params])
+    logits = _on_rows(logits / temperature.unsqueeze(1), apply_top_k, [p.top_k for p in params],
+                      [p.top_k > 0 for p in params])
+    probs = logits.softmax(dim=-1)
+    if any(p.top_p < 1.0 for p in params):  # p = 1 rows get cutoff 0: nothing masked
+        probs.masked_fill_(probs < _top_p_cutoff(probs, [p.top_p for p in params]), 0.0)
+    if any(p.min_p > 0.0 for p in params):  # min_p = 0 rows get threshold 0: nothing masked
+        probs.masked_fill_(probs < _min_p_threshold(probs, [p.min_p for p in params]), 0.0)
+    return probs
 
 
 def _on_rows(logits: torch.Tensor, mask: Callable[[torch.Tensor, list], torch.Tensor], values: list,
