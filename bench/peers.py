@@ -37,7 +37,7 @@ from bench.common import (
 PEERS_SH = Path(os.environ.get("PEERS_SH", Path(__file__).resolve().parents[2] / "shared" / "peers" / "serve.sh"))
 SERVERS = ("kvserve", "kvserve-nospec", "kvserve-fp16", "kvserve-int8", "kvserve-bf16", "vllm", "vllm-bf16", "llama")
 # kvserve variants: extra `serve` options. The default keeps the GGUF's 4-bit weights int4 and speculates with
-# n-grams while one sequence runs; kvserve-nospec does not speculate; kvserve-fp16 has every weight in fp16
+# n-grams while at most 4 sequences run; kvserve-nospec does not speculate; kvserve-fp16 has every weight in fp16
 # (faster at 64 rows); kvserve-bf16 runs the whole model in bf16 (fast with AMX).
 KVSERVE_VARIANTS = {"kvserve": [], "kvserve-nospec": ["--speculative-config", "off"],
                     "kvserve-fp16": ["--quantization", "fp16"], "kvserve-int8": ["--quantization", "int8"],

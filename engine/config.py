@@ -115,7 +115,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     num_threads: int | None = None  # torch intra-op threads on CPU; None: torch's default
     cache_converted: bool = True  # keep a converted copy of a GGUF in $KVSERVE_HOME/converted (CPU fp32)
-    # n-gram speculative decoding (engine/speculative.py): on, acting while one sequence runs; None: off
+    # n-gram speculative decoding (engine/speculative.py): on, acting while at most 4 sequences run; None: off
     speculative: NgramConfig | None = field(default_factory=NgramConfig)
     quantization: str = "auto"  # CPU matmul weights: auto, none (exact fp32), bf16, fp16, int8, int4; see models/cpu_matmul.py
     seed: int = 0

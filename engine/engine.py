@@ -28,7 +28,7 @@ from engine.sampling import SamplingRow, make_generator, prompt_logprobs, sample
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler, SchedulerOutput
 from engine.sequence import Sequence
-from engine.speculative import propose, speculates
+from engine.speculative import draft_limit, propose, speculates
 from engine.stop import StopStringMatcher
 from engine.tokenizer import IncrementalDetokenizer, Tokenizer
 from engine.weights import load_model, read_model_config
@@ -299,7 +299,8 @@ class LLMEngine:
         running = self.scheduler.running
         for seq in running:  # a sequence left out of the last batch may still hold its guesses
             seq.draft_token_ids = []
-        if len(running) > config.disable_by_batch_size:
+        limit = draft_limit(config, len(running))
+        if limit == 0:
             return
         for seq in running:
             # Decoding: only its last token lacks K/V, and it has sampled before (the first token, which forks
@@ -307,7 +308,7 @@ class LLMEngine:
             if seq.num_computed_tokens != len(seq) - 1 or seq.num_output_tokens == 0 or not speculates(seq.params):
                 continue
             # Never past the context or max_tokens: every draft accepted plus the token after them must fit.
-            room = self.max_model_len - len(seq)
+            room = min(limit, self.max_model_len - len(seq))
             if seq.params.max_tokens is not None:
                 room = min(room, seq.params.max_tokens - seq.num_output_tokens - 1)
             seq.draft_token_ids = propose(seq.token_ids, config, room)

@@ -36,9 +36,10 @@ class NgramConfig:
     num_speculative_tokens: int = 3
     prompt_lookup_max: int = 4  # longest n-gram looked up (tried first)
     prompt_lookup_min: int = _DEFAULT_LOOKUP_MIN  # shortest n-gram looked up
-    # Speculate only while at most this many sequences run. Measured with 2 and 4 streams: speculation no
-    # longer paid (0.96x), as the extra rows of several sequences cost what the accepted drafts save.
-    disable_by_batch_size: int = 1
+    # Speculate only while at most this many sequences run: beyond, a step is compute-bound and extra rows
+    # cost what kept drafts save. With 2 and 4 streams of the bench.speculative tasks it measured 1.13x
+    # and 1.11x (with draft_limit's cap), with 4 streams that loop (EOS ignored) ~0.96x.
+    disable_by_batch_size: int = 4
 
     def __post_init__(self) -> None:
         if self.num_speculative_tokens < 1:
@@ -71,6 +72,18 @@ class NgramConfig:
         if "prompt_lookup_max" in options and "prompt_lookup_min" not in options:
             options["prompt_lookup_min"] = min(_DEFAULT_LOOKUP_MIN, options["prompt_lookup_max"])
         return cls(**options)
+
+
+# Rows a step may spend on speculating sequences: each gets min(num_speculative_tokens, this // running - 1)
+# drafts (at least 1), so 1 or 2 running sequences check 3 drafts each and 3 or 4 check 1 (measured best).
+_ROWS_BUDGET = 8
+
+
+def draft_limit(config: NgramConfig, num_running: int) -> int:
+    """Most drafts one sequence checks in a step while `num_running` sequences run (0: no speculation)."""
+    if not 0 < num_running <= config.disable_by_batch_size:
+        return 0
+    return min(config.num_speculative_tokens, max(1, _ROWS_BUDGET // num_running - 1))
 
 
 def speculates(params: SamplingParams) -> bool:

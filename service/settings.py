@@ -51,9 +51,9 @@ class Settings(BaseSettings):
         "on CPU what max_num_seqs full-length sequences need, at most 1 GiB; on CUDA half the free memory"))
     max_model_len: int | None = Field(None, ge=1, description="context length cap", json_schema_extra=_unset("the model's"))
     speculative_config: str = Field(
-        '{"method": "ngram"}', description='n-gram speculative decoding while one sequence runs, vLLM\'s JSON: '
+        '{"method": "ngram"}', description='n-gram speculative decoding while few sequences run, vLLM\'s JSON: '
         '{"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 4, "prompt_lookup_min": 2, '
-        '"disable_by_batch_size": 1}; "off" turns it off')
+        '"disable_by_batch_size": 4}; "off" turns it off')
     max_tokens_default: int | None = Field(
         None, ge=1, description="cap on the tokens a request without max_tokens generates (completions: 16, chat: "
                                 "the rest of the context)", json_schema_extra=_unset("no cap"))

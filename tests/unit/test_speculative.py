@@ -10,7 +10,7 @@ from helpers.tiny_engine import make_tiny_model_dir
 from test_engine import FORMATS, assert_all_free, make_engine, run_all
 
 from engine import LLMEngine, SamplingParams
-from engine.speculative import NgramConfig, propose
+from engine.speculative import NgramConfig, draft_limit, propose
 
 # Speculate at every batch size the tests use, so batched verify rows are exercised too.
 SPEC = NgramConfig(num_speculative_tokens=4, prompt_lookup_max=3, prompt_lookup_min=1, disable_by_batch_size=64)
@@ -42,6 +42,12 @@ def test_no_match_or_no_room_proposes_nothing() -> None:
     assert propose([7], config, limit=4) == []
     # The match may overlap the tail: a run of one token predicts more of it.
     assert propose([3, 3, 3, 3], config, limit=4) == [3]
+
+
+def test_drafts_per_sequence_shrink_as_more_sequences_run() -> None:
+    # 1-2 running: 3 drafts each; 3-4: 1 each; past disable_by_batch_size (4) or with nothing running: none.
+    assert [draft_limit(NgramConfig(), n) for n in range(6)] == [0, 3, 3, 1, 1, 0]
+    assert draft_limit(NgramConfig(num_speculative_tokens=2, disable_by_batch_size=8), 8) == 1
 
 
 def test_vllm_speculative_config_is_accepted_and_bad_ones_are_refused() -> None:
