@@ -7,7 +7,8 @@ few tokens earlier in the sequence and copying what followed them, then checks a
 forward pass: row j's logits are computed exactly as a plain decode step would compute them (see the
 runner: every verify row is laid out as a decode row of its own), and the longest run of guesses the
 model itself would have chosen is kept, plus the model's own token after it. Greedy output is therefore
-token for token the same as without speculation; only the number of forward passes changes.
+token for token the same as without speculation, wherever attention is batch-invariant (the README's known
+gap: PyTorch's CPU flash attention is not, for SmolLM2's head shape at 2 threads).
 
 Sampled requests speculate too, unless seeded: a draft is kept with the probability the model gives it
 and a rejected one is replaced by a draw from the rest of the distribution (speculative sampling), so
