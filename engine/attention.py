@@ -12,6 +12,8 @@ module, the paged cache) or `EagerAttention` (engine/attention_eager.py, weights
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -62,6 +64,11 @@ class AttentionMetadata:
     prefills: list[PrefillSpan] = field(default_factory=list)
     num_prefill_tokens: int = 0  # decodes occupy [num_prefill_tokens, T)
     decode_groups: list[DecodeGroup] = field(default_factory=list)
+    # Decode attention on one CPU thread (EngineConfig.batch_invariant): PyTorch's CPU flash attention
+    # divides its work among threads by the size of the call, and for some head shapes (SmolLM2's 3 KV
+    # heads of 64 at 2 threads) a row then rounds differently with the number of rows in the call; on one
+    # thread every row is computed as alone (measured).
+    single_thread_decode: bool = False
 
 
 def grouped_mask(mask: torch.Tensor, group: int) -> torch.Tensor:
@@ -150,7 +157,8 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
     kv_heads, head_dim = k.shape[-2:]
     if not meta.prefills:  # decode-only step (the common case while serving): no output assembly
-        return _decode_attention(q, k_cache, v_cache, meta, spec)
+        with _threads(1 if meta.single_thread_decode else None):
+            return _decode_attention(q, k_cache, v_cache, meta, spec)
     out = torch.empty_like(q)
     flat_k = k_cache.view(-1, kv_heads, head_dim)
     flat_v = v_cache.view(-1, kv_heads, head_dim)
@@ -168,8 +176,24 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
         vs = vs.transpose(0, 1).unsqueeze(0)
         out[rows] = _grouped_sdpa(qs, ks, vs, mask, causal, spec)[0].transpose(0, 1)
     if meta.decode_groups:
-        out[meta.num_prefill_tokens:] = _decode_attention(q[meta.num_prefill_tokens:], k_cache, v_cache, meta, spec)
+        with _threads(1 if meta.single_thread_decode else None):
+            out[meta.num_prefill_tokens:] = _decode_attention(q[meta.num_prefill_tokens:], k_cache, v_cache, meta,
+                                                              spec)
     return out
+
+
+@contextlib.contextmanager
+def _threads(count: int | None) -> Iterator[None]:
+    """Run the block on `count` torch threads (None: as set)."""
+    previous = torch.get_num_threads()
+    if count is None or count == previous:
+        yield
+        return
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,

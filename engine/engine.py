@@ -106,7 +106,8 @@ class LLMEngine:
         self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching,
                                    self.model_config.window_of_every_layer())
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens)
-        self.runner = ModelRunner(self.model, self.model_config, self.device, self.dtype, config.block_size, num_blocks)
+        self.runner = ModelRunner(self.model, self.model_config, self.device, self.dtype, config.block_size, num_blocks,
+                                  config.batch_invariant)
         # Packed after the KV cache is written: written right after packing, the 1 GiB cache took 0.7-1.5 s
         # instead of 0.2 s (measured on a 2-core Zen 4), a third of a cold start.
         # The formats in use, e.g. "int4+fp16": `auto` keeps a GGUF's 4-bit weights 4-bit (cpu_matmul.py).

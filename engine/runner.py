@@ -67,9 +67,10 @@ def wants_prompt_logits(seq: Sequence) -> bool:
 
 class ModelRunner:
     def __init__(self, model: nn.Module, cfg: ModelConfig, device: str, dtype: torch.dtype,
-                 block_size: int, num_blocks: int) -> None:
+                 block_size: int, num_blocks: int, batch_invariant: bool = False) -> None:
         self.model, self.cfg = model, cfg
         self.device = torch.device(device)
+        self.batch_invariant = batch_invariant and self.device.type == "cpu"
         self.block_size = block_size
         self.group = cfg.num_heads // cfg.num_kv_heads  # query heads per KV head
         # Sliding-window layers get masks of their own, built once per step beside the causal ones.
@@ -178,7 +179,8 @@ class ModelRunner:
 
     def _metadata(self, prefills: list[ScheduledSeq], decode_rows: list[_DecodeRow], slots: list[int]) -> AttentionMetadata:
         device = self.device
-        meta = AttentionMetadata(slot_mapping=torch.tensor(slots, dtype=torch.long, device=device))
+        meta = AttentionMetadata(slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
+                                 single_thread_decode=self.batch_invariant)
         start = 0
         for item in prefills:
             seq, n = item.seq, item.num_new_tokens

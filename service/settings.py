@@ -54,6 +54,8 @@ class Settings(BaseSettings):
         '{"method": "ngram"}', description='n-gram speculative decoding while few sequences run, vLLM\'s JSON: '
         '{"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 4, "prompt_lookup_min": 2, '
         '"disable_by_batch_size": 4}; "off" turns it off')
+    batch_invariant: bool = Field(False, description="decode attention on one CPU thread, so a request's output "
+                                  "never depends on its batch (slower at large batches; see README)")
     max_tokens_default: int | None = Field(
         None, ge=1, description="cap on the tokens a request without max_tokens generates (completions: 16, chat: "
                                 "the rest of the context)", json_schema_extra=_unset("no cap"))
@@ -131,7 +133,7 @@ class Settings(BaseSettings):
         from engine.speculative import NgramConfig
 
         names = ("device", "dtype", "quantization", "max_num_seqs", "max_num_batched_tokens", "kv_cache_bytes",
-                 "max_model_len")
+                 "max_model_len", "batch_invariant")
         kwargs: dict[str, object] = {name: getattr(self, name) for name in names if getattr(self, name) is not None}
         kwargs["speculative"] = None if self.speculative_config == "off" else NgramConfig.parse(self.speculative_config)
         return kwargs

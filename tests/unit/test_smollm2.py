@@ -116,3 +116,20 @@ def test_faster_formats_stay_close_to_fp32(smollm2_gguf_path: Path, llm: LLM, dt
     print(f"{dtype}/{quantization}: KL {kl:.5f}, top-1 agreement {top1:.3f}, perplexity ratio {ppl_ratio:.4f}")
     assert kl < max_kl and top1 > min_top1 and ppl_ratio < max_ppl_ratio
     assert kl > 0  # the format really is in use: its logits are not fp32's
+
+
+def test_batch_invariant_mode_keeps_greedy_output_the_same_alone_and_batched(smollm2_gguf_path: Path) -> None:
+    """SmolLM2's head shape (3 KV heads of 64) is one where PyTorch's CPU flash attention, on several threads,
+    rounds a row by the number of rows in the call; batch_invariant runs decode attention on one thread."""
+    llm = LLM(str(smollm2_gguf_path), batch_invariant=True, enable_prefix_caching=False, speculative=None)
+    from bench.common import chat_prompt_ids
+
+    # Chat prompts of 41-44 tokens: they decode in one attention call (one block-table length), where
+    # without batch_invariant (2+ threads) one of them parted from its output alone after 8 tokens.
+    prompts = chat_prompt_ids(llm.tokenizer, 4)
+    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, logprobs=0)
+    alone = [llm.generate([ids], params)[0].outputs[0] for ids in prompts]
+    batched = [out.outputs[0] for out in llm.generate(prompts, params)]
+    for one, many in zip(alone, batched, strict=True):
+        assert many.token_ids == one.token_ids
+        assert [lp.logprob for lp in many.logprobs] == [lp.logprob for lp in one.logprobs]
