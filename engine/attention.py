@@ -157,8 +157,7 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
     kv_heads, head_dim = k.shape[-2:]
     if not meta.prefills:  # decode-only step (the common case while serving): no output assembly
-        with _threads(1 if meta.single_thread_decode else None):
-            return _decode_attention(q, k_cache, v_cache, meta, spec)
+        return _decode_attention(q, k_cache, v_cache, meta, spec)
     out = torch.empty_like(q)
     flat_k = k_cache.view(-1, kv_heads, head_dim)
     flat_v = v_cache.view(-1, kv_heads, head_dim)
@@ -176,9 +175,7 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
         vs = vs.transpose(0, 1).unsqueeze(0)
         out[rows] = _grouped_sdpa(qs, ks, vs, mask, causal, spec)[0].transpose(0, 1)
     if meta.decode_groups:
-        with _threads(1 if meta.single_thread_decode else None):
-            out[meta.num_prefill_tokens:] = _decode_attention(q[meta.num_prefill_tokens:], k_cache, v_cache, meta,
-                                                              spec)
+        out[meta.num_prefill_tokens:] = _decode_attention(q[meta.num_prefill_tokens:], k_cache, v_cache, meta, spec)
     return out
 
 
@@ -199,13 +196,14 @@ def _threads(count: int | None) -> Iterator[None]:
 def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
                       spec: AttentionSpec) -> torch.Tensor:
     """One query per sequence, batched per DecodeGroup: q (B, H, D) -> (B, H, D)."""
-    if len(meta.decode_groups) == 1:
-        return _decode_group(q, k_cache, v_cache, meta.decode_groups[0], spec)
-    out = torch.empty_like(q)
-    for group in meta.decode_groups:
-        rows = slice(group.start, group.start + group.count)
-        out[rows] = _decode_group(q[rows], k_cache, v_cache, group, spec)
-    return out
+    with _threads(1 if meta.single_thread_decode else None):
+        if len(meta.decode_groups) == 1:
+            return _decode_group(q, k_cache, v_cache, meta.decode_groups[0], spec)
+        out = torch.empty_like(q)
+        for group in meta.decode_groups:
+            rows = slice(group.start, group.start + group.count)
+            out[rows] = _decode_group(q[rows], k_cache, v_cache, group, spec)
+        return out
 
 
 def _decode_group(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, group: DecodeGroup,

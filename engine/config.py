@@ -118,7 +118,7 @@ class EngineConfig:
     # n-gram speculative decoding (engine/speculative.py): on, acting while at most 4 sequences run; None: off
     speculative: NgramConfig | None = field(default_factory=NgramConfig)
     # Decode attention on one CPU thread, so that a row's result never depends on its batch whatever the
-    # head shape (README, How it works: known gap); off by default: ~17% slower at batch 64 on 2 cores.
+    # head shape (README, How it works: known gap); off by default: ~20% slower at batch 64 on 2 cores.
     batch_invariant: bool = False
     quantization: str = "auto"  # CPU matmul weights: auto, none (exact fp32), bf16, fp16, int8, int4; see models/cpu_matmul.py
     seed: int = 0
