@@ -40,6 +40,13 @@ COPY service ./service
 RUN kvserve-install app /src && kvserve-install model
 
 FROM base AS runtime
+# g++ builds kvserve's paged decode-attention kernel for the CPU the container runs on, at its first start
+# (engine/paged_decode.py; cached under $HOME/.cache/kvserve/kernels). Without it decode attention falls
+# back to gathering KV blocks for PyTorch's SDPA: slower, and not batch-invariant on every head shape.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends g++ \
+    && rm -rf /var/lib/apt/lists/*
 COPY --from=build /opt/venv /opt/venv
 # Root-owned and read-only for the server: weights are never written at run time.
 COPY --from=build /models /models

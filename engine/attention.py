@@ -20,6 +20,8 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
+from engine import paged_decode
+
 
 @dataclass(frozen=True, slots=True)
 class AttentionSpec:
@@ -59,11 +61,20 @@ class DecodeGroup:
 
 
 @dataclass(slots=True)
+class DecodeTables:
+    """Every decode row's block table and length, for kvserve's paged kernel (engine/paged_decode.py)."""
+
+    block_tables: torch.Tensor  # (rows, max_blocks) int32, padded with 0 (never read past a row's length)
+    context_lens: torch.Tensor  # (rows,) int32: keys the row's query sees, itself included
+
+
+@dataclass(slots=True)
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # (T,) where each new token's K/V is written
     prefills: list[PrefillSpan] = field(default_factory=list)
     num_prefill_tokens: int = 0  # decodes occupy [num_prefill_tokens, T)
-    decode_groups: list[DecodeGroup] = field(default_factory=list)
+    decode_groups: list[DecodeGroup] = field(default_factory=list)  # the gather + SDPA path's decodes
+    decode_tables: DecodeTables | None = None  # the paged kernel's decodes (set instead of decode_groups)
     # Decode attention on one CPU thread (EngineConfig.batch_invariant): PyTorch's CPU flash attention
     # divides its work among threads by the size of the call, and for some head shapes (SmolLM2's 3 KV
     # heads of 64 at 2 threads) a row then rounds differently with the number of rows in the call; on one
@@ -174,7 +185,7 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
         ks = ks.transpose(0, 1).unsqueeze(0)  # (1, KVH, K, D)
         vs = vs.transpose(0, 1).unsqueeze(0)
         out[rows] = _grouped_sdpa(qs, ks, vs, mask, causal, spec)[0].transpose(0, 1)
-    if meta.decode_groups:
+    if meta.decode_groups or meta.decode_tables is not None:
         out[meta.num_prefill_tokens:] = _decode_attention(q[meta.num_prefill_tokens:], k_cache, v_cache, meta, spec)
     return out
 
@@ -195,7 +206,10 @@ def _threads(count: int | None) -> Iterator[None]:
 
 def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
                       spec: AttentionSpec) -> torch.Tensor:
-    """One query per sequence, batched per DecodeGroup: q (B, H, D) -> (B, H, D)."""
+    """One query per sequence: q (B, H, D) -> (B, H, D), by the paged kernel or batched per DecodeGroup."""
+    if meta.decode_tables is not None:
+        tables = meta.decode_tables
+        return paged_decode.decode_attention(q, k_cache, v_cache, tables.block_tables, tables.context_lens, spec)
     with _threads(1 if meta.single_thread_decode else None):
         if len(meta.decode_groups) == 1:
             return _decode_group(q, k_cache, v_cache, meta.decode_groups[0], spec)

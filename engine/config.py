@@ -117,15 +117,22 @@ class EngineConfig:
     cache_converted: bool = True  # keep a converted copy of a GGUF in $KVSERVE_HOME/converted (CPU fp32)
     # n-gram speculative decoding (engine/speculative.py): on, acting while at most 4 sequences run; None: off
     speculative: NgramConfig | None = field(default_factory=NgramConfig)
-    # Decode attention on one CPU thread, so that a row's result never depends on its batch whatever the
-    # head shape (README, How it works: known gap); off by default: ~20% slower at batch 64 on 2 cores.
+    # A request's output independent of everything else the engine does: prompt tokens' attention through the
+    # paged kernel too (decode rows always are), so neither the batch nor prefix-cache hits, prompt chunking
+    # or preemption change a bit; prompt attention is then slower on long prompts (README: How it works). On
+    # the gather + SDPA path (attention_backend="sdpa") it runs decode attention on one thread instead.
     batch_invariant: bool = False
+    # Decode attention: auto (kvserve's paged CPU kernel wherever it builds, engine/paged_decode.py), native
+    # (the kernel or an error), sdpa (gather the blocks, PyTorch's SDPA: CUDA always takes this path).
+    attention_backend: str = "auto"
     quantization: str = "auto"  # CPU matmul weights: auto, none (exact fp32), bf16, fp16, int8, int4; see models/cpu_matmul.py
     seed: int = 0
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
+        if self.attention_backend not in ("auto", "native", "sdpa"):
+            raise ValueError(f"attention_backend must be auto, native or sdpa, got {self.attention_backend!r}")
         if self.max_num_seqs < 1:
             raise ValueError("max_num_seqs must be >= 1")
         if self.max_num_batched_tokens < self.max_num_seqs:

@@ -107,7 +107,7 @@ class LLMEngine:
                                    self.model_config.window_of_every_layer())
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens)
         self.runner = ModelRunner(self.model, self.model_config, self.device, self.dtype, config.block_size, num_blocks,
-                                  config.batch_invariant)
+                                  config.batch_invariant, config.attention_backend)
         # Packed after the KV cache is written: written right after packing, the 1 GiB cache took 0.7-1.5 s
         # instead of 0.2 s (measured on a 2-core Zen 4), a third of a cold start.
         # The formats in use, e.g. "int4+fp16": `auto` keeps a GGUF's 4-bit weights 4-bit (cpu_matmul.py).

@@ -3,18 +3,28 @@
 from __future__ import annotations
 
 import itertools
+import logging
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from engine.attention import AttentionMetadata, DecodeGroup, PrefillSpan, build_prefill_mask, grouped_mask
+from engine import paged_decode
+from engine.attention import (
+    AttentionMetadata,
+    DecodeGroup,
+    DecodeTables,
+    PrefillSpan,
+    build_prefill_mask,
+    grouped_mask,
+)
 from engine.config import ModelConfig
 from engine.kv_cache import BlockManager
 from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledSeq, SchedulerOutput
 from engine.sequence import Sequence
 
+log = logging.getLogger("kvserve.engine")
 
 def kv_bytes_per_block(cfg: ModelConfig, dtype: torch.dtype, block_size: int) -> int:
     """K and V, every layer, one block."""
@@ -67,9 +77,15 @@ def wants_prompt_logits(seq: Sequence) -> bool:
 
 class ModelRunner:
     def __init__(self, model: nn.Module, cfg: ModelConfig, device: str, dtype: torch.dtype,
-                 block_size: int, num_blocks: int, batch_invariant: bool = False) -> None:
+                 block_size: int, num_blocks: int, batch_invariant: bool = False,
+                 attention_backend: str = "auto") -> None:
         self.model, self.cfg = model, cfg
         self.device = torch.device(device)
+        # Decode attention: kvserve's paged kernel (engine/paged_decode.py) wherever it runs, else gather + SDPA.
+        self.native_decode, why_not = paged_decode.use_native(attention_backend, self.device, dtype)
+        if why_not and self.device.type == "cpu":
+            log.warning(f"decode attention gathers KV blocks for PyTorch's SDPA (slower; a row's result may depend "
+                        f"on its batch unless --batch-invariant): kvserve's paged kernel is unavailable: {why_not}")
         self.batch_invariant = batch_invariant and self.device.type == "cpu"
         self.block_size = block_size
         self.group = cfg.num_heads // cfg.num_kv_heads  # query heads per KV head
@@ -84,8 +100,9 @@ class ModelRunner:
 
     @classmethod
     def for_testing(cls, model: nn.Module, cfg: ModelConfig, device: str = "cpu",
-                    dtype: torch.dtype = torch.float32, block_size: int = 16, num_blocks: int = 64) -> ModelRunner:
-        return cls(model, cfg, device, dtype, block_size, num_blocks)
+                    dtype: torch.dtype = torch.float32, block_size: int = 16, num_blocks: int = 64,
+                    attention_backend: str = "auto") -> ModelRunner:
+        return cls(model, cfg, device, dtype, block_size, num_blocks, attention_backend=attention_backend)
 
     @torch.inference_mode()
     def logits_for(self, token_ids: list[int], chunk_size: int | None = None) -> torch.Tensor:
@@ -180,7 +197,16 @@ class ModelRunner:
     def _metadata(self, prefills: list[ScheduledSeq], decode_rows: list[_DecodeRow], slots: list[int]) -> AttentionMetadata:
         device = self.device
         meta = AttentionMetadata(slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
-                                 single_thread_decode=self.batch_invariant)
+                                 single_thread_decode=self.batch_invariant and not self.native_decode)
+        if self.native_decode and self.batch_invariant:
+            # Prompt tokens too, each a row of the kernel seeing keys 0..its position: then a token's attention
+            # is the same however its prompt was chunked, found in the prefix cache or recomputed after preemption.
+            prompt_rows = [_DecodeRow(item, position, self.block_size) for item in prefills
+                           for position in range(item.seq.num_computed_tokens,
+                                                 item.seq.num_computed_tokens + item.num_new_tokens)]
+            if prompt_rows or decode_rows:
+                meta.decode_tables = self._decode_tables(prompt_rows + decode_rows)
+            return meta
         start = 0
         for item in prefills:
             seq, n = item.seq, item.num_new_tokens
@@ -195,6 +221,10 @@ class ModelRunner:
             meta.prefills.append(span)
             start += n
         meta.num_prefill_tokens = start
+        if self.native_decode:
+            if decode_rows:
+                meta.decode_tables = self._decode_tables(decode_rows)
+            return meta
         start = 0
         for num_blocks, same_length in itertools.groupby(decode_rows, key=lambda row: row.num_blocks):
             members = list(same_length)
@@ -211,3 +241,10 @@ class ModelRunner:
             meta.decode_groups.append(group)
             start += len(members)
         return meta
+
+    def _decode_tables(self, decode_rows: list[_DecodeRow]) -> DecodeTables:
+        """Each row's block table (FREED entries stay negative: the kernel skips them) and length."""
+        width = max(row.num_blocks for row in decode_rows)
+        tables = [row.item.seq.block_table[:row.num_blocks] + [0] * (width - row.num_blocks) for row in decode_rows]
+        return DecodeTables(torch.tensor(tables, dtype=torch.int32),
+                            torch.tensor([row.position + 1 for row in decode_rows], dtype=torch.int32))

@@ -54,8 +54,12 @@ class Settings(BaseSettings):
         '{"method": "ngram"}', description='n-gram speculative decoding while few sequences run, vLLM\'s JSON: '
         '{"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 4, "prompt_lookup_min": 2, '
         '"disable_by_batch_size": 4}; "off" turns it off')
-    batch_invariant: bool = Field(False, description="decode attention on one CPU thread, so a request's output "
-                                  "never depends on its batch (slower at large batches; see README)")
+    batch_invariant: bool = Field(False, description="a request's output never depends on its batch, prefix-cache "
+                                  "hits or prompt chunking: prompt attention through kvserve's paged kernel too "
+                                  "(slower prefill of long prompts; see README)")
+    attention_backend: Literal["auto", "native", "sdpa"] = Field(
+        "auto", description="decode attention: auto (kvserve's paged CPU kernel where it builds, else sdpa), native "
+        "(the kernel or an error), sdpa (gather KV blocks for PyTorch's SDPA)")
     max_tokens_default: int | None = Field(
         None, ge=1, description="cap on the tokens a request without max_tokens generates (completions: 16, chat: "
                                 "the rest of the context)", json_schema_extra=_unset("no cap"))
@@ -133,7 +137,7 @@ class Settings(BaseSettings):
         from engine.speculative import NgramConfig
 
         names = ("device", "dtype", "quantization", "max_num_seqs", "max_num_batched_tokens", "kv_cache_bytes",
-                 "max_model_len", "batch_invariant")
+                 "max_model_len", "batch_invariant", "attention_backend")
         kwargs: dict[str, object] = {name: getattr(self, name) for name in names if getattr(self, name) is not None}
         kwargs["speculative"] = None if self.speculative_config == "off" else NgramConfig.parse(self.speculative_config)
         return kwargs

@@ -21,10 +21,10 @@ def _start(*extra: str) -> LiveServer:
 
 @pytest.fixture(scope="module")
 def servers() -> Iterator[tuple[LiveServer, LiveServer]]:
-    """A plain and a speculative server, both fresh: the same requests find the same prefix cache in each
-    (a prompt prefilled in other chunks rounds differently, which would move logprobs by itself)."""
-    plain = _start("--speculative-config", "off")
-    speculative = _start("--speculative-config", '{"method": "ngram", "num_speculative_tokens": 3}')
+    """A plain and a speculative server with --batch-invariant: a repeated request finds its prompt in the
+    prefix cache, and only there is the prompt's attention the same bits as when it was computed cold."""
+    plain = _start("--speculative-config", "off", "--batch-invariant")
+    speculative = _start("--speculative-config", '{"method": "ngram", "num_speculative_tokens": 3}', "--batch-invariant")
     yield plain, speculative
     for live in (plain, speculative):
         assert live.stop() == 0, live.log_text()[-4000:]

@@ -39,7 +39,7 @@ def test_defaults_env_and_flags(monkeypatch: pytest.MonkeyPatch) -> None:
                   "--served-model-name", "m", "--quantization", "int8")
     assert (flags.port, flags.api_keys, flags.log_requests_text, flags.model_name) == (9002, ["c", "d"], False, "m")
     assert flags.engine_config_kwargs() == {"device": "auto", "dtype": "auto", "quantization": "int8", "max_num_seqs": 4,
-                                            "max_num_batched_tokens": 1024, "batch_invariant": False,
+                                            "max_num_batched_tokens": 1024, "batch_invariant": False, "attention_backend": "auto",
                                             "speculative": NgramConfig()}
 
 

@@ -1,0 +1,169 @@
+// Decode attention over the paged KV cache on the CPU: each query row reads its own sequence's keys and
+// values where they lie in the block pool, instead of gathering every sequence's blocks into one padded
+// tensor first (which reads and writes the whole context once more per layer, then reads it again).
+//
+// Batch invariance by construction: a (row, KV head) pair is computed start to end by one thread, in an
+// order of operations fixed by that row's own length, so a row's result is the same bits whatever else is
+// in the call and however the pairs are shared among threads. PyTorch's flash attention splits its work by
+// the size of the call and so rounds a row differently in different batches (README: How it works).
+//
+// Built and loaded by engine/paged_decode.py (plain C ABI through ctypes; threads from PyTorch's pool).
+// Queries, sums and output are fp32; the cache is fp32 or bf16 (a bf16 model's), widened as it is read.
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+namespace {
+
+// GCC vector types: one AVX-512 register, or two AVX2 ones, whatever -march gives.
+typedef float vec16 __attribute__((vector_size(64), aligned(4)));
+typedef float vec8 __attribute__((vector_size(32), aligned(4)));
+typedef float vec4 __attribute__((vector_size(16), aligned(4)));
+
+typedef uint16_t u16x16 __attribute__((vector_size(32), aligned(2)));
+typedef uint32_t u32x16 __attribute__((vector_size(64)));
+
+// The cache holds fp32, or bf16 as its raw 16 bits (the top half of an fp32): read as fp32 either way.
+inline vec16 load16(const float* p) { return *reinterpret_cast<const vec16*>(p); }
+inline vec16 load16(const uint16_t* p) {
+  return (vec16)(__builtin_convertvector(*reinterpret_cast<const u16x16*>(p), u32x16) << 16);
+}
+inline float to_float(float x) { return x; }
+inline float to_float(uint16_t bits) {
+  const uint32_t word = static_cast<uint32_t>(bits) << 16;
+  float x;
+  std::memcpy(&x, &word, sizeof x);
+  return x;
+}
+inline void store16(float* p, vec16 v) { *reinterpret_cast<vec16*>(p) = v; }
+
+// Lanes j and j + width added for width 8, 4, 2, 1: a fixed tree.
+inline float sum16(vec16 v) {
+  const vec8 s8 = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+                  __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  const vec4 s4 = __builtin_shufflevector(s8, s8, 0, 1, 2, 3) + __builtin_shufflevector(s8, s8, 4, 5, 6, 7);
+  return (s4[0] + s4[2]) + (s4[1] + s4[3]);
+}
+
+// a . b in a fixed order: four independent vector sums over 64-float strides (so the multiply-adds
+// overlap), then 16-float strides, added pairwise and across lanes; a scalar tail for the last n % 16.
+template <typename Cache>
+inline float dot(const float* a, const Cache* b, int64_t n) {
+  vec16 acc0 = {}, acc1 = {}, acc2 = {}, acc3 = {};
+  int64_t i = 0;
+  for (; i + 64 <= n; i += 64) {
+    acc0 += load16(a + i) * load16(b + i);
+    acc1 += load16(a + i + 16) * load16(b + i + 16);
+    acc2 += load16(a + i + 32) * load16(b + i + 32);
+    acc3 += load16(a + i + 48) * load16(b + i + 48);
+  }
+  for (; i + 16 <= n; i += 16) acc0 += load16(a + i) * load16(b + i);
+  float tail = 0.0f;
+  for (; i < n; ++i) tail += a[i] * to_float(b[i]);
+  return sum16((acc0 + acc1) + (acc2 + acc3)) + tail;
+}
+
+// out = sum_t p[t] * rows[t] * inv_sum over n floats, the keys in order.
+template <typename Cache>
+inline void weighted_sum(const float* p, const Cache* const* rows, int64_t keys, int64_t n, float inv_sum,
+                         float* out) {
+  int64_t d = 0;
+  for (; d + 64 <= n; d += 64) {
+    vec16 a0 = {}, a1 = {}, a2 = {}, a3 = {};
+    for (int64_t t = 0; t < keys; ++t) {
+      const Cache* v = rows[t] + d;
+      a0 += p[t] * load16(v);
+      a1 += p[t] * load16(v + 16);
+      a2 += p[t] * load16(v + 32);
+      a3 += p[t] * load16(v + 48);
+    }
+    store16(out + d, a0 * inv_sum);
+    store16(out + d + 16, a1 * inv_sum);
+    store16(out + d + 32, a2 * inv_sum);
+    store16(out + d + 48, a3 * inv_sum);
+  }
+  for (; d + 16 <= n; d += 16) {
+    vec16 a = {};
+    for (int64_t t = 0; t < keys; ++t) a += p[t] * load16(rows[t] + d);
+    store16(out + d, a * inv_sum);
+  }
+  for (; d < n; ++d) {
+    float a = 0.0f;
+    for (int64_t t = 0; t < keys; ++t) a += p[t] * to_float(rows[t][d]);
+    out[d] = a * inv_sum;
+  }
+}
+
+template <typename Cache>
+void paged_decode(
+    float* out,                   // (rows, heads, head_dim)
+    const float* q,               // (rows, heads, head_dim)
+    const Cache* k_cache,         // (blocks, block_size, kv_heads, head_dim)
+    const Cache* v_cache,         // the same
+    const int32_t* block_tables,  // (rows, max_blocks); a negative entry is a block given back: its keys are skipped
+    const int32_t* context_lens,  // (rows,): the row's query sees keys 0 .. len - 1
+    int64_t rows, int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t block_size, int64_t max_blocks,
+    float scale,
+    int64_t window,  // > 0: the query sees only its last `window` keys (itself included)
+    float softcap) { // > 0: scores -> softcap * tanh(scores / softcap) before the softmax (Gemma 2)
+  const int64_t group = heads / kv_heads;  // query heads sharing one KV head
+  at::parallel_for(0, rows * kv_heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<const Cache*> k_rows, v_rows;  // the visible keys' rows in the cache, in position order
+    std::vector<float> weights;                // (group, keys): scores, then exp(score - max)
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t row = item / kv_heads, kv_head = item % kv_heads;
+      const int64_t len = context_lens[row];
+      const int32_t* table = block_tables + row * max_blocks;
+      k_rows.clear();
+      v_rows.clear();
+      for (int64_t pos = window > 0 ? std::max<int64_t>(0, len - window) : 0; pos < len; ++pos) {
+        const int64_t block = table[pos / block_size];
+        if (block < 0) continue;
+        const int64_t offset = ((block * block_size + pos % block_size) * kv_heads + kv_head) * head_dim;
+        k_rows.push_back(k_cache + offset);
+        v_rows.push_back(v_cache + offset);
+      }
+      const int64_t keys = static_cast<int64_t>(k_rows.size());
+      const float* q_heads = q + (row * heads + kv_head * group) * head_dim;
+      float* out_heads = out + (row * heads + kv_head * group) * head_dim;
+      weights.resize(group * keys);
+      for (int64_t t = 0; t < keys; ++t) {  // key-major: each key row is read from memory once for the group
+        for (int64_t g = 0; g < group; ++g) {
+          float s = dot(q_heads + g * head_dim, k_rows[t], head_dim) * scale;
+          if (softcap > 0.0f) s = softcap * std::tanh(s / softcap);
+          weights[g * keys + t] = s;
+        }
+      }
+      for (int64_t g = 0; g < group; ++g) {
+        float* w = weights.data() + g * keys;
+        float top = -std::numeric_limits<float>::infinity();
+        for (int64_t t = 0; t < keys; ++t) top = std::max(top, w[t]);
+        float sum = 0.0f;
+        for (int64_t t = 0; t < keys; ++t) {
+          w[t] = std::exp(w[t] - top);
+          sum += w[t];
+        }
+        weighted_sum(w, v_rows.data(), keys, head_dim, 1.0f / sum, out_heads + g * head_dim);
+      }
+    }
+  });
+}
+
+}  // namespace
+
+#define KVSERVE_PAGED_DECODE(NAME, CACHE)                                                                        \
+  extern "C" void NAME(float* out, const float* q, const CACHE* k_cache, const CACHE* v_cache,                  \
+                       const int32_t* block_tables, const int32_t* context_lens, int64_t rows, int64_t heads,    \
+                       int64_t kv_heads, int64_t head_dim, int64_t block_size, int64_t max_blocks, float scale,  \
+                       int64_t window, float softcap) {                                                          \
+    paged_decode(out, q, k_cache, v_cache, block_tables, context_lens, rows, heads, kv_heads, head_dim,          \
+                 block_size, max_blocks, scale, window, softcap);                                                \
+  }
+
+KVSERVE_PAGED_DECODE(kvserve_paged_decode_f32, float)      // an fp32 cache
+KVSERVE_PAGED_DECODE(kvserve_paged_decode_bf16, uint16_t)  // a bf16 cache (queries and output stay fp32)

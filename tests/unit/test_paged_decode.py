@@ -1,0 +1,216 @@
+"""kvserve's paged decode-attention kernel (engine/paged_decode.py): exact against a float64 reference, rows
+independent of their batch and of the thread count, the same logits as the gather + SDPA path on a served
+model, and a clear fallback where it cannot be built."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from helpers.tiny_engine import make_tiny_model_dir
+from helpers.tiny_models import save_hf, tiny_llama
+
+from engine import paged_decode
+from engine.attention import AttentionSpec
+from engine.llm import LLM
+from engine.runner import ModelRunner
+from engine.sampling_params import SamplingParams
+from engine.weights import load_model
+
+BLOCK = 4
+
+
+def reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tables: list[list[int]],
+              lens: list[int], spec: AttentionSpec) -> torch.Tensor:
+    """Attention written out in float64, one row at a time."""
+    rows, heads, head_dim = q.shape
+    kv_heads = k_cache.shape[2]
+    out = torch.empty(rows, heads, head_dim, dtype=torch.float64)
+    for row, (table, length) in enumerate(zip(tables, lens, strict=True)):
+        first = max(0, length - spec.window) if spec.window else 0
+        positions = [p for p in range(first, length) if table[p // BLOCK] >= 0]
+        keys = torch.stack([k_cache[table[p // BLOCK], p % BLOCK] for p in positions]).double()  # (K, KVH, D)
+        values = torch.stack([v_cache[table[p // BLOCK], p % BLOCK] for p in positions]).double()
+        for head in range(heads):
+            kv = head // (heads // kv_heads)
+            scores = keys[:, kv] @ q[row, head].double() * spec.scale
+            if spec.softcap:
+                scores = spec.softcap * torch.tanh(scores / spec.softcap)
+            out[row, head] = scores.softmax(0) @ values[:, kv]
+    return out
+
+
+def random_case(rows: int, heads: int, kv_heads: int, head_dim: int, seed: int = 0, freed: bool = False):
+    """A cache of shuffled blocks, rows of different lengths; with `freed`, each row's first block given back."""
+    gen = torch.Generator().manual_seed(seed)
+    num_blocks = 64
+    k_cache = torch.randn(num_blocks, BLOCK, kv_heads, head_dim, generator=gen)
+    v_cache = torch.randn(num_blocks, BLOCK, kv_heads, head_dim, generator=gen)
+    order = torch.randperm(num_blocks, generator=gen).tolist()
+    lens = torch.randint(1, 21, (rows,), generator=gen).tolist()
+    tables, taken = [], 0
+    for length in lens:
+        count = -(-length // BLOCK)
+        tables.append(order[taken:taken + count])
+        taken += count
+        if freed and count > 2:
+            tables[-1][0] = -1
+    q = torch.randn(rows, heads, head_dim, generator=gen)
+    return q, k_cache, v_cache, tables, lens
+
+
+def run(q, k_cache, v_cache, tables, lens, spec) -> torch.Tensor:
+    width = max(len(t) for t in tables)
+    padded = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
+    return paged_decode.decode_attention(q, k_cache, v_cache, padded, torch.tensor(lens, dtype=torch.int32), spec)
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return save_hf(tiny_llama(), tmp_path_factory.mktemp("llama"))
+
+
+def runner_for(path: str, dtype: torch.dtype = torch.float32, **options) -> ModelRunner:
+    model, cfg = load_model(path, "cpu", dtype, max_positions=64, progress=False)
+    return ModelRunner.for_testing(model, cfg, dtype=dtype, block_size=BLOCK, num_blocks=32, **options)
+
+
+@pytest.fixture(autouse=True)
+def kernel_built() -> None:
+    if reason := paged_decode.unavailable_reason():
+        pytest.fail(f"the kernel should build on the test machines (they have g++): {reason}")
+
+
+@pytest.mark.parametrize(("heads", "kv_heads", "head_dim"),
+                         [(9, 3, 64), (4, 4, 16), (8, 2, 128), (6, 2, 80), (4, 1, 8), (2, 1, 100)])
+def test_matches_float64_reference(heads: int, kv_heads: int, head_dim: int) -> None:
+    q, k_cache, v_cache, tables, lens = random_case(7, heads, kv_heads, head_dim)
+    spec = AttentionSpec(0, head_dim ** -0.5)
+    got = run(q, k_cache, v_cache, tables, lens, spec)
+    torch.testing.assert_close(got.double(), reference(q, k_cache, v_cache, tables, lens, spec), rtol=1e-5, atol=1e-5)
+
+
+def test_bf16_cache_is_read_exactly_and_the_output_keeps_the_query_dtype() -> None:
+    q, k_cache, v_cache, tables, lens = random_case(5, 9, 3, 64, seed=5)
+    k16, v16 = k_cache.bfloat16(), v_cache.bfloat16()
+    spec = AttentionSpec(0, 0.125)
+    got = run(q, k16, v16, tables, lens, spec)  # fp32 queries: fp32 out, from the bf16 values widened
+    torch.testing.assert_close(got.double(), reference(q, k16.float(), v16.float(), tables, lens, spec),
+                               rtol=1e-5, atol=1e-5)
+    assert run(q.bfloat16(), k16, v16, tables, lens, spec).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("spec", [AttentionSpec(0, 0.25, window=5), AttentionSpec(0, 0.25, softcap=2.0),
+                                  AttentionSpec(0, 0.25, window=6, softcap=1.5)], ids=["window", "softcap", "both"])
+def test_sliding_window_soft_capping_and_freed_blocks(spec: AttentionSpec) -> None:
+    # Blocks given back (negative table entries) lie out of the window: never read, whatever they hold.
+    q, k_cache, v_cache, tables, lens = random_case(6, 4, 2, 16, seed=1, freed=spec.window is not None)
+    if spec.window:
+        lens = [max(length, 3 * BLOCK) for length in lens]
+        tables = [t + [t[-1]] * (-(-length // BLOCK) - len(t)) for t, length in zip(tables, lens, strict=True)]
+    got = run(q, k_cache, v_cache, tables, lens, spec)
+    torch.testing.assert_close(got.double(), reference(q, k_cache, v_cache, tables, lens, spec), rtol=1e-5, atol=1e-5)
+
+
+def test_a_row_is_the_same_bits_alone_in_any_batch_and_on_any_thread_count() -> None:
+    q, k_cache, v_cache, tables, lens = random_case(16, 9, 3, 64, seed=2)
+    spec = AttentionSpec(0, 0.125)
+    batched = run(q, k_cache, v_cache, tables, lens, spec)
+    alone = torch.cat([run(q[i:i + 1], k_cache, v_cache, tables[i:i + 1], lens[i:i + 1], spec) for i in range(16)])
+    assert torch.equal(batched, alone)
+    reordered = run(q.flip(0), k_cache, v_cache, tables[::-1], lens[::-1], spec)
+    assert torch.equal(reordered.flip(0), batched)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one_thread = run(q, k_cache, v_cache, tables, lens, spec)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one_thread, batched)
+
+
+@pytest.mark.parametrize(("dtype", "tolerance"), [(torch.float32, 1e-5), (torch.bfloat16, 0.05)])
+@pytest.mark.parametrize("chunk_size", [1, 3])
+def test_served_logits_match_the_gather_and_sdpa_path(tiny_llama_dir: str, chunk_size: int, dtype: torch.dtype,
+                                                      tolerance: float) -> None:
+    # Decode rows (chunk_size 1: every position is a decode step) through both backends of the runner; in
+    # bf16 SDPA rounds its sums to bf16 and the kernel does not, hence the wider tolerance.
+    ids = torch.randint(3, 90, (30,), generator=torch.Generator().manual_seed(4)).tolist()
+    logits = {}
+    for backend in ("native", "sdpa"):
+        runner = runner_for(tiny_llama_dir, dtype=dtype, attention_backend=backend)
+        assert runner.native_decode == (backend == "native")
+        logits[backend] = runner.logits_for(ids, chunk_size=chunk_size).float()
+    torch.testing.assert_close(logits["native"], logits["sdpa"], rtol=tolerance, atol=tolerance)
+
+
+def test_engine_greedy_output_is_the_same_alone_and_batched_by_default(tmp_path: Path) -> None:
+    llm = LLM(make_tiny_model_dir(tmp_path), device="cpu", dtype="float32", block_size=BLOCK, speculative=None,
+              enable_prefix_caching=False)
+    assert llm.engine.runner.native_decode
+    prompts = [torch.randint(3, 300, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (5, 9, 14, 22)]
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, logprobs=0)
+    alone = [llm.generate([p], params)[0].outputs[0] for p in prompts]
+    batched = [out.outputs[0] for out in llm.generate(prompts, params)]
+    assert [b.token_ids for b in batched] == [a.token_ids for a in alone]
+    assert [[lp.logprob for lp in b.logprobs] for b in batched] == [[lp.logprob for lp in a.logprobs] for a in alone]
+
+
+def test_no_compiler_falls_back_to_sdpa_with_a_reason(tiny_llama_dir: str, monkeypatch: pytest.MonkeyPatch,
+                                                      tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setenv("KVSERVE_KERNEL_CACHE", str(tmp_path))  # nothing cached: it would have to build
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    paged_decode.load.cache_clear()
+    try:
+        reason = paged_decode.unavailable_reason()
+        assert reason is not None and "compiler" in reason
+        with pytest.raises(ValueError, match="attention_backend=native: .*compiler"):
+            paged_decode.use_native("native", torch.device("cpu"), torch.float32)
+        with caplog.at_level(logging.WARNING, logger="kvserve.engine"):
+            runner = runner_for(tiny_llama_dir)
+        assert not runner.native_decode
+        assert "paged kernel is unavailable" in caplog.text and "compiler" in caplog.text
+    finally:
+        paged_decode.load.cache_clear()
+
+
+def test_backend_names_and_what_the_kernel_reads() -> None:
+    with pytest.raises(ValueError, match="unknown attention_backend"):
+        paged_decode.use_native("flash", torch.device("cpu"), torch.float32)
+    assert paged_decode.use_native("sdpa", torch.device("cpu"), torch.float32) == (False, None)
+    native, why = paged_decode.use_native("auto", torch.device("cpu"), torch.float16)
+    assert not native and "fp32 and bf16" in why
+    with pytest.raises(ValueError, match="not torch.float16 on cpu"):
+        paged_decode.use_native("native", torch.device("cpu"), torch.float16)
+    assert paged_decode.use_native("auto", torch.device("cpu"), torch.bfloat16) == (True, None)
+    assert math.isclose(AttentionSpec(0, 0.5).scale, 0.5)
+
+
+def test_batch_invariant_gives_the_same_bits_cold_chunked_and_from_the_prefix_cache(tmp_path: Path) -> None:
+    path = make_tiny_model_dir(tmp_path)
+    prompt = torch.randint(3, 300, (30,), generator=torch.Generator().manual_seed(6)).tolist()
+    params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True, logprobs=0)
+
+    def run_once(llm: LLM, prompt_logprobs: int | None = None) -> tuple[list[int], list[float], list | None]:
+        out = llm.generate([prompt], dataclasses.replace(params, prompt_logprobs=prompt_logprobs))[0]
+        return out.outputs[0].token_ids, [lp.logprob for lp in out.outputs[0].logprobs], out.prompt_logprobs
+
+    options = dict(device="cpu", dtype="float32", block_size=BLOCK, speculative=None, batch_invariant=True)
+    cached = LLM(path, **options)
+    cold = run_once(cached)
+    assert run_once(cached) == cold  # the prompt's full blocks now come from the prefix cache
+    assert cached.engine.blocks.prefix_hits >= len(prompt) - BLOCK
+    chunked = LLM(path, max_num_seqs=4, max_num_batched_tokens=7, enable_prefix_caching=False, **options)
+    whole = LLM(path, enable_prefix_caching=False, **options)
+    # the prompt in chunks of 7 tokens: the same tokens and logprobs, and the prompt's logprobs the same bits too
+    assert run_once(chunked, prompt_logprobs=0) == run_once(whole, prompt_logprobs=0)
+    assert run_once(chunked)[:2] == cold[:2]
+    # and the prompt's attention through the kernel is the same attention as SDPA's, within rounding
+    plain = LLM(path, **{**options, "batch_invariant": False})
+    got, expected = run_once(whole, prompt_logprobs=0)[2][1:], run_once(plain, prompt_logprobs=0)[2][1:]
+    torch.testing.assert_close(torch.tensor([lp.logprob for lp in got]), torch.tensor([lp.logprob for lp in expected]),
+                               rtol=1e-5, atol=1e-5)
