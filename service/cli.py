@@ -94,9 +94,13 @@ def _pull(args: argparse.Namespace) -> int:
 
 
 def _cpu_features(_: argparse.Namespace) -> int:
+    from engine import paged_decode
     from engine.cpu_features import report
 
     print(report())
+    reason = paged_decode.unavailable_reason()  # builds the kernel where it is not cached yet (about a second)
+    print("decode attention (--attention-backend auto): "
+          + ("kvserve's paged kernel" if reason is None else f"gather + SDPA; the paged kernel is unavailable: {reason}"))
     return 0
 
 
@@ -127,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     pull.set_defaults(run=_pull)
 
     features = commands.add_parser("cpu-features", help="print the CPU features detected, the default CPU "
-                                   "weight format they select and the formats refused here")
+                                   "weight format they select, the formats refused here and the decode attention")
     features.set_defaults(run=_cpu_features)
     return parser
 

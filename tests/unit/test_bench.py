@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import random
 import sys
 import threading
 import time
@@ -423,3 +424,10 @@ def test_speculative_bench_compares_plain_and_speculative_runs_of_the_real_model
     assert all(run["draft_tokens"] == 0 for run in data["plain"].values())
     assert sum(run["accepted_tokens"] for run in data["speculative"].values()) > 0
     assert "| code edit |" in out.with_suffix(".md").read_text()
+
+
+def test_paged_attention_microbenchmark_compares_the_same_attention_both_ways() -> None:
+    from bench.paged_attention import decode_case, prefill_case
+
+    for native, sdpa in (decode_case(5, 3, 40, random.Random(0)), prefill_case(37)):
+        torch.testing.assert_close(native(), sdpa(), rtol=1e-5, atol=1e-5)

@@ -214,3 +214,10 @@ def test_batch_invariant_gives_the_same_bits_cold_chunked_and_from_the_prefix_ca
     got, expected = run_once(whole, prompt_logprobs=0)[2][1:], run_once(plain, prompt_logprobs=0)[2][1:]
     torch.testing.assert_close(torch.tensor([lp.logprob for lp in got]), torch.tensor([lp.logprob for lp in expected]),
                                rtol=1e-5, atol=1e-5)
+
+
+def test_cpu_features_command_says_which_decode_attention_runs(capsys: pytest.CaptureFixture) -> None:
+    from service.cli import main
+
+    assert main(["cpu-features"]) == 0
+    assert "decode attention (--attention-backend auto): kvserve's paged kernel" in capsys.readouterr().out
