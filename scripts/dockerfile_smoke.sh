@@ -75,6 +75,9 @@ wait_for() {  # wait_for PATH SECONDS: poll until it answers 200
 wait_for /health "${SMOKE_START_TIMEOUT:-300}"
 wait_for /ready "${SMOKE_START_TIMEOUT:-300}"
 
+echo "== decode attention runs on kvserve's paged kernel (built from the installed package by g++)"
+! grep -q "paged kernel is unavailable" "$LOG" || fail "the paged decode-attention kernel did not build"
+
 echo "== one completion"
 curl -fsS "$BASE/v1/completions" -H 'Content-Type: application/json' \
   -d '{"model": "smollm2-135m", "prompt": "The capital of France is", "max_tokens": 8, "temperature": 0}' \
