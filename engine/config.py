@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 from engine.attention import AttentionSpec
+from engine.paged_decode import BACKENDS as ATTENTION_BACKENDS
 from engine.speculative import NgramConfig
 
 
@@ -131,8 +132,9 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
-        if self.attention_backend not in ("auto", "native", "sdpa"):
-            raise ValueError(f"attention_backend must be auto, native or sdpa, got {self.attention_backend!r}")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}, "
+                             f"got {self.attention_backend!r}")
         if self.max_num_seqs < 1:
             raise ValueError("max_num_seqs must be >= 1")
         if self.max_num_batched_tokens < self.max_num_seqs:
