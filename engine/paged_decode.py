@@ -137,7 +137,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     math is fp32 whatever the cache holds; the result comes back in q's dtype.
     """
     rows, heads, head_dim = q.shape
-    num_blocks, block_size, kv_heads, _ = k_cache.shape
+    _, block_size, kv_heads, _ = k_cache.shape
     q32 = q.float().contiguous()
     out = torch.empty_like(q32)
     getattr(load(), _SYMBOLS[k_cache.dtype])(

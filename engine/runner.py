@@ -26,6 +26,7 @@ from engine.sequence import Sequence
 
 log = logging.getLogger("kvserve.engine")
 
+
 def kv_bytes_per_block(cfg: ModelConfig, dtype: torch.dtype, block_size: int) -> int:
     """K and V, every layer, one block."""
     elem = torch.empty(0, dtype=dtype).element_size()
