@@ -28,6 +28,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from engine.machine_cache import cache_dir, cpu_signature
+
 if TYPE_CHECKING:
     from engine.attention import AttentionSpec
 
@@ -39,11 +41,6 @@ class KernelUnavailable(RuntimeError):
     """The kernel cannot be built or loaded here; the message says why."""
 
 
-def cache_dir() -> Path:
-    default = Path.home() / ".cache" / "kvserve" / "kernels"
-    return Path(os.environ.get("KVSERVE_KERNEL_CACHE") or default).expanduser()
-
-
 def _compiler() -> str:
     asked = os.environ.get("CXX")
     compiler = shutil.which(asked) if asked else shutil.which("g++") or shutil.which("c++")
@@ -51,16 +48,6 @@ def _compiler() -> str:
         raise KernelUnavailable(f"no C++ compiler {asked!r} found (CXX)" if asked else
                                 "no C++ compiler found (install g++, or set CXX)")
     return compiler
-
-
-def _cpu_signature() -> str:
-    """What -march=native compiles for: the CPU's model and flags."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return platform.processor() or platform.machine()
-    wanted = ("model name", "flags", "Features", "CPU part")
-    return "\n".join(dict.fromkeys(line for line in lines if line.split(":")[0].strip() in wanted))
 
 
 def _build_command(compiler: str, output: Path) -> list[str]:
@@ -75,7 +62,7 @@ def _build_command(compiler: str, output: Path) -> list[str]:
 def _library_path(compiler: str) -> Path:
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=False).stdout
     key = hashlib.sha256("\0".join([SOURCE.read_text(), torch.__version__, str(Path(torch.__file__).parent),
-                                    version, _cpu_signature()]).encode()).hexdigest()[:16]
+                                    version, cpu_signature()]).encode()).hexdigest()[:16]
     return cache_dir() / f"paged_decode-{key}.so"
 
 

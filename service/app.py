@@ -6,8 +6,9 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
+from concurrent.futures import Future
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import Depends, FastAPI
 from fastapi.openapi.utils import get_openapi
@@ -17,6 +18,7 @@ from fastapi_offline import FastAPIOffline
 from service.auth import require_api_key
 from service.errors import install_error_handlers
 from service.guards import ApiKeyGate, BodyDeadline
+from service.loading import start_loading
 from service.metrics import ServiceMetrics
 from service.middleware import LOG_FIELDS_KEY, RequestContextMiddleware
 from service.routes import embeddings as embeddings_routes
@@ -28,37 +30,24 @@ from service.settings import Settings
 from service.state import LoadedModel, ServerState
 from service.tracing import TracingMiddleware, build_tracer_provider
 
+if TYPE_CHECKING:
+    from engine import AsyncEngine
+
 log = logging.getLogger("kvserve.service")
 
 
-def load_model(settings: Settings, metrics: ServiceMetrics) -> LoadedModel:
-    """Build the engine from settings and start its step loop (blocking; run it in a thread)."""
-    from engine import AsyncEngine, EngineConfig, LLMEngine
-    from engine.warmup import warm_up
-
-    config = EngineConfig(**settings.engine_config_kwargs())
-
-    def build() -> LLMEngine:
-        engine = LLMEngine(settings.model, config, progress=False)
-        if settings.chat_template is not None:
-            engine.tokenizer.set_chat_template(settings.chat_template)
-        # Before /ready says yes, so the first client's request is not the one paying for cold kernels.
-        seconds = warm_up(engine)
-        log.info("engine built and warmed up", extra={"fields": {
-            "device": engine.device, "dtype": str(engine.dtype).removeprefix("torch."),
-            "quantization": engine.quantization, "kv_cache_blocks": len(engine.blocks.blocks),
-            "warmup_s": round(seconds, 3)}})
-        return engine
-
-    async_engine = AsyncEngine.launch(build, on_step=metrics.observe_step)
+def loaded_model(async_engine: AsyncEngine, metrics: ServiceMetrics) -> LoadedModel:
+    """What the routes need of a built engine; its steps feed the metrics from now on."""
+    async_engine.on_step = metrics.observe_step
     engine = async_engine.engine
     return LoadedModel(engine=async_engine, tokenizer=engine.tokenizer, max_model_len=engine.max_model_len,
                        embedding_size=engine.model_config.hidden_size, grammars=engine.grammars)
 
 
 def create_app(settings: Settings | None = None, *, loaded: LoadedModel | None = None,
-               tracer_provider: Any = None) -> FastAPI:
-    """The kvserve app. `loaded` skips model loading (tests pass a ready engine); `tracer_provider` (an
+               loading: Future[AsyncEngine] | None = None, tracer_provider: Any = None) -> FastAPI:
+    """The kvserve app. `loaded` skips model loading (tests pass a ready engine); `loading` is a load already
+    started (service.loading.start_loading), else the app starts one at startup; `tracer_provider` (an
     OpenTelemetry SDK TracerProvider) turns tracing on with it instead of --otlp-traces-endpoint's."""
     settings = settings or Settings()
     owns_provider = tracer_provider is None and settings.otlp_traces_endpoint is not None
@@ -69,7 +58,7 @@ def create_app(settings: Settings | None = None, *, loaded: LoadedModel | None =
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        loader = None if loaded is not None else asyncio.create_task(_load(state))
+        loader = None if loaded is not None else asyncio.create_task(_load(state, loading))
         try:
             yield
         finally:
@@ -124,10 +113,11 @@ def _document_400_not_422(app: FastAPI) -> None:
     app.openapi = openapi  # type: ignore[method-assign]
 
 
-async def _load(state: ServerState) -> None:
+async def _load(state: ServerState, loading: Future[AsyncEngine] | None) -> None:
     log.info("loading model", extra={"fields": {"model": state.settings.model}})
     try:
-        state.loaded = await asyncio.to_thread(load_model, state.settings, state.metrics)
+        engine = await asyncio.wrap_future(loading or start_loading(state.settings))
+        state.loaded = loaded_model(engine, state.metrics)
     except Exception as exc:  # noqa: BLE001 - reported by /health and every request as a 503
         state.load_error = f"{type(exc).__name__}: {exc}"
         log.error("model failed to load", extra={"fields": {"error": state.load_error}})

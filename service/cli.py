@@ -60,12 +60,15 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from service.loading import start_loading
     from service.logging_setup import configure_logging
-    from service.server import run_server
 
     settings = settings_from_args(args)
     configure_logging(settings.log_format, settings.log_level)
-    run_server(settings)
+    loading = start_loading(settings)  # before the web stack's imports, which then overlap the model's load
+    from service.server import run_server
+
+    run_server(settings, loading)
     return 0
 
 

@@ -7,13 +7,18 @@ import asyncio
 import logging
 import signal
 import socket
+from concurrent.futures import Future
 from types import FrameType
+from typing import TYPE_CHECKING
 
 import uvicorn
 
 from service.app import create_app
 from service.settings import Settings
 from service.state import ServerState
+
+if TYPE_CHECKING:
+    from engine import AsyncEngine
 
 log = logging.getLogger("kvserve.service")
 
@@ -51,9 +56,9 @@ class DrainingServer(uvicorn.Server):
         self.should_exit = True
 
 
-def run_server(settings: Settings) -> None:
-    """Serve until SIGTERM/SIGINT."""
-    app = create_app(settings)
+def run_server(settings: Settings, loading: Future[AsyncEngine] | None = None) -> None:
+    """Serve until SIGTERM/SIGINT. `loading`: the model's load, when the caller started it already."""
+    app = create_app(settings, loading=loading)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None, access_log=False,
                             timeout_graceful_shutdown=5, lifespan="on")
     DrainingServer(config, app.state.kvserve).run()

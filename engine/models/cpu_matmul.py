@@ -26,7 +26,6 @@ engine/cpu_features.py; `kvserve cpu-features` prints it and the choice it makes
 from __future__ import annotations
 
 import functools
-import threading
 import warnings
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -35,7 +34,14 @@ import torch
 import torch.nn.functional as F
 
 from engine.cpu_features import CpuFeatures, detect
-from engine.models.int4_matmul import four_bit_groups, int4_linear, packable, round_to_four_bits
+from engine.machine_cache import remembered
+from engine.models.int4_matmul import (
+    FourBitGroups,
+    four_bit_groups,
+    int4_linear,
+    packable,
+    round_to_four_bits,
+)
 
 Kernel = Callable[[torch.Tensor], torch.Tensor]
 QUANTIZATIONS = ("auto", "none", "bf16", "fp16", "int8", "int4")
@@ -100,12 +106,12 @@ def keeps_4bit(name: str | None, device: str, dtype: torch.dtype, features: CpuF
 
 
 def make_kernel(weight: torch.Tensor, bias: torch.Tensor | None, quantization: str,
-                keep_4bit: bool = False) -> tuple[Kernel | None, str]:
+                keep_4bit: bool = False, grid: FourBitGroups | None = None) -> tuple[Kernel | None, str]:
     """x -> x @ weight.T + bias over a packed copy of the weight (None: use F.linear), and its format.
 
     keep_4bit (what `auto` asks): a weight already on a 4-bit grid gets int4, the rest `quantization`.
     `quantization` int4 rounds every weight the kernel can take to 4 bits; the others (shapes it cannot
-    pack) get fp16.
+    pack) get fp16. `grid`: the weight's 4-bit grid when it is already known (else it is looked for).
     """
     if weight.device.type != "cpu":
         return None, "none"
@@ -114,7 +120,7 @@ def make_kernel(weight: torch.Tensor, bias: torch.Tensor | None, quantization: s
     if weight.dtype != torch.float32:
         return None, "none"
     if (keep_4bit or quantization == "int4") and packable(weight):
-        groups = four_bit_groups(weight)
+        groups = grid if grid is not None else four_bit_groups(weight)
         if groups is None and quantization == "int4":
             groups = round_to_four_bits(weight)
         if groups is not None:
@@ -168,23 +174,19 @@ def _bf16_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> Kernel:
 # oneDNN may split a GEMM's reduction across threads once there are enough rows, and then a row's sum is
 # rounded differently from when it is computed alone (PyTorch's int4 kernel may too: it switches to a
 # blocked GEMM for more rows on some CPUs, so it gets the same check). Which row counts do that depends on the shape and
-# the thread count, so it is measured, once per shape, on the first weight of that shape: calls are cut
+# the thread count, so it is measured, once per shape and machine, on the first weight of that shape: calls are cut
 # into blocks of a row count up to which every smaller count gives each row its single-row result. A
 # different sum shows only in the rows whose rounding it happens to change, so the probe uses rows of
 # very different scales and checks each count on every row of the sample. (For bf16 only AMX gets here:
 # elsewhere the split changes from 2 rows on and bf16 is refused, see format_refusal.)
 _BLOCK_CANDIDATES = (64, 32, 16, 8)
 _PROBE_ROWS = 80
-_safe_blocks: dict[tuple[str, int, int, int], int] = {}
-_safe_blocks_lock = threading.Lock()  # packing runs on a thread pool; measure each shape once
 
 
 def _safe_block_rows(kind: str, linear: Kernel, out_features: int, in_features: int) -> int:
-    key = (kind, out_features, in_features, torch.get_num_threads())
-    with _safe_blocks_lock:
-        if key not in _safe_blocks:
-            _safe_blocks[key] = _measure_safe_block_rows(linear, in_features)
-        return _safe_blocks[key]
+    # Remembered across starts (engine/machine_cache.py): measuring the LM head alone takes about a second.
+    name = f"safe_block_rows:{kind}:{out_features}x{in_features}:threads={torch.get_num_threads()}"
+    return remembered(name, lambda: _measure_safe_block_rows(linear, in_features))
 
 
 def _measure_safe_block_rows(linear: Kernel, in_features: int) -> int:
@@ -280,9 +282,10 @@ def pack_linears(model: torch.nn.Module, quantization: str, keep_4bit: bool = Fa
     linears = [m for m in model.modules() if isinstance(m, Linear)]
     with ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads())) as pool:
         head = pool.submit(make_kernel, model.lm_head_weight, None, quantization, keep_4bit)
-        kernels = list(pool.map(lambda m: make_kernel(m.weight, m.bias, quantization, keep_4bit), linears))
+        kernels = list(pool.map(lambda m: make_kernel(m.weight, m.bias, quantization, keep_4bit, m.four_bit_grid),
+                                linears))
         for module, (kernel, _) in zip(linears, kernels, strict=True):
-            module.kernel = kernel
+            module.kernel, module.four_bit_grid = kernel, None
         model.lm_head_kernel, head_format = head.result()
     used = {head_format, *(name for _, name in kernels)}
     return "+".join(sorted(used, key=lambda name: (name != "int4", name)))

@@ -26,7 +26,7 @@ _ON_GRID = 1e-3  # a weight is on its group's grid when within this fraction of 
 
 
 class FourBitGroups(NamedTuple):
-    q: torch.Tensor  # (out, in) int32 in 0..15
+    q: torch.Tensor  # (out, in) int32 in 0..15 (uint8 as stored in a converted copy)
     step: torch.Tensor  # (out, in // GROUP) fp32: weight = low + q * step
     low: torch.Tensor  # (out, in // GROUP) fp32
 
@@ -85,7 +85,7 @@ def round_to_four_bits(weight: torch.Tensor) -> FourBitGroups:
 
 def int4_linear(groups: FourBitGroups, bias: torch.Tensor | None):
     """x (rows, in) fp32 -> x @ w.T + bias through the packed int4 kernel (bf16 in and out, returned as fp32)."""
-    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(groups.q, 1)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(groups.q.to(torch.int32), 1)
     # The kernel's (in // GROUP, out, 2) table of (scale, zero), for w = (q - 8) * scale + zero.
     scales_zeros = torch.stack([groups.step, groups.low + 8 * groups.step], dim=-1).transpose(0, 1)
     scales_zeros = scales_zeros.contiguous().bfloat16()

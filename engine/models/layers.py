@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.models.int4_matmul import FourBitGroups
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
@@ -135,6 +137,9 @@ class Linear(nn.Linear):
     """
 
     kernel: Callable[[torch.Tensor], torch.Tensor] | None = None
+    # The 4-bit grid the weight lies on, when the converted copy of a GGUF stored it (engine/converted.py):
+    # packing then skips looking for it. Dropped once packed.
+    four_bit_grid: FourBitGroups | None = None
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
         super().__init__(in_features, out_features, bias=bias)

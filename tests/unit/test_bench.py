@@ -6,17 +6,19 @@ import asyncio
 import json
 import math
 import random
+import socket
 import sys
 import threading
 import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import httpx
 import numpy as np
 import pytest
 import torch
 
-from bench.cold_start import time_to_first_byte
+from bench.cold_start import time_to_first_byte, time_to_first_served_token
 from bench.common import markdown_table, parse_int_list, percentile, random_prompt_ids, summarize
 from bench.decode_speed import common_prefix, speeds
 from bench.hf_peer import left_padded
@@ -133,6 +135,34 @@ def test_time_to_first_byte_comes_before_exit() -> None:
     assert 0 < first < total
     with pytest.raises(RuntimeError):
         time_to_first_byte([sys.executable, "-c", "raise SystemExit(3)"])
+
+
+_SLOW_SERVER = """
+import sys, time
+from http.server import BaseHTTPRequestHandler, HTTPServer
+time.sleep(0.3)
+started = time.monotonic()
+class H(BaseHTTPRequestHandler):
+    def do_POST(self):
+        self.rfile.read(int(self.headers["Content-Length"]))
+        ready = time.monotonic() - started > 0.2  # 503 while "loading", as kvserve answers before /ready
+        self.send_response(200 if ready else 503); self.send_header("Content-Length", "2"); self.end_headers()
+        self.wfile.write(b"{}")
+    def log_message(self, *args): pass
+HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+"""
+
+
+def test_time_to_first_served_token_waits_for_a_200_then_stops_the_server() -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    seconds, _ = time_to_first_served_token([sys.executable, "-c", _SLOW_SERVER, str(port)], port, "hi")
+    assert seconds >= 0.5  # 0.3 s before listening, then 0.2 s of 503s
+    with pytest.raises(httpx.ConnectError):
+        httpx.post(f"http://127.0.0.1:{port}/v1/completions", json={})
+    with pytest.raises(RuntimeError, match="exited with 3"):
+        time_to_first_served_token([sys.executable, "-c", "raise SystemExit(3)"], port, "hi")
 
 
 # --- the OpenAI client against a fake server ---

