@@ -65,6 +65,20 @@ def vllm_bf16_command(port: int) -> list[str]:
             "--host", "127.0.0.1", "--port", str(port)]
 
 
+def llama_command(port: int) -> list[str] | None:
+    """serve.sh's llama.cpp server, from $LLAMA_CPP_DIR when set (None: serve.sh's own build).
+
+    setup.sh builds llama.cpp with GGML_NATIVE, which on some AMX VMs dies at start with an invalid opcode
+    in ggml's AMX code; bench/README.md says how to build one without AMX and point LLAMA_CPP_DIR at it.
+    """
+    llama_dir = os.environ.get("LLAMA_CPP_DIR")
+    if not llama_dir:
+        return None
+    return ["env", f"LD_LIBRARY_PATH={llama_dir}", str(Path(llama_dir) / "llama-server"),
+            "-m", str(PEERS_DIR / "models" / "smollm2-135m.gguf"), "--alias", "smollm2-135m", "-c", "32768",
+            "-np", "16", "-t", str(os.cpu_count() or 1), "--host", "127.0.0.1", "--port", str(port), "--metrics"]
+
+
 def server_command(name: str, port: int, model: str) -> list[str]:
     """The command line that serves the default model on 127.0.0.1:port."""
     if name in KVSERVE_VARIANTS:
@@ -72,6 +86,8 @@ def server_command(name: str, port: int, model: str) -> list[str]:
                 "--served-model-name", "smollm2-135m", "--log-level", "warning", *KVSERVE_VARIANTS[name]]
     if name == "vllm-bf16":
         return vllm_bf16_command(port)
+    if name == "llama" and (command := llama_command(port)):
+        return command
     if name in ("vllm", "llama"):
         return ["bash", str(PEERS_SH), name, str(port)]
     raise ValueError(f"unknown server {name!r}; choose from {', '.join(SERVERS)}")
