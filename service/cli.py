@@ -97,11 +97,11 @@ def _pull(args: argparse.Namespace) -> int:
 
 
 def _cpu_features(_: argparse.Namespace) -> int:
-    from engine import paged_decode
+    from engine import native
     from engine.cpu_features import report
 
     print(report())
-    reason = paged_decode.unavailable_reason()  # builds the kernel where it is not cached yet (about a second)
+    reason = native.unavailable_reason()  # builds the kernel where it is not cached yet (about a second)
     print("decode attention (--attention-backend auto): "
           + ("kvserve's paged kernel" if reason is None else f"gather + SDPA; the paged kernel is unavailable: {reason}"))
     return 0

@@ -69,23 +69,91 @@ inline float dot(const float* a, const Cache* b, int64_t n) {
 }
 
 // out = sum_t p[t] * rows[t] * inv_sum over n floats, the keys in order.
+// e^x for 16 lanes, within ~2 ulp: x = n ln2 + r with |r| <= ln2 / 2, e^r by its Taylor series to r^6,
+// times 2^n put into the exponent bits. Inputs below -87 give e^-87 (~1.6e-38, where a softmax weight is
+// nothing beside its largest, which is 1). The scalar std::exp took most of a decode row's time.
+inline vec16 exp16(vec16 x) {
+  typedef int32_t i32x16 __attribute__((vector_size(64)));
+  const vec16 lo = vec16{} - 87.0f, hi = vec16{} + 88.0f;
+  x = x < lo ? lo : x;
+  x = x > hi ? hi : x;
+  const vec16 shifter = vec16{} + 12582912.0f;  // 1.5 * 2^23: adding and subtracting it rounds to an integer
+  const vec16 n = (x * 1.44269504088896341f + shifter) - shifter;
+  const vec16 r = (x - n * 0.693359375f) - n * -2.12194440e-4f;  // ln 2 in two parts, exact product first
+  vec16 p = vec16{} + (1.0f / 720.0f);
+  p = p * r + (1.0f / 120.0f);
+  p = p * r + (1.0f / 24.0f);
+  p = p * r + (1.0f / 6.0f);
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const i32x16 scale = (__builtin_convertvector(n, i32x16) + 127) << 23;
+  return p * (vec16)scale;
+}
+
+// The lane sums of 16 vectors, as one vector: lane t holds the sum of a[t]'s lanes. Every vector is folded by
+// the same tree (halves, then quarters, eighths and pairs of lanes), so a key's score does not depend on which
+// lane it was given; 45 shuffles and adds for 16 sums, where sum16 takes about 10 for each.
+inline vec16 transpose_sum16(const vec16* a) {
+  vec16 b[8], c[4], d[2];
+  for (int i = 0; i < 8; ++i)  // lanes 0-7: a[i] folded to 8 lanes; 8-15: a[i + 8]
+    b[i] = __builtin_shufflevector(a[i], a[i + 8], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+           __builtin_shufflevector(a[i], a[i + 8], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+  for (int i = 0; i < 4; ++i)  // quads: a[i], a[i + 4], a[i + 8], a[i + 12]
+    c[i] = __builtin_shufflevector(b[i], b[i + 4], 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27) +
+           __builtin_shufflevector(b[i], b[i + 4], 4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31);
+  for (int i = 0; i < 2; ++i)  // pairs: a[i], a[i + 2], a[i + 4], ... a[i + 14]
+    d[i] = __builtin_shufflevector(c[i], c[i + 2], 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29) +
+           __builtin_shufflevector(c[i], c[i + 2], 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31);
+  return __builtin_shufflevector(d[0], d[1], 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30) +
+         __builtin_shufflevector(d[0], d[1], 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31);
+}
+
+// scores[t] = q . keys[t] for `count` <= 16 keys, head_dim a multiple of 16: each key's products summed over
+// 16-float strides in order, then across lanes by transpose_sum16 (the same tree for every key).
+template <typename Cache>
+inline void dot16(const float* q, const Cache* const* keys, int64_t count, int64_t head_dim, float* scores) {
+  vec16 acc[16] = {};
+  for (int64_t d = 0; d < head_dim; d += 16) {  // keys inner: 16 independent multiply-add chains
+    const vec16 qd = load16(q + d);
+    for (int64_t t = 0; t < count; ++t) acc[t] += qd * load16(keys[t] + d);
+  }
+  const vec16 sums = transpose_sum16(acc);
+  for (int64_t t = 0; t < count; ++t) scores[t] = sums[t];
+}
+
 template <typename Cache>
 inline void weighted_sum(const float* p, const Cache* const* rows, int64_t keys, int64_t n, float inv_sum,
                          float* out) {
   int64_t d = 0;
   for (; d + 64 <= n; d += 64) {
-    vec16 a0 = {}, a1 = {}, a2 = {}, a3 = {};
-    for (int64_t t = 0; t < keys; ++t) {
+    // Even and odd keys in separate sums, added at the end: eight independent chains of multiply-adds
+    // instead of four, which a chain's latency (not the multipliers) had limited.
+    vec16 a0 = {}, a1 = {}, a2 = {}, a3 = {}, b0 = {}, b1 = {}, b2 = {}, b3 = {};
+    int64_t t = 0;
+    for (; t + 2 <= keys; t += 2) {
+      const Cache* v = rows[t] + d;
+      const Cache* w = rows[t + 1] + d;
+      a0 += p[t] * load16(v);
+      a1 += p[t] * load16(v + 16);
+      a2 += p[t] * load16(v + 32);
+      a3 += p[t] * load16(v + 48);
+      b0 += p[t + 1] * load16(w);
+      b1 += p[t + 1] * load16(w + 16);
+      b2 += p[t + 1] * load16(w + 32);
+      b3 += p[t + 1] * load16(w + 48);
+    }
+    if (t < keys) {
       const Cache* v = rows[t] + d;
       a0 += p[t] * load16(v);
       a1 += p[t] * load16(v + 16);
       a2 += p[t] * load16(v + 32);
       a3 += p[t] * load16(v + 48);
     }
-    store16(out + d, a0 * inv_sum);
-    store16(out + d + 16, a1 * inv_sum);
-    store16(out + d + 32, a2 * inv_sum);
-    store16(out + d + 48, a3 * inv_sum);
+    store16(out + d, (a0 + b0) * inv_sum);
+    store16(out + d + 16, (a1 + b1) * inv_sum);
+    store16(out + d + 32, (a2 + b2) * inv_sum);
+    store16(out + d + 48, (a3 + b3) * inv_sum);
   }
   for (; d + 16 <= n; d += 16) {
     vec16 a = {};
@@ -121,34 +189,63 @@ void paged_decode(
       const int32_t* table = block_tables + row * max_blocks;
       k_rows.clear();
       v_rows.clear();
-      for (int64_t pos = window > 0 ? std::max<int64_t>(0, len - window) : 0; pos < len; ++pos) {
-        const int64_t block = table[pos / block_size];
-        if (block < 0) continue;
-        const int64_t offset = ((block * block_size + pos % block_size) * kv_heads + kv_head) * head_dim;
-        k_rows.push_back(k_cache + offset);
-        v_rows.push_back(v_cache + offset);
+      // Block by block: one division per block, not two per key (they took most of a short row's time).
+      const int64_t stride = kv_heads * head_dim;  // from one position to the next within a block
+      for (int64_t pos = window > 0 ? std::max<int64_t>(0, len - window) : 0; pos < len;) {
+        const int64_t block = table[pos / block_size], first = pos % block_size;
+        const int64_t count = std::min(block_size - first, len - pos);
+        if (block >= 0) {
+          int64_t offset = ((block * block_size + first) * kv_heads + kv_head) * head_dim;
+          for (int64_t i = 0; i < count; ++i, offset += stride) {
+            k_rows.push_back(k_cache + offset);
+            v_rows.push_back(v_cache + offset);
+          }
+        }
+        pos += count;
       }
       const int64_t keys = static_cast<int64_t>(k_rows.size());
       const float* q_heads = q + (row * heads + kv_head * group) * head_dim;
       float* out_heads = out + (row * heads + kv_head * group) * head_dim;
       weights.resize(group * keys);
-      for (int64_t t = 0; t < keys; ++t) {  // key-major: each key row is read from memory once for the group
-        for (int64_t g = 0; g < group; ++g) {
-          float s = dot(q_heads + g * head_dim, k_rows[t], head_dim) * scale;
-          if (softcap > 0.0f) s = softcap * std::tanh(s / softcap);
-          weights[g * keys + t] = s;
+      if (head_dim % 16 == 0) {
+        for (int64_t t = 0; t < keys; t += 16) {  // 16 keys at a time, read from memory once for the group
+          const int64_t count = std::min<int64_t>(16, keys - t);
+          for (int64_t g = 0; g < group; ++g)
+            dot16(q_heads + g * head_dim, k_rows.data() + t, count, head_dim, weights.data() + g * keys + t);
         }
+      } else {
+        for (int64_t t = 0; t < keys; ++t)
+          for (int64_t g = 0; g < group; ++g) weights[g * keys + t] = dot(q_heads + g * head_dim, k_rows[t], head_dim);
+      }
+      for (int64_t i = 0; i < group * keys; ++i) {
+        float s = weights[i] * scale;
+        if (softcap > 0.0f) s = softcap * std::tanh(s / softcap);
+        weights[i] = s;
       }
       for (int64_t g = 0; g < group; ++g) {
         float* w = weights.data() + g * keys;
-        float top = -std::numeric_limits<float>::infinity();
-        for (int64_t t = 0; t < keys; ++t) top = std::max(top, w[t]);
-        float sum = 0.0f;
-        for (int64_t t = 0; t < keys; ++t) {
-          w[t] = std::exp(w[t] - top);
-          sum += w[t];
+        vec16 tops = vec16{} - std::numeric_limits<float>::infinity();  // lane-wise, then across lanes
+        int64_t t = 0;
+        for (; t + 16 <= keys; t += 16) {
+          const vec16 chunk = load16(w + t);
+          tops = chunk > tops ? chunk : tops;
         }
-        weighted_sum(w, v_rows.data(), keys, head_dim, 1.0f / sum, out_heads + g * head_dim);
+        float top = -std::numeric_limits<float>::infinity();
+        for (int64_t i = 0; i < 16; ++i) top = std::max(top, tops[i]);
+        for (; t < keys; ++t) top = std::max(top, w[t]);
+        // 16 weights at a time, the last few through a zero-padded vector (the same function for every
+        // weight), summed lane-wise in key order, then across lanes.
+        vec16 sums = {};
+        for (int64_t t = 0; t < keys; t += 16) {
+          const int64_t count = std::min<int64_t>(16, keys - t);
+          vec16 chunk = vec16{} - std::numeric_limits<float>::infinity();
+          std::memcpy(&chunk, w + t, count * sizeof(float));
+          vec16 e = exp16(chunk - top);
+          for (int64_t i = count; i < 16; ++i) e[i] = 0.0f;
+          sums += e;
+          std::memcpy(w + t, &e, count * sizeof(float));
+        }
+        weighted_sum(w, v_rows.data(), keys, head_dim, 1.0f / sum16(sums), out_heads + g * head_dim);
       }
     }
   });

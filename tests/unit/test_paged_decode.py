@@ -14,7 +14,7 @@ import torch
 from helpers.tiny_engine import make_tiny_model_dir
 from helpers.tiny_models import save_hf, tiny_llama
 
-from engine import paged_decode
+from engine import native, paged_decode
 from engine.attention import AttentionSpec
 from engine.llm import LLM
 from engine.runner import ModelRunner
@@ -81,7 +81,7 @@ def runner_for(path: str, dtype: torch.dtype = torch.float32, **options) -> Mode
 
 @pytest.fixture(autouse=True)
 def kernel_built() -> None:
-    if reason := paged_decode.unavailable_reason():
+    if reason := native.unavailable_reason():
         pytest.fail(f"the kernel should build on the test machines (they have g++): {reason}")
 
 
@@ -164,9 +164,9 @@ def test_no_compiler_falls_back_to_sdpa_with_a_reason(tiny_llama_dir: str, monke
                                                       tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     monkeypatch.setenv("KVSERVE_KERNEL_CACHE", str(tmp_path))  # nothing cached: it would have to build
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
-    paged_decode.load.cache_clear()
+    native.load.cache_clear()
     try:
-        reason = paged_decode.unavailable_reason()
+        reason = native.unavailable_reason()
         assert reason is not None and "compiler" in reason
         with pytest.raises(ValueError, match="attention_backend=native: .*compiler"):
             paged_decode.use_native("native", torch.device("cpu"), torch.float32)
@@ -175,7 +175,7 @@ def test_no_compiler_falls_back_to_sdpa_with_a_reason(tiny_llama_dir: str, monke
         assert not runner.native_decode
         assert "paged kernel is unavailable" in caplog.text and "compiler" in caplog.text
     finally:
-        paged_decode.load.cache_clear()
+        native.load.cache_clear()
 
 
 def test_backend_names_and_what_the_kernel_reads() -> None:

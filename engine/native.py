@@ -1,0 +1,107 @@
+"""kvserve's C++ CPU kernels (engine/csrc/*.cpp): built on first use into one library, loaded through ctypes.
+
+The kernels are plain C++ with GCC vector types, compiled for this CPU (`-march=native`) by the system's g++
+against the installed torch (for its thread pool) in about a second, and cached in $KVSERVE_KERNEL_CACHE
+(default ~/.cache/kvserve/kernels), keyed by the sources, torch, the compiler and the CPU, so a second
+start only loads them. Where there is no compiler, or the build fails, `load()` says why and each caller
+keeps its PyTorch path. Each kernel's module declares its functions' C signatures with `function()`.
+
+- csrc/paged_decode.cpp: decode attention over the paged KV cache (engine/paged_decode.py)
+- csrc/rms_norm.cpp: RMSNorm (engine/models/layers.py)
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+from engine.machine_cache import cache_dir, cpu_signature
+
+SOURCES = tuple(sorted(Path(__file__).with_name("csrc").glob("*.cpp")))
+
+
+class KernelUnavailable(RuntimeError):
+    """The kernels cannot be built or loaded here; the message says why."""
+
+
+def _compiler() -> str:
+    asked = os.environ.get("CXX")
+    compiler = shutil.which(asked) if asked else shutil.which("g++") or shutil.which("c++")
+    if not compiler:
+        raise KernelUnavailable(f"no C++ compiler {asked!r} found (CXX)" if asked else
+                                "no C++ compiler found (install g++, or set CXX)")
+    return compiler
+
+
+def _build_command(compiler: str, output: Path) -> list[str]:
+    torch_dir = Path(torch.__file__).parent
+    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
+    return [compiler, "-O3", "-march=native", "-std=c++17", "-fopenmp", "-fPIC", "-shared",
+            f"-D_GLIBCXX_USE_CXX11_ABI={abi}", f"-I{torch_dir / 'include'}", *map(str, SOURCES), "-o", str(output),
+            # torch's own libraries (its OpenMP runtime included), so the kernels share torch's thread pool
+            f"-L{torch_dir / 'lib'}", "-ltorch_cpu", "-lc10", f"-Wl,-rpath,{torch_dir / 'lib'}"]
+
+
+def _library_path(compiler: str) -> Path:
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=False).stdout
+    key = hashlib.sha256("\0".join([*(source.read_text() for source in SOURCES), torch.__version__,
+                                    str(Path(torch.__file__).parent), version, cpu_signature()]).encode())
+    return cache_dir() / f"kvserve_kernels-{key.hexdigest()[:16]}.so"
+
+
+def _build(compiler: str, library: Path) -> None:
+    try:
+        library.parent.mkdir(parents=True, exist_ok=True)
+        # Built beside its final name, then renamed into place: processes starting together never load half a file.
+        with tempfile.TemporaryDirectory(dir=library.parent) as scratch:
+            partial = Path(scratch) / library.name
+            done = subprocess.run(_build_command(compiler, partial), capture_output=True, text=True, check=False)
+            if done.returncode != 0:
+                raise KernelUnavailable(f"building {', '.join(s.name for s in SOURCES)} failed:\n"
+                                        f"{done.stderr.strip()[-2000:]}")
+            os.replace(partial, library)
+    except OSError as error:
+        raise KernelUnavailable(f"cannot write the kernels to {library.parent} ({error}); set KVSERVE_KERNEL_CACHE "
+                                "to a writable directory") from error
+
+
+@functools.cache
+def load() -> ctypes.CDLL:
+    """The kernel library, built first where no cached build matches. Raises KernelUnavailable."""
+    if platform.system() != "Linux":
+        raise KernelUnavailable("the kernels are built and tested on Linux only")
+    compiler = _compiler()
+    library = _library_path(compiler)
+    if not library.exists():
+        _build(compiler, library)
+    try:
+        return ctypes.CDLL(str(library))
+    except OSError as error:
+        raise KernelUnavailable(f"loading {library} failed: {error}") from error
+
+
+def unavailable_reason() -> str | None:
+    """Why the kernels cannot run here, or None where they can (building them if needed)."""
+    try:
+        load()
+    except KernelUnavailable as error:
+        return str(error)
+    return None
+
+
+@functools.cache
+def function(symbol: str, *argtypes: type) -> ctypes._CFuncPtr:
+    """The library's C function `symbol` (returning void) taking `argtypes`. Raises KernelUnavailable."""
+    fn = getattr(load(), symbol)
+    fn.restype = None
+    fn.argtypes = list(argtypes)
+    return fn
