@@ -40,8 +40,8 @@ COPY service ./service
 RUN kvserve-install app /src && kvserve-install model
 
 FROM base AS runtime
-# g++ builds kvserve's paged decode-attention kernel for the CPU the container runs on, at its first start
-# (engine/paged_decode.py; cached under $HOME/.cache/kvserve/kernels). Without it decode attention falls
+# g++ builds kvserve's CPU kernels (paged decode attention, RMSNorm) for the CPU the container runs on, at its
+# first start (engine/native.py; cached under $HOME/.cache/kvserve/kernels). Without it decode attention falls
 # back to gathering KV blocks for PyTorch's SDPA: slower, and not batch-invariant on every head shape.
 # hadolint ignore=DL3008
 RUN apt-get update \
