@@ -28,7 +28,8 @@ def start_loading(settings: Settings) -> Future[AsyncEngine]:
         try:
             from engine import AsyncEngine
         except BaseException as exc:  # noqa: BLE001 - handed to the server, which reports it
-            built.set_exception(exc)
+            if built.set_running_or_notify_cancel():
+                built.set_exception(exc)
             return
         AsyncEngine.build_then_run(lambda: build_engine(settings), built)
 

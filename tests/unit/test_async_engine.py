@@ -1,9 +1,12 @@
-"""AsyncEngine.launch: the engine is built on its step-loop thread, and build errors reach the caller."""
+"""AsyncEngine.launch and the server's start_loading: the engine is built on its step-loop thread, and build
+errors reach the caller."""
 
 from __future__ import annotations
 
 import asyncio
 import threading
+from concurrent.futures import Future
+from pathlib import Path
 
 import pytest
 from helpers.tiny_engine import make_tiny_model_dir
@@ -62,3 +65,26 @@ def test_launch_raises_the_build_error(tiny_dir: str) -> None:
         if thread.name == "kvserve-engine":
             thread.join(5)
     assert threading.active_count() == before
+
+
+def test_a_load_given_up_before_it_started_builds_nothing(tiny_dir: str) -> None:
+    built: Future[AsyncEngine] = Future()
+    built.cancel()  # the server stopped while the engine thread was still importing
+    calls: list[str] = []
+    AsyncEngine.build_then_run(lambda: calls.append("built") or LLMEngine(tiny_dir, config(), progress=False), built)
+    assert calls == []
+
+
+def test_start_loading_builds_on_its_own_thread_and_reports_errors(tiny_dir: str) -> None:
+    from service.loading import start_loading
+    from service.settings import Settings
+
+    engine = start_loading(Settings(model=tiny_dir, quantization="none", kv_cache_bytes=4 << 20)).result(120)
+    try:
+        assert engine.is_alive and engine._thread is not threading.current_thread()
+        assert engine._thread.name == "kvserve-engine"  # the thread that built it steps it
+    finally:
+        asyncio.run(engine.shutdown())
+    failed = start_loading(Settings(model=str(Path(tiny_dir) / "missing")))
+    with pytest.raises(ValueError, match="neither an existing path"):
+        failed.result(120)
