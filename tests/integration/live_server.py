@@ -74,9 +74,10 @@ class LiveServer:
         return self.process.returncode
 
 
-def start_server(*extra_args: str, model: Path | None = None, env: dict[str, str] | None = None) -> LiveServer:
-    """Start a server (of the test GGUF, or `model`) on a free port and wait until /ready says 200; `env` adds
-    environment variables."""
+def start_server(*extra_args: str, model: Path | None = None, env: dict[str, str] | None = None,
+                 poll_interval: float = 0.5) -> LiveServer:
+    """Start a server (of the test GGUF, or `model`) on a free port and wait until /ready says 200, asking every
+    `poll_interval` seconds; `env` adds environment variables."""
     if model is None and not MODEL_PATH.is_file():
         pytest.skip(f"model file {MODEL_PATH} not found (run `kvserve pull smollm2-135m`)")
     port = free_port()
@@ -96,6 +97,6 @@ def start_server(*extra_args: str, model: Path | None = None, env: dict[str, str
                 return server
         except httpx.TransportError:
             pass
-        time.sleep(0.5)
+        time.sleep(poll_interval)
     server.stop()
     raise RuntimeError(f"server not ready after {STARTUP_TIMEOUT_S} s:\n{server.log_text()[-4000:]}")
