@@ -8,6 +8,7 @@ keeps its PyTorch path. Each kernel's module declares its functions' C signature
 
 - csrc/paged_decode.cpp: decode attention over the paged KV cache (engine/paged_decode.py)
 - csrc/rms_norm.cpp: RMSNorm (engine/models/layers.py)
+- csrc/vec.h: the vector types and helpers both use
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import torch
 from engine.machine_cache import cache_dir, cpu_signature
 
 SOURCES = tuple(sorted(Path(__file__).with_name("csrc").glob("*.cpp")))
+HEADERS = tuple(sorted(Path(__file__).with_name("csrc").glob("*.h")))  # what the sources include
 
 
 class KernelUnavailable(RuntimeError):
@@ -53,7 +55,7 @@ def _build_command(compiler: str, output: Path) -> list[str]:
 
 def _library_path(compiler: str) -> Path:
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=False).stdout
-    key = hashlib.sha256("\0".join([*(source.read_text() for source in SOURCES), torch.__version__,
+    key = hashlib.sha256("\0".join([*(source.read_text() for source in SOURCES + HEADERS), torch.__version__,
                                     str(Path(torch.__file__).parent), version, cpu_signature()]).encode())
     return cache_dir() / f"kvserve_kernels-{key.hexdigest()[:16]}.so"
 

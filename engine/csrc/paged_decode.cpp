@@ -11,6 +11,8 @@
 // Queries, sums and output are fp32; the cache is fp32 or bf16 (a bf16 model's), widened as it is read.
 #include <ATen/Parallel.h>
 
+#include "vec.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -20,35 +22,7 @@
 
 namespace {
 
-// GCC vector types: one AVX-512 register, or two AVX2 ones, whatever -march gives.
-typedef float vec16 __attribute__((vector_size(64), aligned(4)));
-typedef float vec8 __attribute__((vector_size(32), aligned(4)));
-typedef float vec4 __attribute__((vector_size(16), aligned(4)));
-
-typedef uint16_t u16x16 __attribute__((vector_size(32), aligned(2)));
-typedef uint32_t u32x16 __attribute__((vector_size(64)));
-
-// The cache holds fp32, or bf16 as its raw 16 bits (the top half of an fp32): read as fp32 either way.
-inline vec16 load16(const float* p) { return *reinterpret_cast<const vec16*>(p); }
-inline vec16 load16(const uint16_t* p) {
-  return (vec16)(__builtin_convertvector(*reinterpret_cast<const u16x16*>(p), u32x16) << 16);
-}
-inline float to_float(float x) { return x; }
-inline float to_float(uint16_t bits) {
-  const uint32_t word = static_cast<uint32_t>(bits) << 16;
-  float x;
-  std::memcpy(&x, &word, sizeof x);
-  return x;
-}
-inline void store16(float* p, vec16 v) { *reinterpret_cast<vec16*>(p) = v; }
-
-// Lanes j and j + width added for width 8, 4, 2, 1: a fixed tree.
-inline float sum16(vec16 v) {
-  const vec8 s8 = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
-                  __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
-  const vec4 s4 = __builtin_shufflevector(s8, s8, 0, 1, 2, 3) + __builtin_shufflevector(s8, s8, 4, 5, 6, 7);
-  return (s4[0] + s4[2]) + (s4[1] + s4[3]);
-}
+using namespace kvserve;
 
 // a . b in a fixed order: four independent vector sums over 64-float strides (so the multiply-adds
 // overlap), then 16-float strides, added pairwise and across lanes; a scalar tail for the last n % 16.
@@ -68,7 +42,6 @@ inline float dot(const float* a, const Cache* b, int64_t n) {
   return sum16((acc0 + acc1) + (acc2 + acc3)) + tail;
 }
 
-// out = sum_t p[t] * rows[t] * inv_sum over n floats, the keys in order.
 // e^x for 16 lanes, within ~2 ulp: x = n ln2 + r with |r| <= ln2 / 2, e^r by its Taylor series to r^6,
 // times 2^n put into the exponent bits. Inputs below -87 give e^-87 (~1.6e-38, where a softmax weight is
 // nothing beside its largest, which is 1). The scalar std::exp took most of a decode row's time.
@@ -122,6 +95,7 @@ inline void dot16(const float* q, const Cache* const* keys, int64_t count, int64
   for (int64_t t = 0; t < count; ++t) scores[t] = sums[t];
 }
 
+// out = sum_t p[t] * rows[t] * inv_sum over n floats, the keys in order.
 template <typename Cache>
 inline void weighted_sum(const float* p, const Cache* const* rows, int64_t keys, int64_t n, float inv_sum,
                          float* out) {

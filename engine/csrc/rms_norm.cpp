@@ -9,36 +9,14 @@
 // Built and loaded by engine/native.py (plain C ABI through ctypes; threads from PyTorch's pool).
 #include <ATen/Parallel.h>
 
+#include "vec.h"
+
 #include <algorithm>
 #include <cmath>
-#include <cstdint>
-#include <cstring>
 
 namespace {
 
-typedef float vec16 __attribute__((vector_size(64), aligned(4)));
-typedef float vec8 __attribute__((vector_size(32), aligned(4)));
-typedef float vec4 __attribute__((vector_size(16), aligned(4)));
-
-inline float to_float(float x) { return x; }
-inline float to_float(uint16_t bits) {
-  const uint32_t word = static_cast<uint32_t>(bits) << 16;
-  float x;
-  std::memcpy(&x, &word, sizeof x);
-  return x;
-}
-// Round to nearest even, as PyTorch's fp32 -> bf16 cast (inputs here are finite).
-inline uint16_t to_bf16(float x) {
-  uint32_t word;
-  std::memcpy(&word, &x, sizeof word);
-  return static_cast<uint16_t>((word + 0x7FFF + ((word >> 16) & 1)) >> 16);
-}
-inline float sum16(vec16 v) {
-  const vec8 s8 = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
-                  __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
-  const vec4 s4 = __builtin_shufflevector(s8, s8, 0, 1, 2, 3) + __builtin_shufflevector(s8, s8, 4, 5, 6, 7);
-  return (s4[0] + s4[2]) + (s4[1] + s4[3]);
-}
+using namespace kvserve;
 
 template <typename T>
 void rms_norm(T* out, const T* x, const T* weight, int64_t rows, int64_t dim, float eps) {
@@ -51,8 +29,7 @@ void rms_norm(T* out, const T* x, const T* weight, int64_t rows, int64_t dim, fl
       vec16 acc = {};
       int64_t i = 0;
       for (; i + 16 <= dim; i += 16) {
-        vec16 v;
-        for (int j = 0; j < 16; ++j) v[j] = to_float(in[i + j]);
+        const vec16 v = load16(in + i);
         acc += v * v;
       }
       float tail = 0.0f;
