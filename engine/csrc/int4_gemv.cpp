@@ -1,0 +1,145 @@
+// Few-row matmul over PyTorch's packed int4 weights (AVX-512 layout): what batch-1 decode spends most on.
+//
+// PyTorch's `_weight_int4pack_mm_for_cpu` computes each output as a chain of fp32 FMAs over k, one per
+// input column: w = (q - 8) * scale + zero (an FMA), acc = x[k] * w + acc (an FMA), then rounds acc to
+// bf16. With one input row it keeps four such chains in flight, so it waits on FMA latency, and it reads
+// ~12 GB/s where the memory gives ~45. This kernel runs the same two FMAs per weight, in the same order,
+// for each output (so every output is bitwise PyTorch's, and a row's result stays the same whichever
+// kernel a batch size picks), but with 8-16 chains in flight per thread. It also takes fp32 rows and
+// returns fp32 ones (rounded through bf16 on the way in and out as PyTorch's kernel does), and adds the
+// bias, which saves the three casts a call otherwise costs in dispatch.
+//
+// Layout (PyTorch's for AVX-512 CPUs, N a multiple of 64): weights in blocks of 64 outputs, each block
+// K rows of 32 bytes; byte d < 16 holds outputs d (low nibble) and d + 32 (high), byte 16 + d outputs
+// d + 16 and d + 48. Scales and zeros: (K / group, N, 2) bf16.
+//
+// Built and loaded by engine/native.py; engine/models/int4_matmul.py decides when to call it.
+#include <ATen/Parallel.h>
+
+#include "vec.h"
+
+#include <cstdint>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+
+namespace {
+
+constexpr int kBlockN = 64;
+
+// Per output block: scale and zero of the current group, deinterleaved, as fp32.
+struct GroupParams {
+  __m512 scale[4];
+  __m512 zero[4];
+};
+
+inline void load_group(GroupParams& g, const uint16_t* scales_zeros) {
+  // 64 (scale, zero) bf16 pairs -> 4 vectors of scales and 4 of zeros
+  const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+  const __m512i odd = _mm512_set_epi32(31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
+  for (int i = 0; i < 4; ++i) {
+    const __m512i raw = _mm512_loadu_si512(scales_zeros + 32 * i);
+    const __m512 lo = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(raw)), 16));
+    const __m512 hi = _mm512_castsi512_ps(
+        _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(raw, 1)), 16));
+    g.scale[i] = _mm512_permutex2var_ps(lo, even, hi);
+    g.zero[i] = _mm512_permutex2var_ps(lo, odd, hi);
+  }
+}
+
+inline __m512 bf16_round_trip(__m512 v) {  // fp32 -> bf16 (round to nearest even) -> fp32
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  const __m512i rounded = _mm512_add_epi32(_mm512_add_epi32(bits, _mm512_set1_epi32(0x7FFF)), lsb);
+  return _mm512_castsi512_ps(_mm512_and_si512(rounded, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
+}
+
+// ROWS input rows against BLOCKS adjacent output blocks, k = 0..K-1 in order.
+template <int ROWS, int BLOCKS>
+void tile(float* out, const float* x, const uint8_t* packed, const uint16_t* scales_zeros, const float* bias,
+          int64_t first_block, int64_t n, int64_t k_dim, int64_t group) {
+  // q - 8 for q = 0..15, indexed by a lane's low 4 bits (permutexvar ignores the rest)
+  const __m512 levels = _mm512_set_ps(7, 6, 5, 4, 3, 2, 1, 0, -1, -2, -3, -4, -5, -6, -7, -8);
+  __m512 acc[ROWS][BLOCKS][4];
+  for (int r = 0; r < ROWS; ++r)
+    for (int b = 0; b < BLOCKS; ++b)
+      for (int i = 0; i < 4; ++i) acc[r][b][i] = _mm512_setzero_ps();
+  GroupParams params[BLOCKS];
+  const uint8_t* weights[BLOCKS];
+  for (int b = 0; b < BLOCKS; ++b) weights[b] = packed + (first_block + b) * k_dim * (kBlockN / 2);
+  for (int64_t k = 0; k < k_dim; ++k) {
+    if (k % group == 0) {
+      for (int b = 0; b < BLOCKS; ++b)
+        load_group(params[b], scales_zeros + (k / group) * n * 2 + (first_block + b) * kBlockN * 2);
+    }
+    __m512 a[ROWS];
+    for (int r = 0; r < ROWS; ++r) a[r] = _mm512_set1_ps(x[r * k_dim + k]);
+    for (int b = 0; b < BLOCKS; ++b) {
+      const uint8_t* row = weights[b] + k * (kBlockN / 2);
+      _mm_prefetch(reinterpret_cast<const char*>(row + 64 * (kBlockN / 2)), _MM_HINT_T0);
+      const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row));
+      const __m512i low16 = _mm512_cvtepu8_epi32(_mm256_castsi256_si128(bytes));
+      const __m512i high16 = _mm512_cvtepu8_epi32(_mm256_extracti128_si256(bytes, 1));
+      __m512 w[4];
+      w[0] = _mm512_fmadd_ps(_mm512_permutexvar_ps(low16, levels), params[b].scale[0], params[b].zero[0]);
+      w[2] = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(low16, 4), levels), params[b].scale[2],
+                             params[b].zero[2]);
+      w[1] = _mm512_fmadd_ps(_mm512_permutexvar_ps(high16, levels), params[b].scale[1], params[b].zero[1]);
+      w[3] = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(high16, 4), levels), params[b].scale[3],
+                             params[b].zero[3]);
+      for (int r = 0; r < ROWS; ++r)
+        for (int i = 0; i < 4; ++i) acc[r][b][i] = _mm512_fmadd_ps(a[r], w[i], acc[r][b][i]);
+    }
+  }
+  for (int r = 0; r < ROWS; ++r) {
+    for (int b = 0; b < BLOCKS; ++b) {
+      for (int i = 0; i < 4; ++i) {
+        const int64_t col = (first_block + b) * kBlockN + 16 * i;
+        __m512 y = bf16_round_trip(acc[r][b][i]);
+        if (bias != nullptr) y = _mm512_add_ps(y, _mm512_loadu_ps(bias + col));
+        _mm512_storeu_ps(out + r * n + col, y);
+      }
+    }
+  }
+}
+
+// Blocks of output columns split between threads; each thread takes BLOCKS at a time while it can.
+template <int ROWS, int BLOCKS>
+void run(float* out, const float* x, const uint8_t* packed, const uint16_t* scales_zeros, const float* bias,
+         int64_t n, int64_t k_dim, int64_t group) {
+  const int64_t num_blocks = n / kBlockN;
+  at::parallel_for(0, num_blocks, 1, [&](int64_t begin, int64_t end) {
+    int64_t block = begin;
+    for (; block + BLOCKS <= end; block += BLOCKS)
+      tile<ROWS, BLOCKS>(out, x, packed, scales_zeros, bias, block, n, k_dim, group);
+    for (; block < end; ++block) tile<ROWS, 1>(out, x, packed, scales_zeros, bias, block, n, k_dim, group);
+  });
+}
+
+}  // namespace
+
+extern "C" int kvserve_int4_gemv_supported() { return 1; }
+
+// out (rows, n) = round_bf16(round_bf16(x) @ w.T) + bias, for rows 1..4. x: (rows, k_dim) fp32.
+extern "C" void kvserve_int4_gemv(float* out, const float* x, const uint8_t* packed, const uint16_t* scales_zeros,
+                                  const float* bias, int64_t rows, int64_t n, int64_t k_dim, int64_t group) {
+  if (rows < 1 || rows > 4 || k_dim > 8192) return;  // the Python side never asks for these
+  // x rounded to bf16 first, as PyTorch's kernel sees it (x.bfloat16())
+  float rounded[4 * 8192];
+  const int64_t count = rows * k_dim;
+  for (int64_t i = 0; i < count; ++i) rounded[i] = kvserve::to_float(kvserve::to_bf16(x[i]));
+  switch (rows) {
+    case 1: return run<1, 2>(out, rounded, packed, scales_zeros, bias, n, k_dim, group);
+    case 2: return run<2, 2>(out, rounded, packed, scales_zeros, bias, n, k_dim, group);
+    case 3: return run<3, 1>(out, rounded, packed, scales_zeros, bias, n, k_dim, group);
+    default: return run<4, 1>(out, rounded, packed, scales_zeros, bias, n, k_dim, group);
+  }
+}
+
+#else
+
+extern "C" int kvserve_int4_gemv_supported() { return 0; }
+extern "C" void kvserve_int4_gemv(float*, const float*, const uint8_t*, const uint16_t*, const float*, int64_t,
+                                  int64_t, int64_t, int64_t) {}
+
+#endif
