@@ -166,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--quantization", default="auto")
+    parser.add_argument("--dtype", default="auto", help="model dtype: auto (fp32 on CPU) or bfloat16 (AMX CPUs)")
     parser.add_argument("--batch-sizes", default="1,64")
     parser.add_argument("--steps", type=int, default=20, help="decode steps profiled (and timed unprofiled)")
     parser.add_argument("--threads", type=int, default=None)
@@ -181,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     from engine import LLM
 
     # Plain decode steps: speculation would make batch 1's steps verify several rows (bench.speculative has those).
-    llm = LLM(args.model, quantization=args.quantization, max_num_seqs=64, speculative=None)
+    llm = LLM(args.model, dtype=args.dtype, quantization=args.quantization, max_num_seqs=64, speculative=None)
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     prompts = chat_prompt_ids(llm.tokenizer, max(batch_sizes + [16]))
     results = {}

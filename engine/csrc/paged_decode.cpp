@@ -87,9 +87,16 @@ inline vec16 transpose_sum16(const vec16* a) {
 template <typename Cache>
 inline void dot16(const float* q, const Cache* const* keys, int64_t count, int64_t head_dim, float* scores) {
   vec16 acc[16] = {};
-  for (int64_t d = 0; d < head_dim; d += 16) {  // keys inner: 16 independent multiply-add chains
-    const vec16 qd = load16(q + d);
-    for (int64_t t = 0; t < count; ++t) acc[t] += qd * load16(keys[t] + d);
+  if (count == 16) {  // full tiles (all but a row's last) with the key loop unrolled: no count checks inside
+    for (int64_t d = 0; d < head_dim; d += 16) {
+      const vec16 qd = load16(q + d);
+      for (int t = 0; t < 16; ++t) acc[t] += qd * load16(keys[t] + d);
+    }
+  } else {
+    for (int64_t d = 0; d < head_dim; d += 16) {  // keys inner: 16 independent multiply-add chains
+      const vec16 qd = load16(q + d);
+      for (int64_t t = 0; t < count; ++t) acc[t] += qd * load16(keys[t] + d);
+    }
   }
   const vec16 sums = transpose_sum16(acc);
   for (int64_t t = 0; t < count; ++t) scores[t] = sums[t];
@@ -141,6 +148,67 @@ inline void weighted_sum(const float* p, const Cache* const* rows, int64_t keys,
   }
 }
 
+// One (row, KV head): the `group` query heads sharing it attend to `keys` keys; weights is scratch.
+template <typename Cache>
+void attend(const float* q_heads, float* out_heads, const Cache* const* k_rows, const Cache* const* v_rows,
+            int64_t keys, int64_t group, int64_t head_dim, float scale, float softcap, std::vector<float>& weights) {
+  weights.resize(group * keys);
+  if (head_dim % 16 == 0) {
+    for (int64_t t = 0; t < keys; t += 16) {  // 16 keys at a time, read from memory once for the group
+      const int64_t count = std::min<int64_t>(16, keys - t);
+      for (int64_t g = 0; g < group; ++g)
+        dot16(q_heads + g * head_dim, k_rows + t, count, head_dim, weights.data() + g * keys + t);
+    }
+  } else {
+    for (int64_t t = 0; t < keys; ++t)
+      for (int64_t g = 0; g < group; ++g) weights[g * keys + t] = dot(q_heads + g * head_dim, k_rows[t], head_dim);
+  }
+  for (int64_t i = 0; i < group * keys; ++i) {
+    float s = weights[i] * scale;
+    if (softcap > 0.0f) s = softcap * std::tanh(s / softcap);
+    weights[i] = s;
+  }
+  for (int64_t g = 0; g < group; ++g) {
+    float* w = weights.data() + g * keys;
+    vec16 tops = vec16{} - std::numeric_limits<float>::infinity();  // lane-wise, then across lanes
+    int64_t t = 0;
+    for (; t + 16 <= keys; t += 16) {
+      const vec16 chunk = load16(w + t);
+      tops = chunk > tops ? chunk : tops;
+    }
+    float top = -std::numeric_limits<float>::infinity();
+    for (int64_t i = 0; i < 16; ++i) top = std::max(top, tops[i]);
+    for (; t < keys; ++t) top = std::max(top, w[t]);
+    // 16 weights at a time, the last few through a zero-padded vector (the same function for every
+    // weight), summed lane-wise in key order, then across lanes.
+    vec16 sums = {};
+    for (int64_t t = 0; t < keys; t += 16) {
+      const int64_t count = std::min<int64_t>(16, keys - t);
+      vec16 chunk = vec16{} - std::numeric_limits<float>::infinity();
+      std::memcpy(&chunk, w + t, count * sizeof(float));
+      vec16 e = exp16(chunk - top);
+      for (int64_t i = count; i < 16; ++i) e[i] = 0.0f;
+      sums += e;
+      std::memcpy(w + t, &e, count * sizeof(float));
+    }
+    weighted_sum(w, v_rows, keys, head_dim, 1.0f / sum16(sums), out_heads + g * head_dim);
+  }
+}
+
+// rows[t] (head_dim bf16 values each) -> consecutive fp32 rows in `wide`, and pointers to them.
+inline void widen_rows(const std::vector<const uint16_t*>& rows, std::vector<float>& wide,
+                       std::vector<const float*>& pointers, int64_t head_dim) {
+  wide.resize(rows.size() * head_dim);
+  pointers.resize(rows.size());
+  for (size_t t = 0; t < rows.size(); ++t) {
+    float* dst = wide.data() + t * head_dim;
+    int64_t d = 0;
+    for (; d + 16 <= head_dim; d += 16) store16(dst + d, load16(rows[t] + d));
+    for (; d < head_dim; ++d) dst[d] = to_float(rows[t][d]);
+    pointers[t] = dst;
+  }
+}
+
 template <typename Cache>
 void paged_decode(
     float* out,                   // (rows, heads, head_dim)
@@ -157,6 +225,8 @@ void paged_decode(
   at::parallel_for(0, rows * kv_heads, 1, [&](int64_t begin, int64_t end) {
     std::vector<const Cache*> k_rows, v_rows;  // the visible keys' rows in the cache, in position order
     std::vector<float> weights;                // (group, keys): scores, then exp(score - max)
+    std::vector<float> k_wide, v_wide;         // a bf16 cache's rows widened to fp32
+    std::vector<const float*> k_wide_rows, v_wide_rows;
     for (int64_t item = begin; item < end; ++item) {
       const int64_t row = item / kv_heads, kv_head = item % kv_heads;
       const int64_t len = context_lens[row];
@@ -180,47 +250,18 @@ void paged_decode(
       const int64_t keys = static_cast<int64_t>(k_rows.size());
       const float* q_heads = q + (row * heads + kv_head * group) * head_dim;
       float* out_heads = out + (row * heads + kv_head * group) * head_dim;
-      weights.resize(group * keys);
-      if (head_dim % 16 == 0) {
-        for (int64_t t = 0; t < keys; t += 16) {  // 16 keys at a time, read from memory once for the group
-          const int64_t count = std::min<int64_t>(16, keys - t);
-          for (int64_t g = 0; g < group; ++g)
-            dot16(q_heads + g * head_dim, k_rows.data() + t, count, head_dim, weights.data() + g * keys + t);
+      if constexpr (sizeof(Cache) == 2) {
+        if (group > 1) {
+          // bf16: widen the rows to fp32 once here rather than once per query head in the sums (exact, so
+          // the same bits; the conversions were most of a bf16 row's time)
+          widen_rows(k_rows, k_wide, k_wide_rows, head_dim);
+          widen_rows(v_rows, v_wide, v_wide_rows, head_dim);
+          attend(q_heads, out_heads, k_wide_rows.data(), v_wide_rows.data(), keys, group, head_dim, scale, softcap,
+                 weights);
+          continue;
         }
-      } else {
-        for (int64_t t = 0; t < keys; ++t)
-          for (int64_t g = 0; g < group; ++g) weights[g * keys + t] = dot(q_heads + g * head_dim, k_rows[t], head_dim);
       }
-      for (int64_t i = 0; i < group * keys; ++i) {
-        float s = weights[i] * scale;
-        if (softcap > 0.0f) s = softcap * std::tanh(s / softcap);
-        weights[i] = s;
-      }
-      for (int64_t g = 0; g < group; ++g) {
-        float* w = weights.data() + g * keys;
-        vec16 tops = vec16{} - std::numeric_limits<float>::infinity();  // lane-wise, then across lanes
-        int64_t t = 0;
-        for (; t + 16 <= keys; t += 16) {
-          const vec16 chunk = load16(w + t);
-          tops = chunk > tops ? chunk : tops;
-        }
-        float top = -std::numeric_limits<float>::infinity();
-        for (int64_t i = 0; i < 16; ++i) top = std::max(top, tops[i]);
-        for (; t < keys; ++t) top = std::max(top, w[t]);
-        // 16 weights at a time, the last few through a zero-padded vector (the same function for every
-        // weight), summed lane-wise in key order, then across lanes.
-        vec16 sums = {};
-        for (int64_t t = 0; t < keys; t += 16) {
-          const int64_t count = std::min<int64_t>(16, keys - t);
-          vec16 chunk = vec16{} - std::numeric_limits<float>::infinity();
-          std::memcpy(&chunk, w + t, count * sizeof(float));
-          vec16 e = exp16(chunk - top);
-          for (int64_t i = count; i < 16; ++i) e[i] = 0.0f;
-          sums += e;
-          std::memcpy(w + t, &e, count * sizeof(float));
-        }
-        weighted_sum(w, v_rows.data(), keys, head_dim, 1.0f / sum16(sums), out_heads + g * head_dim);
-      }
+      attend(q_heads, out_heads, k_rows.data(), v_rows.data(), keys, group, head_dim, scale, softcap, weights);
     }
   });
 }

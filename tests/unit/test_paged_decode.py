@@ -101,6 +101,8 @@ def test_bf16_cache_is_read_exactly_and_the_output_keeps_the_query_dtype() -> No
     got = run(q, k16, v16, tables, lens, spec)  # fp32 queries: fp32 out, from the bf16 values widened
     torch.testing.assert_close(got.double(), reference(q, k16.float(), v16.float(), tables, lens, spec),
                                rtol=1e-5, atol=1e-5)
+    # the same sums as over an fp32 cache holding those values: the kernel widens the rows once, exactly
+    assert torch.equal(got, run(q, k16.float(), v16.float(), tables, lens, spec))
     assert run(q.bfloat16(), k16, v16, tables, lens, spec).dtype == torch.bfloat16
 
 
