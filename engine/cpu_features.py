@@ -43,7 +43,7 @@ def detect() -> CpuFeatures:
 def report(features: CpuFeatures | None = None) -> str:
     """What `kvserve cpu-features` prints: the features, the format `auto` picks, and each format offered or not."""
     from engine.models.cpu_matmul import FORMATS, format_refusal, keeps_4bit, resolve_quantization
-    from engine.models.int4_matmul import few_rows_kernel_reason
+    from engine.models.int4_matmul import native_kernel_reason
 
     features = features or detect()
     default = resolve_quantization('auto', 'cpu', torch.float32, features)
@@ -55,7 +55,7 @@ def report(features: CpuFeatures | None = None) -> str:
         reason = format_refusal(name, features)
         lines.append(f"{flag}: {'offered' if reason is None else 'refused: ' + reason}")
     if format_refusal("int4", features) is None and features == detect():  # asks this machine's torch and kernels
-        why = few_rows_kernel_reason()
-        lines.append("int4 matmuls of 1-4 rows (decode): " +
-                     ("kvserve's kernel (bitwise PyTorch's results, faster)" if why is None else f"PyTorch's kernel ({why})"))
+        why = native_kernel_reason()
+        lines.append("int4 matmuls: " + ("kvserve's kernel (PyTorch's results bit for bit, faster)" if why is None
+                                         else f"PyTorch's kernel ({why})"))
     return "\n".join(lines)

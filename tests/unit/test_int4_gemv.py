@@ -1,4 +1,4 @@
-"""kvserve's few-row int4 kernel (csrc/int4_gemv.cpp) against PyTorch's packed int4 kernel, which it stands in for."""
+"""kvserve's int4 kernel (csrc/int4_gemv.cpp) against PyTorch's packed int4 kernel, which it stands in for."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from helpers.cpu_formats import runs_here
 from engine import native
 from engine.models.int4_matmul import (
     GROUP,
-    _native_gemv,
-    few_rows_kernel_reason,
+    _native_kernels,
     int4_linear,
+    native_kernel_reason,
     round_to_four_bits,
 )
 
@@ -46,8 +46,8 @@ def pytorch_int4(groups, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Te
 
 
 def test_runs_exactly_where_pytorch_uses_the_avx512_layout() -> None:
-    assert (_native_gemv() is not None) == AVX512_LAYOUT
-    assert (few_rows_kernel_reason() is None) == AVX512_LAYOUT
+    assert (_native_kernels() is not None) == AVX512_LAYOUT
+    assert (native_kernel_reason() is None) == AVX512_LAYOUT
 
 
 @pytest.mark.parametrize(("out_features", "in_features"), [(960, 576), (64, 32), (192, 1536)])
@@ -56,7 +56,7 @@ def test_each_output_has_pytorchs_bits(out_features: int, in_features: int, with
     groups = grid(out_features, in_features)
     bias = torch.randn(out_features, generator=torch.Generator().manual_seed(2)) if with_bias else None
     linear = int4_linear(groups, bias)
-    for count in range(1, 6):  # 1-4 rows take kvserve's kernel (where it runs), 5 PyTorch's
+    for count in (1, 2, 3, 4, 5, 8, 9, 16, 21, 64):  # its few-row entry, then its 8-row tiles and their rest
         x = rows(count, in_features, seed=count)
         assert torch.equal(linear(x), pytorch_int4(groups, x, bias)), f"{count} rows"
 
@@ -65,8 +65,8 @@ def test_a_row_has_the_same_result_in_any_batch() -> None:
     groups = grid(576, 1536)
     linear = int4_linear(groups, None)
     x = rows(64, 1536)
-    together = linear(x)  # PyTorch's kernel
-    for size in (1, 2, 3, 4):  # kvserve's
+    together = linear(x)
+    for size in (1, 2, 3, 4, 5, 7, 8, 13):  # both entries, and tiles of 8 rows cut at other places
         assert all(torch.equal(linear(x[i:i + size]), together[i:i + size]) for i in range(0, 64 - size, 7))
 
 
