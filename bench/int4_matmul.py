@@ -9,6 +9,8 @@ medians. Kernels:
 - int4-bf16: `aten._weight_int4pack_mm_for_cpu` over weights packed by
   `aten._convert_weight_to_int4pack_for_cpu` (groups of 32, a scale and a zero point per group: Q4_1's
   layout), with activations, scales and output in bf16 (the fp32 model casts in and out)
+- int4-kvserve: kvserve's int4 kernel (csrc/int4_gemv.cpp, what the engine runs where PyTorch packs for
+  AVX-512) on the same packed weights, fp32 in and out; it must give int4-bf16's bits, which is checked
 - int4-fp32 / int4-fp16 (`--all-int4`): the same op with fp32 or fp16 activations, which takes a scalar
   fallback: 25-300x slower than fp16 on these shapes, so left out by default
 
@@ -59,9 +61,12 @@ def int4_kernel(codes: torch.Tensor, d: torch.Tensor, m: torch.Tensor, dtype: to
 
 def kernels_for(codes, d, m, dense, all_int4: bool = False) -> dict:
     from engine.models.cpu_matmul import _fp16_kernel, _int8_kernel
+    from engine.models.int4_matmul import FourBitGroups, int4_linear, native_kernel_reason
 
     kernels = {"fp16": _fp16_kernel(dense, None), "int8": _int8_kernel(dense, None),
                "int4-bf16": int4_kernel(codes, d, m, torch.bfloat16)}
+    if native_kernel_reason() is None:
+        kernels["int4-kvserve"] = int4_linear(FourBitGroups(codes, d, m), None)
     if all_int4:
         kernels |= {"int4-fp32": int4_kernel(codes, d, m, torch.float32),
                     "int4-fp16": int4_kernel(codes, d, m, torch.float16)}
@@ -118,21 +123,28 @@ def main(argv: list[str] | None = None) -> int:
         scale = reference.abs().max().item()
         for kernel in kernels:
             err = (kernels[kernel](x16) - reference).abs().max().item() / scale
-            exactness.append([name, kernel, f"{err:.1e}", "yes" if batch_invariant(kernels[kernel], x16) else "NO"])
+            same = "" if kernel != "int4-kvserve" else (
+                "yes" if torch.equal(kernels[kernel](x16), kernels["int4-bf16"](x16)) else "NO")
+            exactness.append([name, kernel, f"{err:.1e}", "yes" if batch_invariant(kernels[kernel], x16) else "NO",
+                              same])
         for batch in batch_sizes:
             x = torch.randn(batch, in_features, generator=gen)
             times = time_interleaved(kernels, x, args.reps, args.calls)
             data[f"{name}/{batch}"] = times
-            rows.append([f"{name} {out_features}x{in_features}", batch, *(fmt(times[k]) for k in kernels),
-                         fmt(times["fp16"] / times["int4-bf16"], 2) + "x"])
+            ratios = [fmt(times["fp16"] / times["int4-bf16"], 2) + "x"]
+            if "int4-kvserve" in times:
+                ratios.append(fmt(times["int4-bf16"] / times["int4-kvserve"], 2) + "x")
+            rows.append([f"{name} {out_features}x{in_features}", batch, *(fmt(times[k]) for k in kernels), *ratios])
             print(rows[-1], flush=True)
     headers = ["matmul", "batch", *(f"{k} µs" for k in kernels), "fp16/int4-bf16"]
+    if "int4-kvserve" in kernels:
+        headers.append("int4-bf16/int4-kvserve")
     info = machine_info()
     text = (f"Median µs per call, {args.threads} thread(s), {args.reps}x{args.calls} interleaved calls, "
             f"load average {info.get('loadavg_1m')}\n\n" + markdown_table(headers, rows)
             + "\n\nMax error vs the fp32 product of the same 4-bit weights (relative to max |y|), batch 16, "
               "and batch invariance (rows of 16 == rows alone)\n\n"
-            + markdown_table(["matmul", "kernel", "max rel error", "batch invariant"], exactness))
+            + markdown_table(["matmul", "kernel", "max rel error", "batch invariant", "int4-bf16's bits"], exactness))
     write_report(args.output, {"machine": info, "threads": args.threads, "reps": args.reps, "calls": args.calls, "times_us": data,
                                "exactness": exactness}, text)
     return 0

@@ -17,7 +17,7 @@ calls instead, on the same packed weights: it computes every output bitwise as P
 keeps more FMA chains in flight for 1-4 rows (~25% faster, most of a batch-1 step) and dequantizes each
 weight once for 8 rows rather than 4 from 5 rows up (~1.5x faster), and spares the casts around the call.
 That it gives PyTorch's bits is checked once per process on random weights; any difference (another
-PyTorch, another layout) keeps PyTorch's kernel for every call.
+PyTorch, another layout) keeps PyTorch's kernel for every call, as `KVSERVE_INT4_KERNEL=pytorch` does.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import logging
+import os
 from typing import NamedTuple
 
 import torch
@@ -156,6 +157,8 @@ def native_kernel_reason() -> str | None:
 def _native_kernels_or_reason():
     from engine import native
 
+    if os.environ.get("KVSERVE_INT4_KERNEL", "auto") == "pytorch":  # to compare the two: the results are the same
+        return None, "KVSERVE_INT4_KERNEL=pytorch asks for it"
     if (capability := torch.backends.cpu.get_cpu_capability()) != "AVX512":
         return None, f"PyTorch packs int4 weights in its {capability} layout here; kvserve's kernel reads the AVX-512 one"
     try:

@@ -75,3 +75,17 @@ def test_shapes_outside_its_layout_and_empty_calls() -> None:
     x = rows(3, 64)
     assert torch.equal(int4_linear(groups, None)(x), pytorch_int4(groups, x, None))
     assert int4_linear(grid(128, 64), None)(torch.empty(0, 64)).shape == (0, 128)
+
+
+def test_pytorchs_kernel_on_request(monkeypatch) -> None:
+    from engine.models import int4_matmul
+
+    monkeypatch.setenv("KVSERVE_INT4_KERNEL", "pytorch")
+    int4_matmul._native_kernels_or_reason.cache_clear()
+    try:
+        assert "KVSERVE_INT4_KERNEL" in native_kernel_reason()
+        groups = grid(128, 64)
+        x = rows(6, 64)
+        assert torch.equal(int4_linear(groups, None)(x), pytorch_int4(groups, x, None))
+    finally:
+        int4_matmul._native_kernels_or_reason.cache_clear()
