@@ -1,13 +1,14 @@
-// Few-row matmul over PyTorch's packed int4 weights (AVX-512 layout): what batch-1 decode spends most on.
+// Matmul over PyTorch's packed int4 weights (its AVX-512 layout): most of a decode step at any batch.
 //
 // PyTorch's `_weight_int4pack_mm_for_cpu` computes each output as a chain of fp32 FMAs over k, one per
 // input column: w = (q - 8) * scale + zero (an FMA), acc = x[k] * w + acc (an FMA), then rounds acc to
-// bf16. With one input row it keeps four such chains in flight, so it waits on FMA latency, and it reads
-// ~12 GB/s where the memory gives ~45. This kernel runs the same two FMAs per weight, in the same order,
-// for each output (so every output is bitwise PyTorch's, and a row's result stays the same whichever
-// kernel a batch size picks), but with 8-16 chains in flight per thread. It also takes fp32 rows and
-// returns fp32 ones (rounded through bf16 on the way in and out as PyTorch's kernel does), and adds the
-// bias, which saves the three casts a call otherwise costs in dispatch.
+// bf16. This kernel runs the same two FMAs per weight, in the same order, for each output, so every
+// output is bitwise PyTorch's and a row's result never depends on the rows beside it; what differs is
+// the layout of the work. With one input row PyTorch's keeps four chains in flight and waits on FMA
+// latency: the few-row entry (1-4 rows) keeps 8-16. With more rows PyTorch's dequantizes each weight
+// once per 4 rows: the many-row entry does it once per 8. Both take fp32 rows and return fp32 ones
+// (rounded through bf16 on the way in and out as PyTorch's kernel does) and add the bias, which saves
+// the three casts a call otherwise costs in dispatch.
 //
 // Layout (PyTorch's for AVX-512 CPUs, N a multiple of 64): weights in blocks of 64 outputs, each block
 // K rows of 32 bytes; byte d < 16 holds outputs d (low nibble) and d + 32 (high), byte 16 + d outputs
@@ -29,24 +30,26 @@ namespace {
 
 constexpr int kBlockN = 64;
 
-// Per output block: scale and zero of the current group, deinterleaved, as fp32.
+// 16 outputs' (scale, zero) bf16 pairs -> a vector of their scales and one of their zeros, as fp32.
+inline void load_pairs(const uint16_t* pairs, __m512& scale, __m512& zero) {
+  const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+  const __m512i odd = _mm512_set_epi32(31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
+  const __m512 lo = _mm512_castsi512_ps(
+      _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(pairs))), 16));
+  const __m512 hi = _mm512_castsi512_ps(
+      _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(pairs + 16))), 16));
+  scale = _mm512_permutex2var_ps(lo, even, hi);
+  zero = _mm512_permutex2var_ps(lo, odd, hi);
+}
+
+// Per output block: scale and zero of the current group, as fp32, for its 4 vectors of 16 outputs.
 struct GroupParams {
   __m512 scale[4];
   __m512 zero[4];
 };
 
 inline void load_group(GroupParams& g, const uint16_t* scales_zeros) {
-  // 64 (scale, zero) bf16 pairs -> 4 vectors of scales and 4 of zeros
-  const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
-  const __m512i odd = _mm512_set_epi32(31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
-  for (int i = 0; i < 4; ++i) {
-    const __m512i raw = _mm512_loadu_si512(scales_zeros + 32 * i);
-    const __m512 lo = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(raw)), 16));
-    const __m512 hi = _mm512_castsi512_ps(
-        _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(raw, 1)), 16));
-    g.scale[i] = _mm512_permutex2var_ps(lo, even, hi);
-    g.zero[i] = _mm512_permutex2var_ps(lo, odd, hi);
-  }
+  for (int i = 0; i < 4; ++i) load_pairs(scales_zeros + 32 * i, g.scale[i], g.zero[i]);
 }
 
 inline __m512 bf16_round_trip(__m512 v) {  // fp32 -> bf16 (round to nearest even) -> fp32
@@ -112,8 +115,6 @@ template <int ROWS>
 void half_tile(float* out, const float* x, const uint8_t* packed, const uint16_t* scales_zeros, const float* bias,
                int64_t block, int half, int64_t n, int64_t k_dim, int64_t group) {
   const __m512 levels = _mm512_set_ps(7, 6, 5, 4, 3, 2, 1, 0, -1, -2, -3, -4, -5, -6, -7, -8);
-  const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
-  const __m512i odd = _mm512_set_epi32(31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
   __m512 acc[ROWS][2];
   for (int r = 0; r < ROWS; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
   __m512 scale[2], zero[2];
@@ -121,15 +122,7 @@ void half_tile(float* out, const float* x, const uint8_t* packed, const uint16_t
   const int64_t cols[2] = {block * kBlockN + 16 * half, block * kBlockN + 32 + 16 * half};
   for (int64_t k = 0; k < k_dim; ++k) {
     if (k % group == 0) {
-      for (int j = 0; j < 2; ++j) {  // 16 (scale, zero) bf16 pairs -> a vector of each
-        const uint16_t* pairs = scales_zeros + (k / group) * n * 2 + cols[j] * 2;
-        const __m512 lo = _mm512_castsi512_ps(_mm512_slli_epi32(
-            _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(pairs))), 16));
-        const __m512 hi = _mm512_castsi512_ps(_mm512_slli_epi32(
-            _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(pairs + 16))), 16));
-        scale[j] = _mm512_permutex2var_ps(lo, even, hi);
-        zero[j] = _mm512_permutex2var_ps(lo, odd, hi);
-      }
+      for (int j = 0; j < 2; ++j) load_pairs(scales_zeros + (k / group) * n * 2 + cols[j] * 2, scale[j], zero[j]);
     }
     const __m512i lanes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(weights + k * 32)));
     const __m512 w0 = _mm512_fmadd_ps(_mm512_permutexvar_ps(lanes, levels), scale[0], zero[0]);
