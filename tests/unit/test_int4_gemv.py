@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from helpers.cpu_formats import runs_here
@@ -89,3 +93,22 @@ def test_pytorchs_kernel_on_request(monkeypatch) -> None:
         assert torch.equal(int4_linear(groups, None)(x), pytorch_int4(groups, x, None))
     finally:
         int4_matmul._native_kernels_or_reason.cache_clear()
+
+
+def test_pytorchs_avx2_layout_keeps_pytorchs_kernel() -> None:
+    """As on a CPU without AVX-512: PyTorch packs for AVX2 there, which kvserve's kernel does not read."""
+    script = (
+        "import torch\n"
+        "from engine.models.int4_matmul import int4_linear, native_kernel_reason, round_to_four_bits, GROUP\n"
+        "groups = round_to_four_bits(torch.randn(128, 64, generator=torch.Generator().manual_seed(0)))\n"
+        "x = torch.randn(3, 64, generator=torch.Generator().manual_seed(1))\n"
+        "packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(groups.q, 1)\n"
+        "sz = torch.stack([groups.step, groups.low + 8 * groups.step], -1).transpose(0, 1).contiguous().bfloat16()\n"
+        "want = torch.ops.aten._weight_int4pack_mm_for_cpu(x.bfloat16(), packed, GROUP, sz).float()\n"
+        "assert torch.equal(int4_linear(groups, None)(x), want)\n"
+        "print(native_kernel_reason())\n"
+    )
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2"}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "AVX2 layout" in done.stdout
