@@ -74,6 +74,13 @@ def test_a_row_has_the_same_result_in_any_batch() -> None:
         assert all(torch.equal(linear(x[i:i + size]), together[i:i + size]) for i in range(0, 64 - size, 7))
 
 
+def test_long_rows_take_the_tiled_entry_with_the_same_bits() -> None:
+    groups = grid(64, 9216)  # more inputs than the few-row entry's stack buffer holds (8192)
+    for count in (1, 3, 9):
+        x = rows(count, 9216, seed=count)
+        assert torch.equal(int4_linear(groups, None)(x), pytorch_int4(groups, x, None))
+
+
 def test_shapes_outside_its_layout_and_empty_calls() -> None:
     groups = grid(48, 64)  # out_features not a multiple of 64: PyTorch packs it another way, its kernel runs
     x = rows(3, 64)
