@@ -98,9 +98,10 @@ KERNEL_PARTS = ("matmul", "norm")
 
 
 def _inside(event, parts: tuple[str, ...]) -> bool:
+    names = {f"kv::{part}" for part in parts}
     parent = event.cpu_parent
     while parent is not None:
-        if parent.name in [f"kv::{part}" for part in parts]:
+        if parent.name in names:
             return True
         parent = parent.cpu_parent
     return False

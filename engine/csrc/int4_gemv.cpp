@@ -52,6 +52,13 @@ inline void load_group(GroupParams& g, const uint16_t* scales_zeros) {
   for (int i = 0; i < 4; ++i) load_pairs(scales_zeros + 32 * i, g.scale[i], g.zero[i]);
 }
 
+// The weights of 16 outputs from their codes (a lane's low 4 bits): (q - 8) * scale + zero, one FMA.
+inline __m512 dequantize(__m512i codes, __m512 scale, __m512 zero) {
+  // q - 8 for q = 0..15, indexed by a lane's low 4 bits (permutexvar ignores the rest)
+  const __m512 levels = _mm512_set_ps(7, 6, 5, 4, 3, 2, 1, 0, -1, -2, -3, -4, -5, -6, -7, -8);
+  return _mm512_fmadd_ps(_mm512_permutexvar_ps(codes, levels), scale, zero);
+}
+
 inline __m512 bf16_round_trip(__m512 v) {  // fp32 -> bf16 (round to nearest even) -> fp32
   const __m512i bits = _mm512_castps_si512(v);
   const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
@@ -59,12 +66,26 @@ inline __m512 bf16_round_trip(__m512 v) {  // fp32 -> bf16 (round to nearest eve
   return _mm512_castsi512_ps(_mm512_and_si512(rounded, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
 }
 
+// 16 outputs from their sums: rounded to bf16 as PyTorch's kernel returns them, then the bias added.
+inline void store_outputs(float* out, __m512 acc, const float* bias, int64_t col) {
+  __m512 y = bf16_round_trip(acc);
+  if (bias != nullptr) y = _mm512_add_ps(y, _mm512_loadu_ps(bias + col));
+  _mm512_storeu_ps(out + col, y);
+}
+
+// The input rows rounded to bf16 and back, as PyTorch's kernel sees them (x.bfloat16()), in a buffer of the
+// calling thread's that lives until its next call.
+inline const float* rounded_rows(const float* x, int64_t count) {
+  thread_local std::vector<float> rounded;
+  rounded.resize(count);
+  for (int64_t i = 0; i < count; ++i) rounded[i] = kvserve::to_float(kvserve::to_bf16(x[i]));
+  return rounded.data();
+}
+
 // ROWS input rows against BLOCKS adjacent output blocks, k = 0..K-1 in order.
 template <int ROWS, int BLOCKS>
 void tile(float* out, const float* x, const uint8_t* packed, const uint16_t* scales_zeros, const float* bias,
           int64_t first_block, int64_t n, int64_t k_dim, int64_t group) {
-  // q - 8 for q = 0..15, indexed by a lane's low 4 bits (permutexvar ignores the rest)
-  const __m512 levels = _mm512_set_ps(7, 6, 5, 4, 3, 2, 1, 0, -1, -2, -3, -4, -5, -6, -7, -8);
   __m512 acc[ROWS][BLOCKS][4];
   for (int r = 0; r < ROWS; ++r)
     for (int b = 0; b < BLOCKS; ++b)
@@ -85,27 +106,17 @@ void tile(float* out, const float* x, const uint8_t* packed, const uint16_t* sca
       const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row));
       const __m512i low16 = _mm512_cvtepu8_epi32(_mm256_castsi256_si128(bytes));
       const __m512i high16 = _mm512_cvtepu8_epi32(_mm256_extracti128_si256(bytes, 1));
-      __m512 w[4];
-      w[0] = _mm512_fmadd_ps(_mm512_permutexvar_ps(low16, levels), params[b].scale[0], params[b].zero[0]);
-      w[2] = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(low16, 4), levels), params[b].scale[2],
-                             params[b].zero[2]);
-      w[1] = _mm512_fmadd_ps(_mm512_permutexvar_ps(high16, levels), params[b].scale[1], params[b].zero[1]);
-      w[3] = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(high16, 4), levels), params[b].scale[3],
-                             params[b].zero[3]);
+      const GroupParams& p = params[b];
+      const __m512 w[4] = {dequantize(low16, p.scale[0], p.zero[0]), dequantize(high16, p.scale[1], p.zero[1]),
+                           dequantize(_mm512_srli_epi32(low16, 4), p.scale[2], p.zero[2]),
+                           dequantize(_mm512_srli_epi32(high16, 4), p.scale[3], p.zero[3])};
       for (int r = 0; r < ROWS; ++r)
         for (int i = 0; i < 4; ++i) acc[r][b][i] = _mm512_fmadd_ps(a[r], w[i], acc[r][b][i]);
     }
   }
-  for (int r = 0; r < ROWS; ++r) {
-    for (int b = 0; b < BLOCKS; ++b) {
-      for (int i = 0; i < 4; ++i) {
-        const int64_t col = (first_block + b) * kBlockN + 16 * i;
-        __m512 y = bf16_round_trip(acc[r][b][i]);
-        if (bias != nullptr) y = _mm512_add_ps(y, _mm512_loadu_ps(bias + col));
-        _mm512_storeu_ps(out + r * n + col, y);
-      }
-    }
-  }
+  for (int r = 0; r < ROWS; ++r)
+    for (int b = 0; b < BLOCKS; ++b)
+      for (int i = 0; i < 4; ++i) store_outputs(out + r * n, acc[r][b][i], bias, (first_block + b) * kBlockN + 16 * i);
 }
 
 // ROWS (up to 8) input rows against half of one output block: the 16 bytes of each k-row at byte offset
@@ -114,7 +125,6 @@ void tile(float* out, const float* x, const uint8_t* packed, const uint16_t* sca
 template <int ROWS>
 void half_tile(float* out, const float* x, const uint8_t* packed, const uint16_t* scales_zeros, const float* bias,
                int64_t block, int half, int64_t n, int64_t k_dim, int64_t group) {
-  const __m512 levels = _mm512_set_ps(7, 6, 5, 4, 3, 2, 1, 0, -1, -2, -3, -4, -5, -6, -7, -8);
   __m512 acc[ROWS][2];
   for (int r = 0; r < ROWS; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
   __m512 scale[2], zero[2];
@@ -125,21 +135,16 @@ void half_tile(float* out, const float* x, const uint8_t* packed, const uint16_t
       for (int j = 0; j < 2; ++j) load_pairs(scales_zeros + (k / group) * n * 2 + cols[j] * 2, scale[j], zero[j]);
     }
     const __m512i lanes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(weights + k * 32)));
-    const __m512 w0 = _mm512_fmadd_ps(_mm512_permutexvar_ps(lanes, levels), scale[0], zero[0]);
-    const __m512 w1 = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(lanes, 4), levels), scale[1], zero[1]);
+    const __m512 w0 = dequantize(lanes, scale[0], zero[0]);
+    const __m512 w1 = dequantize(_mm512_srli_epi32(lanes, 4), scale[1], zero[1]);
     for (int r = 0; r < ROWS; ++r) {
       const __m512 a = _mm512_set1_ps(x[r * k_dim + k]);
       acc[r][0] = _mm512_fmadd_ps(a, w0, acc[r][0]);
       acc[r][1] = _mm512_fmadd_ps(a, w1, acc[r][1]);
     }
   }
-  for (int r = 0; r < ROWS; ++r) {
-    for (int j = 0; j < 2; ++j) {
-      __m512 y = bf16_round_trip(acc[r][j]);
-      if (bias != nullptr) y = _mm512_add_ps(y, _mm512_loadu_ps(bias + cols[j]));
-      _mm512_storeu_ps(out + r * n + cols[j], y);
-    }
-  }
+  for (int r = 0; r < ROWS; ++r)
+    for (int j = 0; j < 2; ++j) store_outputs(out + r * n, acc[r][j], bias, cols[j]);
 }
 
 // Blocks of output columns split between threads; each thread takes BLOCKS at a time while it can.
@@ -162,11 +167,8 @@ extern "C" int kvserve_int4_gemv_supported() { return 1; }
 // out (rows, n) = round_bf16(round_bf16(x) @ w.T) + bias, for rows 1..4. x: (rows, k_dim) fp32.
 extern "C" void kvserve_int4_gemv(float* out, const float* x, const uint8_t* packed, const uint16_t* scales_zeros,
                                   const float* bias, int64_t rows, int64_t n, int64_t k_dim, int64_t group) {
-  if (rows < 1 || rows > 4 || k_dim > 8192) return;  // the Python side never asks for these
-  // x rounded to bf16 first, as PyTorch's kernel sees it (x.bfloat16())
-  float rounded[4 * 8192];
-  const int64_t count = rows * k_dim;
-  for (int64_t i = 0; i < count; ++i) rounded[i] = kvserve::to_float(kvserve::to_bf16(x[i]));
+  if (rows < 1 || rows > 4) return;  // the Python side never asks for these
+  const float* rounded = rounded_rows(x, rows * k_dim);
   switch (rows) {
     case 1: return run<1, 2>(out, rounded, packed, scales_zeros, bias, n, k_dim, group);
     case 2: return run<2, 2>(out, rounded, packed, scales_zeros, bias, n, k_dim, group);
@@ -179,15 +181,14 @@ extern "C" void kvserve_int4_gemv(float* out, const float* x, const uint8_t* pac
 extern "C" void kvserve_int4_gemm(float* out, const float* x, const uint8_t* packed, const uint16_t* scales_zeros,
                                   const float* bias, int64_t rows, int64_t n, int64_t k_dim, int64_t group) {
   if (rows < 1) return;
-  std::vector<float> rounded(rows * k_dim);
-  for (int64_t i = 0; i < rows * k_dim; ++i) rounded[i] = kvserve::to_float(kvserve::to_bf16(x[i]));
+  const float* rounded = rounded_rows(x, rows * k_dim);
   const int64_t chunks = (rows + 7) / 8, halves = 2 * (n / kBlockN);
   at::parallel_for(0, chunks * halves, 1, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
       const int64_t chunk = item / halves, h = item % halves;
       const int64_t first = chunk * 8, count = std::min<int64_t>(8, rows - first);
       float* o = out + first * n;
-      const float* a = rounded.data() + first * k_dim;
+      const float* a = rounded + first * k_dim;
       const int64_t block = h / 2;
       const int half = static_cast<int>(h % 2);
       switch (count) {

@@ -18,6 +18,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -87,17 +88,15 @@ inline vec16 transpose_sum16(const vec16* a) {
 template <typename Cache>
 inline void dot16(const float* q, const Cache* const* keys, int64_t count, int64_t head_dim, float* scores) {
   vec16 acc[16] = {};
-  if (count == 16) {  // full tiles (all but a row's last) with the key loop unrolled: no count checks inside
-    for (int64_t d = 0; d < head_dim; d += 16) {
-      const vec16 qd = load16(q + d);
-      for (int t = 0; t < 16; ++t) acc[t] += qd * load16(keys[t] + d);
-    }
-  } else {
+  auto accumulate = [&](auto keys_here) {
     for (int64_t d = 0; d < head_dim; d += 16) {  // keys inner: 16 independent multiply-add chains
       const vec16 qd = load16(q + d);
-      for (int64_t t = 0; t < count; ++t) acc[t] += qd * load16(keys[t] + d);
+      for (int64_t t = 0; t < keys_here; ++t) acc[t] += qd * load16(keys[t] + d);
     }
-  }
+  };
+  // Full tiles (all but a row's last) with the count known at compile time: the key loop unrolled, no checks.
+  if (count == 16) accumulate(std::integral_constant<int64_t, 16>{});
+  else accumulate(count);
   const vec16 sums = transpose_sum16(acc);
   for (int64_t t = 0; t < count; ++t) scores[t] = sums[t];
 }

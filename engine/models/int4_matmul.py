@@ -120,7 +120,6 @@ def _pack(groups: FourBitGroups) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 _FEW_ROWS = 4  # up to this many rows, the kernel's entry for decode at small batches; more, its tiled one
-_MAX_IN_FEATURES = 8192  # the few-row entry rounds the rows to bf16 into a buffer of 4 x this on its stack
 _NATIVE_BLOCK_OUT = 64  # output rows per block of PyTorch's AVX-512 layout
 
 
@@ -130,7 +129,6 @@ def _native_linear(packed: torch.Tensor, scales_zeros: torch.Tensor, bias: torch
     if out_features % _NATIVE_BLOCK_OUT or (kernels := _native_kernels()) is None:
         return None
     few_rows, many_rows = kernels
-    most_few_rows = _FEW_ROWS if in_features <= _MAX_IN_FEATURES else 0  # else the tiled entry takes every call
     if bias is not None:
         bias = bias.float().contiguous()
     pointers = (packed.data_ptr(), scales_zeros.data_ptr(), None if bias is None else bias.data_ptr())
@@ -140,8 +138,8 @@ def _native_linear(packed: torch.Tensor, scales_zeros: torch.Tensor, bias: torch
             x = x.float().contiguous()
         rows = x.shape[0]
         out = torch.empty(rows, out_features)
-        (few_rows if rows <= most_few_rows else many_rows)(out.data_ptr(), x.data_ptr(), *pointers, rows,
-                                                           out_features, in_features, GROUP)
+        (few_rows if rows <= _FEW_ROWS else many_rows)(out.data_ptr(), x.data_ptr(), *pointers, rows, out_features,
+                                                       in_features, GROUP)
         return out
 
     linear.keep_alive = (packed, scales_zeros, bias)  # the pointers above point into these
