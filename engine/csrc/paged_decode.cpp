@@ -147,6 +147,14 @@ inline void weighted_sum(const float* p, const Cache* const* rows, int64_t keys,
   }
 }
 
+// Ask for `count` (maybe <= 0) cache rows of head_dim values each to be brought into the cache.
+template <typename Cache>
+inline void prefetch_rows(const Cache* const* rows, int64_t count, int64_t head_dim) {
+  for (int64_t i = 0; i < count; ++i)
+    for (int64_t byte = 0; byte < head_dim * static_cast<int64_t>(sizeof(Cache)); byte += 64)
+      __builtin_prefetch(reinterpret_cast<const char*>(rows[i]) + byte);
+}
+
 // One (row, KV head): the `group` query heads sharing it attend to `keys` keys; weights is scratch.
 template <typename Cache>
 void attend(const float* q_heads, float* out_heads, const Cache* const* k_rows, const Cache* const* v_rows,
@@ -155,6 +163,10 @@ void attend(const float* q_heads, float* out_heads, const Cache* const* k_rows, 
   if (head_dim % 16 == 0) {
     for (int64_t t = 0; t < keys; t += 16) {  // 16 keys at a time, read from memory once for the group
       const int64_t count = std::min<int64_t>(16, keys - t);
+      // The next tile's keys and this tile's values, fetched while these scores are computed: a head's row
+      // is a few lines out of each position's, which the hardware prefetcher does not follow across blocks.
+      prefetch_rows(k_rows + t + 16, std::min<int64_t>(16, keys - t - 16), head_dim);
+      prefetch_rows(v_rows + t, count, head_dim);
       for (int64_t g = 0; g < group; ++g)
         dot16(q_heads + g * head_dim, k_rows + t, count, head_dim, weights.data() + g * keys + t);
     }
