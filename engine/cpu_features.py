@@ -44,6 +44,7 @@ def report(features: CpuFeatures | None = None) -> str:
     """What `kvserve cpu-features` prints: the features, the format `auto` picks, and each format offered or not."""
     from engine.models.cpu_matmul import FORMATS, format_refusal, keeps_4bit, resolve_quantization
     from engine.models.int4_matmul import native_kernel_reason
+    from engine.models.q8_matmul import q8_kernel_kind
 
     features = features or detect()
     default = resolve_quantization('auto', 'cpu', torch.float32, features)
@@ -58,4 +59,7 @@ def report(features: CpuFeatures | None = None) -> str:
         why = native_kernel_reason()
         lines.append("int4 matmuls: " + ("kvserve's kernel (PyTorch's results bit for bit, faster)" if why is None
                                          else f"PyTorch's kernel ({why})"))
+        kind = q8_kernel_kind()
+        lines.append("a Q8_0 LM head (auto): " + (f"kvserve's 8-bit kernel ({kind})" if kind
+                                                  else "the float format (kvserve's 8-bit kernel needs AVX-512 VNNI)"))
     return "\n".join(lines)

@@ -1,6 +1,6 @@
 """kvserve's C++ CPU kernels (engine/csrc/*.cpp): built on first use into one library, loaded through ctypes.
 
-The kernels are plain C++ with GCC vector types (AVX-512 intrinsics in the int4 matmul), compiled for this
+The kernels are plain C++ with GCC vector types (AVX-512 and AMX intrinsics in the matmuls), compiled for this
 CPU (`-march=native`) by the system's g++ against the installed torch (for its thread pool) in about 3 s on
 2 cores, and cached in $KVSERVE_KERNEL_CACHE (default ~/.cache/kvserve/kernels), keyed by the sources,
 torch, the compiler and the CPU, so a second start only loads them. Where there is no compiler, or the build fails, `load()` says why and each caller
@@ -9,6 +9,7 @@ keeps its PyTorch path. Each kernel's module declares its functions' C signature
 - csrc/paged_decode.cpp: decode attention over the paged KV cache (engine/paged_decode.py)
 - csrc/rms_norm.cpp: RMSNorm (engine/models/layers.py)
 - csrc/int4_gemv.cpp: int4 matmuls over PyTorch's packed weights (engine/models/int4_matmul.py)
+- csrc/q8_matmul.cpp: a Q8_0 LM head's matmul, llama.cpp's arithmetic on VNNI or AMX (engine/models/q8_matmul.py)
 - csrc/vec.h: the vector types and helpers they share
 """
 

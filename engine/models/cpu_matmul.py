@@ -42,6 +42,7 @@ from engine.models.int4_matmul import (
     packable,
     round_to_four_bits,
 )
+from engine.models.q8_matmul import eight_bit_groups, q8_kernel_runs, q8_linear
 
 Kernel = Callable[[torch.Tensor], torch.Tensor]
 QUANTIZATIONS = ("auto", "none", "bf16", "fp16", "int8", "int4")
@@ -281,7 +282,7 @@ def pack_linears(model: torch.nn.Module, quantization: str, keep_4bit: bool = Fa
 
     linears = [m for m in model.modules() if isinstance(m, Linear)]
     with ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads())) as pool:
-        head = pool.submit(make_kernel, model.lm_head_weight, None, quantization, keep_4bit)
+        head = pool.submit(_head_kernel, model, quantization, keep_4bit)
         kernels = list(pool.map(lambda m: make_kernel(m.weight, m.bias, quantization, keep_4bit, m.four_bit_grid),
                                 linears))
         for module, (kernel, _) in zip(linears, kernels, strict=True):
@@ -289,6 +290,17 @@ def pack_linears(model: torch.nn.Module, quantization: str, keep_4bit: bool = Fa
         model.lm_head_kernel, head_format = head.result()
     used = {head_format, *(name for _, name in kernels)}
     return "+".join(sorted(used, key=lambda name: (name != "int4", name)))
+
+
+def _head_kernel(model: torch.nn.Module, quantization: str, keep_4bit: bool) -> tuple[Kernel | None, str]:
+    """The LM head's kernel: `auto` keeps an 8-bit (Q8_0) head in its codes where kvserve's kernel runs."""
+    weight, grid = model.lm_head_weight, getattr(model, "lm_head_grid", None)
+    model.lm_head_grid = None  # used here or never: its codes are not kept twice
+    if keep_4bit and weight.device.type == "cpu" and weight.dtype == torch.float32 and q8_kernel_runs():
+        grid = grid if grid is not None else eight_bit_groups(weight)
+        if grid is not None:
+            return q8_linear(grid), "q8_0"
+    return make_kernel(weight, None, quantization, keep_4bit)
 
 
 def vocab_projection(x: torch.Tensor, weight: torch.Tensor, kernel: Kernel | None) -> torch.Tensor:

@@ -19,6 +19,7 @@ from engine.attention import AttentionMetadata
 from engine.config import ModelConfig
 from engine.models.cpu_matmul import Kernel, vocab_projection
 from engine.models.layers import Linear, RMSNorm, RotaryEmbedding, set_param
+from engine.models.q8_matmul import EightBitGroups
 
 
 class DecoderLM(nn.Module):
@@ -52,6 +53,7 @@ class DecoderLM(nn.Module):
         self.model.norm = self.norm_class(cfg.hidden_size, cfg.norm_eps)
         self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size)
         self.lm_head_kernel: Kernel | None = None  # set by cpu_matmul.pack_linears
+        self.lm_head_grid: EightBitGroups | None = None  # a Q8_0 head's codes, when the converted copy kept them
 
     # ---- what a family describes ----
 

@@ -9,6 +9,7 @@ import torch
 
 from engine import EngineConfig, LLMEngine, SamplingParams
 from engine.converted import converted_dir
+from engine.models.q8_matmul import q8_kernel_runs
 
 pytestmark = pytest.mark.slow
 
@@ -46,11 +47,18 @@ def test_second_start_loads_the_converted_copy(smollm2_gguf_path, tmp_path, monk
         searched.append(weight)
         return find_grid(weight)
 
+    def no_head_search(weight):
+        raise AssertionError("the second start must take the LM head's 8-bit grid from the copy")
+
     monkeypatch.setattr(gguf_loader, "open_gguf", no_gguf)
     find_grid = cpu_matmul.four_bit_groups
     monkeypatch.setattr(cpu_matmul, "four_bit_groups", recorded_search)
+    monkeypatch.setattr(cpu_matmul, "eight_bit_groups", no_head_search)
     second = LLMEngine(str(gguf), options, progress=False)
     assert second.quantization == first.quantization
+    # SmolLM2's Q8_0 LM head keeps its codes where kvserve's 8-bit kernel runs (engine/models/q8_matmul.py)
+    assert ("q8_0" in second.quantization) == q8_kernel_runs()
+    assert second.model.lm_head_grid is None  # packed, not kept twice
     # The layers' grids came from the copy; only the LM head (not a Linear, and not 4-bit here) is looked at.
     assert [w.shape for w in searched] in ([], [second.model.lm_head_weight.shape])
     assert all(m.four_bit_grid is None for m in second.model.modules() if hasattr(m, "four_bit_grid"))  # freed

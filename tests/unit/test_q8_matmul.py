@@ -1,0 +1,103 @@
+"""kvserve's 8-bit kernel (csrc/q8_matmul.cpp) for a Q8_0 LM head: the file's codes found again, llama.cpp's
+arithmetic, and a row's result independent of its batch (VNNI and AMX tiles giving the same bits)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine import native
+from engine.models.q8_matmul import GROUP, EightBitGroups, eight_bit_groups, q8_kernel_kind, q8_linear
+
+
+def _cpu_flags() -> set[str]:
+    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    return {flag for line in text.splitlines() if line.startswith("flags") for flag in line.split(":", 1)[1].split()}
+
+
+FLAGS = _cpu_flags()
+VNNI = {"avx512f", "avx512_vnni"} <= FLAGS  # what the kernel is built for (-march=native)
+AMX = {"amx_tile", "amx_int8"} <= FLAGS
+needs_kernel = pytest.mark.skipif(not VNNI, reason="the 8-bit kernel needs AVX-512 VNNI; tested to stand aside below")
+
+
+def q8_0(out_features: int, in_features: int, seed: int = 0) -> tuple[torch.Tensor, EightBitGroups]:
+    """A weight as llama.cpp's Q8_0 quantizer stores it (fp16 scale = max |w| / 127 per group), dequantized."""
+    w = torch.randn(out_features, in_features, generator=torch.Generator().manual_seed(seed))
+    w[0, :GROUP] = 0.0  # an all-zero group: scale 0
+    groups = w.reshape(out_features, -1, GROUP)
+    scale = (groups.abs().amax(-1) / 127).half().float()
+    q = torch.round(groups / torch.where(scale > 0, scale, 1.0).unsqueeze(-1)).clamp(-127, 127)
+    dequantized = (q * scale.unsqueeze(-1)).reshape(out_features, in_features)
+    return dequantized, EightBitGroups(q.to(torch.int8).reshape(out_features, in_features), scale)
+
+
+def llama_cpp_reference(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x quantized to 8 bits per group of 32 (scale = max |x| / 127), times w, in float64."""
+    groups = x.double().reshape(x.shape[0], -1, GROUP)
+    scale = groups.abs().amax(-1, keepdim=True) / 127
+    q = torch.round(groups / torch.where(scale > 0, scale, 1.0)).clamp(-127, 127)
+    return (q * scale).reshape(x.shape) @ w.double().T
+
+
+def rows(count: int, in_features: int, seed: int = 1) -> torch.Tensor:
+    x = torch.randn(count, in_features, generator=torch.Generator().manual_seed(seed))
+    x[::2] *= 50.0  # rows of very different scale
+    return x
+
+
+def test_finds_the_files_codes_and_scales_again() -> None:
+    w, stored = q8_0(64, 96)
+    found = eight_bit_groups(w)
+    assert found is not None
+    assert torch.equal(found.q, stored.q) and torch.equal(found.scale, stored.scale)
+
+
+@pytest.mark.parametrize("weight", [torch.randn(64, 96), q8_0(64, 96)[0] + 1e-4 * torch.randn(64, 96), q8_0(40, 96)[0],
+                                    q8_0(64, 96)[0][:, :80], q8_0(64, 96)[0].half()],
+                         ids=["float", "off-by-a-little", "rows-not-16s", "cols-not-32s", "fp16"])
+def test_turns_down_weights_not_on_an_8_bit_grid_or_of_other_shapes(weight: torch.Tensor) -> None:
+    assert eight_bit_groups(weight) is None
+
+
+def test_runs_where_the_cpu_has_avx512_vnni_and_says_how() -> None:
+    if reason := native.unavailable_reason():
+        pytest.fail(f"the kernels should build on the test machines (they have g++): {reason}")
+    expected = ("VNNI, AMX from 8 rows" if AMX else "VNNI") if VNNI else None
+    assert q8_kernel_kind() == expected
+    if not VNNI:
+        with pytest.raises(RuntimeError, match="VNNI"):
+            q8_linear(q8_0(16, 32)[1])
+
+
+@needs_kernel
+@pytest.mark.parametrize(("out_features", "in_features"), [(64, 96), (256, 576), (48, 1536)])
+@pytest.mark.parametrize("count", [1, 3, 8, 20, 64])
+def test_computes_what_llama_cpp_computes(out_features: int, in_features: int, count: int) -> None:
+    w, groups = q8_0(out_features, in_features)
+    x = rows(count, in_features)
+    got = q8_linear(groups)(x)
+    want = llama_cpp_reference(x, w)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4 * want.abs().max().item())
+
+
+@needs_kernel
+def test_a_row_is_the_same_bits_alone_and_in_any_batch() -> None:
+    w, groups = q8_0(256, 576)
+    linear = q8_linear(groups)
+    x = rows(70, 576)
+    alone = torch.cat([linear(row) for row in x.split(1)])
+    for count in (2, 3, 5, 7, 8, 9, 16, 17, 40, 70):  # VNNI tiles below 8 rows, AMX tiles (where present) from 8
+        batched = torch.cat([linear(part) for part in x.split(count)])
+        assert torch.equal(batched, alone), count
+
+
+@needs_kernel
+def test_no_rows_and_strided_rows() -> None:
+    _, groups = q8_0(32, 64)
+    linear = q8_linear(groups)
+    assert linear(torch.empty(0, 64)).shape == (0, 32)
+    x = rows(4, 128)[:, ::2]  # not contiguous
+    assert torch.equal(linear(x), linear(x.contiguous()))
