@@ -9,8 +9,11 @@ medians. Kernels:
 - int4-bf16: `aten._weight_int4pack_mm_for_cpu` over weights packed by
   `aten._convert_weight_to_int4pack_for_cpu` (groups of 32, a scale and a zero point per group: Q4_1's
   layout), with activations, scales and output in bf16 (the fp32 model casts in and out)
-- int4-kvserve: kvserve's int4 kernel (csrc/int4_gemv.cpp, what the engine runs where PyTorch packs for
-  AVX-512) on the same packed weights, fp32 in and out; it must give int4-bf16's bits, which is checked
+- int4-kvserve: kvserve's bf16 int4 kernel (csrc/int4_gemv.cpp, what the engine runs where PyTorch packs for
+  AVX-512 and the CPU lacks VNNI) on the same packed weights, fp32 in and out; it must give int4-bf16's
+  bits, which is checked
+- int4-integer: kvserve's integer kernel (csrc/w4a16_matmul.cpp, the engine's where the CPU has AVX-512
+  VNNI): rows quantized to 16 bits per group of 32, int32 sums (AMX tiles from 8 rows where present)
 - int4-fp32 / int4-fp16 (`--all-int4`): the same op with fp32 or fp16 activations, which takes a scalar
   fallback: 25-300x slower than fp16 on these shapes, so left out by default
 
@@ -61,12 +64,16 @@ def int4_kernel(codes: torch.Tensor, d: torch.Tensor, m: torch.Tensor, dtype: to
 
 def kernels_for(codes, d, m, dense, all_int4: bool = False) -> dict:
     from engine.models.cpu_matmul import _fp16_kernel, _int8_kernel
-    from engine.models.int4_matmul import FourBitGroups, int4_linear, native_kernel_reason
+    from engine.models.int4_matmul import FourBitGroups, _native_linear, _pack, native_kernel_reason
+    from engine.models.w4a16_matmul import w4a16_kind, w4a16_linear
 
     kernels = {"fp16": _fp16_kernel(dense, None), "int8": _int8_kernel(dense, None),
                "int4-bf16": int4_kernel(codes, d, m, torch.bfloat16)}
+    groups = FourBitGroups(codes, d, m)
     if native_kernel_reason() is None:
-        kernels["int4-kvserve"] = int4_linear(FourBitGroups(codes, d, m), None)
+        kernels["int4-kvserve"] = _native_linear(*_pack(groups), None, *codes.shape)
+    if w4a16_kind():
+        kernels["int4-integer"] = w4a16_linear(groups, None)
     if all_int4:
         kernels |= {"int4-fp32": int4_kernel(codes, d, m, torch.float32),
                     "int4-fp16": int4_kernel(codes, d, m, torch.float16)}
@@ -132,13 +139,11 @@ def main(argv: list[str] | None = None) -> int:
             times = time_interleaved(kernels, x, args.reps, args.calls)
             data[f"{name}/{batch}"] = times
             ratios = [fmt(times["fp16"] / times["int4-bf16"], 2) + "x"]
-            if "int4-kvserve" in times:
-                ratios.append(fmt(times["int4-bf16"] / times["int4-kvserve"], 2) + "x")
+            ratios += [fmt(times["int4-bf16"] / times[k], 2) + "x" for k in ("int4-kvserve", "int4-integer") if k in times]
             rows.append([f"{name} {out_features}x{in_features}", batch, *(fmt(times[k]) for k in kernels), *ratios])
             print(rows[-1], flush=True)
     headers = ["matmul", "batch", *(f"{k} µs" for k in kernels), "fp16/int4-bf16"]
-    if "int4-kvserve" in kernels:
-        headers.append("int4-bf16/int4-kvserve")
+    headers += [f"int4-bf16/{k}" for k in ("int4-kvserve", "int4-integer") if k in kernels]
     info = machine_info()
     text = (f"Median µs per call, {args.threads} thread(s), {args.reps}x{args.calls} interleaved calls, "
             f"load average {info.get('loadavg_1m')}\n\n" + markdown_table(headers, rows)

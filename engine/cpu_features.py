@@ -43,8 +43,9 @@ def detect() -> CpuFeatures:
 def report(features: CpuFeatures | None = None) -> str:
     """What `kvserve cpu-features` prints: the features, the format `auto` picks, and each format offered or not."""
     from engine.models.cpu_matmul import FORMATS, format_refusal, keeps_4bit, resolve_quantization
-    from engine.models.int4_matmul import native_kernel_reason
+    from engine.models.int4_matmul import int4_kernel_choice, native_kernel_reason
     from engine.models.q8_matmul import q8_kernel_kind
+    from engine.models.w4a16_matmul import w4a16_kind
 
     features = features or detect()
     default = resolve_quantization('auto', 'cpu', torch.float32, features)
@@ -57,8 +58,11 @@ def report(features: CpuFeatures | None = None) -> str:
         lines.append(f"{flag}: {'offered' if reason is None else 'refused: ' + reason}")
     if format_refusal("int4", features) is None and features == detect():  # asks this machine's torch and kernels
         why = native_kernel_reason()
-        lines.append("int4 matmuls: " + ("kvserve's kernel (PyTorch's results bit for bit, faster)" if why is None
-                                         else f"PyTorch's kernel ({why})"))
+        if int4_kernel_choice() == "auto" and (integer := w4a16_kind()):
+            lines.append(f"int4 matmuls: kvserve's integer kernel (rows to 16 bits per group of 32; {integer})")
+        else:
+            lines.append("int4 matmuls: " + ("kvserve's bf16 kernel (PyTorch's results bit for bit, faster)"
+                                             if why is None else f"PyTorch's kernel ({why})"))
         kind = q8_kernel_kind()
         lines.append("a Q8_0 LM head (auto): " + (f"kvserve's 8-bit kernel ({kind})" if kind
                                                   else "the float format (kvserve's 8-bit kernel needs AVX-512 VNNI)"))

@@ -2,67 +2,34 @@
 // GGUF that stores it so (SmolLM2's). At batch 1 the LM head is a stream of weight reads, and 8 bits a
 // weight is half of bf16's bytes; the codes are the file's own, where a bf16 copy rounds them.
 //
-// As llama.cpp multiplies Q8_0 weights: each row is quantized to 8 bits per group of 32 inputs too
-// (scale = the group's largest magnitude / 127, codes rounded to nearest), and a group's products are
-// summed in int32: with AVX-512 VNNI (4 products per lane and instruction), or from 8 rows on AMX tiles
-// where the CPU has them. Integer sums are exact, so both give the same sums however the work is tiled;
-// the fp32 part is one fixed chain per output,
+// Each row is quantized to 16 bits per group of 32 inputs (csrc/int8_rows.h), and a group's products are
+// summed in int32, byte half by byte half: with AVX-512 VNNI (4 products per lane and instruction), or
+// from 8 rows on AMX tiles where the CPU has them. Integer sums are exact, so both give the same sums
+// however the work is tiled; the fp32 part is one fixed chain per output,
 // acc = fma(sum_g, row_scale_g * weight_scale_g, acc) over the groups in order. A row's result is thus
 // the same bits whatever the number of rows in the call.
 //
-// VNNI multiplies unsigned by signed bytes: the row's codes are stored plus 128, and each group's sum
-// corrected by 128 * (the sum of the weight codes of that group), computed once when packing.
+// VNNI multiplies unsigned by signed bytes, and both a row's high bytes and the weight codes are signed:
+// the high bytes go in plus 128, and that half's sum is corrected by 128 * (the group's weight code sum),
+// computed once when packing.
 //
 // Layout: blocks of 16 outputs; codes (n / 16, k_dim / 4, 16, 4) int8 (each lane: 4 consecutive inputs of
 // one output), weight scales (n / 16, k_dim / 32, 16) fp32 and corrections (n / 16, k_dim / 32, 16) int32.
 // Built and loaded by engine/native.py; engine/models/q8_matmul.py packs the weights and calls it.
 #include <ATen/Parallel.h>
 
-#include <algorithm>
-#include <cmath>
-#include <cstdint>
-#include <vector>
+#include "int8_rows.h"
 
 #if defined(__AVX512F__) && defined(__AVX512VNNI__)
-#include <immintrin.h>
-#include <sys/syscall.h>
-#include <unistd.h>
 
 namespace {
 
-constexpr int kBlock = 16;  // outputs per block: one vector
-constexpr int kGroup = 32;  // inputs per scale
-constexpr int64_t kAmxRows = 8;  // from this many rows AMX tiles multiply (same sums, less work)
+using namespace kvserve;
 
-// The rows quantized per group of 32: codes + 128 as uint8 and one fp32 scale per (row, group).
-struct QuantizedRows {
-  std::vector<uint8_t> codes;
-  std::vector<float> scales;
-};
-
-void quantize_rows(const float* x, int64_t rows, int64_t k_dim, QuantizedRows& q) {
-  const int64_t groups = k_dim / kGroup;
-  q.codes.resize(rows * k_dim);
-  q.scales.resize(rows * groups);
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t g = 0; g < groups; ++g) {
-      const float* v = x + r * k_dim + g * kGroup;
-      float top = 0.0f;
-      for (int i = 0; i < kGroup; ++i) top = std::max(top, std::fabs(v[i]));
-      const float scale = top / 127.0f;
-      q.scales[r * groups + g] = scale;
-      uint8_t* out = q.codes.data() + r * k_dim + g * kGroup;
-      for (int i = 0; i < kGroup; ++i) {  // rounded to nearest even
-        const int code = scale > 0.0f ? static_cast<int>(std::nearbyint(v[i] / scale)) : 0;
-        out[i] = static_cast<uint8_t>(128 + std::clamp(code, -127, 127));
-      }
-    }
-}
-
-// One group's step for one row and 16 outputs: acc = fma(float(sum - correction), row scale * weight scale, acc).
-inline __m512 add_group(__m512 acc, __m512i sum, __m512i correction, float row_scale, __m512 weight_scale) {
+// One group's step for one row and 16 outputs: acc = fma(float(sum), row scale * weight scale, acc).
+inline __m512 add_group(__m512 acc, __m512i sum, float row_scale, __m512 weight_scale) {
   const __m512 scale = _mm512_mul_ps(_mm512_set1_ps(row_scale), weight_scale);
-  return _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(sum, correction)), scale, acc);
+  return _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), scale, acc);
 }
 
 // ROWS rows against BLOCKS adjacent blocks of outputs.
@@ -74,9 +41,9 @@ void tile(float* out, const QuantizedRows& x, int64_t first_row, const int8_t* c
   for (int r = 0; r < ROWS; ++r)
     for (int b = 0; b < BLOCKS; ++b) acc[r][b] = _mm512_setzero_ps();
   for (int64_t g = 0; g < groups; ++g) {
-    __m512i sums[ROWS][BLOCKS];
+    __m512i high_sums[ROWS][BLOCKS], low_sums[ROWS][BLOCKS];
     for (int r = 0; r < ROWS; ++r)
-      for (int b = 0; b < BLOCKS; ++b) sums[r][b] = _mm512_setzero_si512();
+      for (int b = 0; b < BLOCKS; ++b) high_sums[r][b] = low_sums[r][b] = _mm512_setzero_si512();
     for (int quad = 0; quad < kGroup / 4; ++quad) {
       const int64_t k = g * kGroup + 4 * quad;
       for (int b = 0; b < BLOCKS; ++b) {
@@ -85,9 +52,10 @@ void tile(float* out, const QuantizedRows& x, int64_t first_row, const int8_t* c
         _mm_prefetch(reinterpret_cast<const char*>(w) + 1024, _MM_HINT_T0);
         const __m512i wv = _mm512_loadu_si512(w);
         for (int r = 0; r < ROWS; ++r) {
-          int32_t four;
-          __builtin_memcpy(&four, x.codes.data() + (first_row + r) * k_dim + k, 4);
-          sums[r][b] = _mm512_dpbusd_epi32(sums[r][b], _mm512_set1_epi32(four), wv);
+          const int64_t at = (first_row + r) * k_dim + k;
+          const __m512i high = _mm512_xor_si512(broadcast4(x.high.data() + at), _mm512_set1_epi8(-128));  // + 128
+          high_sums[r][b] = _mm512_dpbusd_epi32(high_sums[r][b], high, wv);
+          low_sums[r][b] = _mm512_dpbusd_epi32(low_sums[r][b], broadcast4(x.low.data() + at), wv);
         }
       }
     }
@@ -95,8 +63,10 @@ void tile(float* out, const QuantizedRows& x, int64_t first_row, const int8_t* c
       const int64_t at = ((first_block + b) * groups + g) * kBlock;
       const __m512i correction = _mm512_loadu_si512(corrections + at);
       const __m512 weight_scale = _mm512_loadu_ps(scales + at);
-      for (int r = 0; r < ROWS; ++r)
-        acc[r][b] = add_group(acc[r][b], sums[r][b], correction, x.scales[(first_row + r) * groups + g], weight_scale);
+      for (int r = 0; r < ROWS; ++r) {
+        const __m512i sum = combine_halves(_mm512_sub_epi32(high_sums[r][b], correction), low_sums[r][b]);
+        acc[r][b] = add_group(acc[r][b], sum, x.scales[(first_row + r) * groups + g], weight_scale);
+      }
     }
   }
   for (int r = 0; r < ROWS; ++r)
@@ -113,39 +83,13 @@ void blocks_of(float* out, const QuantizedRows& x, int64_t first_row, const int8
   for (; block < end; ++block) tile<ROWS, 1>(out, x, first_row, codes, scales, corrections, block, n, k_dim);
 }
 
-#if defined(__AMX_TILE__) && defined(__AMX_INT8__)
-#define KVSERVE_Q8_AMX 1
-
-// Linux hands out AMX's tile state only to processes that ask for it (oneDNN asks too; asking twice is fine).
-bool amx_permitted() {
-  static const bool permitted = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
-  return permitted;
-}
-
-struct alignas(64) TileConfig {
-  uint8_t palette = 1, start_row = 0, reserved[14] = {};
-  uint16_t bytes_per_row[16] = {};
-  uint8_t rows[16] = {};
-};
-
-// Tile 0: sums (m rows x 16 int32); 1: the rows' codes (m x 32 bytes, one group); 2: a block's codes for the group
-// (8 quads of inputs x 16 outputs x 4 bytes: the packed layout as it lies).
-void configure_tiles(int m) {
-  TileConfig config;
-  config.bytes_per_row[0] = 64;
-  config.rows[0] = config.rows[1] = static_cast<uint8_t>(m);
-  config.bytes_per_row[1] = kGroup;
-  config.bytes_per_row[2] = 64;
-  config.rows[2] = kGroup / 4;
-  _tile_loadconfig(&config);
-}
-
+#if defined(KVSERVE_AMX_INT8)
 // Blocks [begin, end) for every row, 16 rows at a time: the same int32 sums as the VNNI tiles (exact), then the
 // same fp32 steps, so the same bits.
 void amx_blocks(float* out, const QuantizedRows& x, const int8_t* codes, const float* scales,
                 const int32_t* corrections, int64_t rows, int64_t begin, int64_t end, int64_t n, int64_t k_dim) {
   const int64_t groups = k_dim / kGroup;
-  alignas(64) int32_t sums[16 * kBlock];
+  alignas(64) int32_t high_sums[16 * kBlock], low_sums[16 * kBlock];
   int configured = 0;
   for (int64_t block = begin; block < end; ++block) {
     for (int64_t first = 0; first < rows; first += 16) {
@@ -155,16 +99,19 @@ void amx_blocks(float* out, const QuantizedRows& x, const int8_t* codes, const f
       for (int r = 0; r < m; ++r) acc[r] = _mm512_setzero_ps();
       for (int64_t g = 0; g < groups; ++g) {
         _tile_zero(0);
-        _tile_loadd(1, x.codes.data() + first * k_dim + g * kGroup, k_dim);
+        _tile_zero(3);
+        _tile_loadd(1, x.high.data() + first * k_dim + g * kGroup, k_dim);
+        _tile_loadd(4, x.low.data() + first * k_dim + g * kGroup, k_dim);
         _tile_loadd(2, codes + block * k_dim * kBlock + g * kGroup * kBlock, 64);
-        _tile_dpbusd(0, 1, 2);
-        _tile_stored(0, sums, 64);
-        const int64_t at = (block * groups + g) * kBlock;
-        const __m512i correction = _mm512_loadu_si512(corrections + at);
-        const __m512 weight_scale = _mm512_loadu_ps(scales + at);
-        for (int r = 0; r < m; ++r)
-          acc[r] = add_group(acc[r], _mm512_load_si512(sums + r * kBlock), correction,
-                             x.scales[(first + r) * groups + g], weight_scale);
+        _tile_dpbssd(0, 1, 2);  // signed high bytes x signed codes: no correction needed
+        _tile_dpbusd(3, 4, 2);  // unsigned low bytes x signed codes
+        _tile_stored(0, high_sums, 64);
+        _tile_stored(3, low_sums, 64);
+        const __m512 weight_scale = _mm512_loadu_ps(scales + (block * groups + g) * kBlock);
+        for (int r = 0; r < m; ++r) {
+          const __m512i sum = combine_halves(_mm512_load_si512(high_sums + r * kBlock), _mm512_load_si512(low_sums + r * kBlock));
+          acc[r] = add_group(acc[r], sum, x.scales[(first + r) * groups + g], weight_scale);
+        }
       }
       for (int r = 0; r < m; ++r) _mm512_storeu_ps(out + (first + r) * n + block * kBlock, acc[r]);
     }
@@ -177,7 +124,7 @@ void amx_blocks(float* out, const QuantizedRows& x, const int8_t* codes, const f
 
 // 0: no kernel here; 1: VNNI; 2: VNNI, and AMX from kAmxRows rows.
 extern "C" int kvserve_q8_matmul_supported() {
-#if defined(KVSERVE_Q8_AMX)
+#if defined(KVSERVE_AMX_INT8)
   if (amx_permitted()) return 2;
 #endif
   return 1;
@@ -190,7 +137,7 @@ extern "C" void kvserve_q8_matmul(float* out, const float* x, const int8_t* code
   thread_local QuantizedRows quantized;  // read by every thread below
   quantize_rows(x, rows, k_dim, quantized);
   const QuantizedRows& q = quantized;
-#if defined(KVSERVE_Q8_AMX)
+#if defined(KVSERVE_AMX_INT8)
   if (rows >= kAmxRows && amx_permitted()) {
     at::parallel_for(0, n / kBlock, 1, [&](int64_t begin, int64_t end) {
       amx_blocks(out, q, codes, scales, corrections, rows, begin, end, n, k_dim);

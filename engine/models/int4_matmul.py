@@ -97,7 +97,12 @@ def round_to_four_bits(weight: torch.Tensor) -> FourBitGroups:
 
 
 def int4_linear(groups: FourBitGroups, bias: torch.Tensor | None):
-    """x (rows, in) fp32 -> x @ w.T + bias through the packed int4 kernel (bf16 in and out, returned as fp32)."""
+    """x (rows, in) fp32 -> x @ w.T + bias (fp32): on the integer kernel (w4a16_matmul.py) where it runs, unless
+    KVSERVE_INT4_KERNEL says bf16 or pytorch; else on PyTorch's arithmetic (bf16 in and out)."""
+    from engine.models.w4a16_matmul import w4a16_linear  # it packs FourBitGroups, defined here
+
+    if int4_kernel_choice() == "auto" and (linear := w4a16_linear(groups, bias)) is not None:
+        return linear
     packed, scales_zeros = _pack(groups)
     out_features, in_features = groups.q.shape
     native = _native_linear(packed, scales_zeros, bias, out_features, in_features)
@@ -117,6 +122,18 @@ def _pack(groups: FourBitGroups) -> tuple[torch.Tensor, torch.Tensor]:
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(groups.q.to(torch.int32), 1)
     scales_zeros = torch.stack([groups.step, groups.low + 8 * groups.step], dim=-1).transpose(0, 1)
     return packed, scales_zeros.contiguous().bfloat16()
+
+
+INT4_KERNELS = ("auto", "bf16", "pytorch")
+
+
+def int4_kernel_choice() -> str:
+    """KVSERVE_INT4_KERNEL: auto (the integer kernel where the CPU has VNNI), bf16 (PyTorch's arithmetic on
+    kvserve's kernel where it runs) or pytorch (PyTorch's kernel): to compare them, or keep bf16 activations."""
+    choice = os.environ.get("KVSERVE_INT4_KERNEL", "auto")
+    if choice not in INT4_KERNELS:
+        raise ValueError(f"KVSERVE_INT4_KERNEL={choice!r}: choose one of {', '.join(INT4_KERNELS)}")
+    return choice
 
 
 _FEW_ROWS = 4  # up to this many rows, the kernel's entry for decode at small batches; more, its tiled one
@@ -160,7 +177,7 @@ def native_kernel_reason() -> str | None:
 def _native_kernels_or_reason():
     from engine import native
 
-    if os.environ.get("KVSERVE_INT4_KERNEL", "auto") == "pytorch":  # to compare the two: the results are the same
+    if int4_kernel_choice() == "pytorch":  # to compare the two: the results are the same
         return None, "KVSERVE_INT4_KERNEL=pytorch asks for it"
     if (capability := torch.backends.cpu.get_cpu_capability()) != "AVX512":
         return None, f"PyTorch packs int4 weights in its {capability} layout here; kvserve's kernel reads the AVX-512 one"

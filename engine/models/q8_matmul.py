@@ -1,4 +1,4 @@
-"""8-bit weights in groups of 32 with one scale (GGUF Q8_0's layout), multiplied as llama.cpp multiplies them.
+"""8-bit weights in groups of 32 with one scale (GGUF Q8_0's layout), on kvserve's integer kernel.
 
 A GGUF often keeps its token embedding, and so a tied LM head, in Q8_0 while the layers are 4-bit
 (SmolLM2's Q4_1 file does). At batch 1 that LM head is the largest single read of a step: 49152 x 576
@@ -7,12 +7,10 @@ weights, 56 MB in bf16 and 30 MB as the file's 8-bit codes. A GGUF loaded here i
 kernel multiplies the file's own codes. `auto` uses it for such an LM head where the kernel runs (AVX-512
 VNNI: Intel since Cascade Lake, AMD Zen 4); elsewhere the head keeps the float format (bf16 or fp16).
 
-csrc/q8_matmul.cpp quantizes each row to 8 bits per group of 32 as well (llama.cpp's arithmetic for a
-Q8_0 tensor) and sums a group's products in int32 with VNNI, or on AMX tiles from 8 rows: integer sums are
-exact, so both give the same sums, and the fp32 steps after them are fixed per output. A row's logits are
-thus the same bits in any batch. Against the bf16 head on SmolLM2: half the bytes read at batch 1
-(~1 ms of a ~10 ms step), faster at 16 rows, ~3 ms slower at 64 (the per-group fp32 steps), and closer
-top-1 agreement with fp32 (README: CPU weight formats).
+csrc/q8_matmul.cpp quantizes each row to 16 bits per group of 32 (csrc/int8_rows.h) and sums a group's
+products in int32, byte half by byte half, with VNNI, or on AMX tiles from 8 rows: integer sums are exact,
+so both give the same sums, and the fp32 steps after them are fixed per output. A row's logits are thus
+the same bits in any batch, and closer to fp32's than the bf16 head's (README: CPU weight formats).
 """
 
 from __future__ import annotations

@@ -1,4 +1,6 @@
-"""kvserve's int4 kernel (csrc/int4_gemv.cpp) against PyTorch's packed int4 kernel, which it stands in for."""
+"""kvserve's bf16-activation int4 kernel (csrc/int4_gemv.cpp) against PyTorch's packed int4 kernel, which it stands
+in for. It runs where the integer kernel (csrc/w4a16_matmul.cpp, test_w4a16_matmul.py) does not: CPUs with AVX-512
+but no VNNI, and with KVSERVE_INT4_KERNEL=bf16, which these tests set."""
 
 from __future__ import annotations
 
@@ -26,7 +28,8 @@ AVX512_LAYOUT = torch.backends.cpu.get_cpu_capability() == "AVX512"
 
 
 @pytest.fixture(autouse=True)
-def kernels_built() -> None:
+def kernels_built(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KVSERVE_INT4_KERNEL", "bf16")
     if reason := native.unavailable_reason():
         pytest.fail(f"the kernels should build on the test machines (they have g++): {reason}")
 
@@ -115,7 +118,7 @@ def test_pytorchs_avx2_layout_keeps_pytorchs_kernel() -> None:
         "assert torch.equal(int4_linear(groups, None)(x), want)\n"
         "print(native_kernel_reason())\n"
     )
-    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2"}
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2", "KVSERVE_INT4_KERNEL": "bf16"}
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "AVX2 layout" in done.stdout

@@ -1,0 +1,96 @@
+// What the integer matmuls share (csrc/q8_matmul.cpp, csrc/w4a16_matmul.cpp): rows quantized to 16 bits per
+// group of 32 inputs and split into bytes for VNNI's and AMX's byte products, and the AMX tile set-up.
+//
+// A row's group of 32 becomes code = round(x / scale), scale = the group's largest magnitude / 32767: within
+// 1/65534 of that magnitude (bf16 rounds each value to 1/256 of itself). Products with 8-bit weight codes
+// then come in two byte halves, code = 256 * high + low (high signed, low unsigned), summed in int32 apart
+// and combined as 256 * high_sum + low_sum: exact, and below 2^24 for groups of 32 (so exact in fp32 too).
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#if defined(__AVX512F__) && defined(__AVX512VNNI__)
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+namespace kvserve {
+
+constexpr int kGroup = 32;       // inputs per scale, for weights and rows alike
+constexpr int kBlock = 16;       // outputs per block of the packed weights: one vector
+constexpr int64_t kAmxRows = 8;  // from this many rows AMX tiles multiply (the same exact sums, less work)
+
+struct QuantizedRows {
+  std::vector<uint8_t> low;   // (rows, k_dim): the codes' low bytes (unsigned)
+  std::vector<int8_t> high;   // (rows, k_dim): their high bytes (signed)
+  std::vector<float> scales;  // (rows, k_dim / 32)
+  std::vector<float> sums;    // (rows, k_dim / 32): the group's fp32 sum of x, in order
+};
+
+inline void quantize_rows(const float* x, int64_t rows, int64_t k_dim, QuantizedRows& q) {
+  const int64_t groups = k_dim / kGroup;
+  q.low.resize(rows * k_dim);
+  q.high.resize(rows * k_dim);
+  q.scales.resize(rows * groups);
+  q.sums.resize(rows * groups);
+  const __m512 sign = _mm512_set1_ps(-0.0f);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t g = 0; g < groups; ++g) {
+      const int64_t at = r * k_dim + g * kGroup;
+      const __m512 a = _mm512_loadu_ps(x + at), b = _mm512_loadu_ps(x + at + 16);
+      const float top = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_andnot_ps(sign, a), _mm512_andnot_ps(sign, b)));
+      const float scale = top / 32767.0f;
+      q.scales[r * groups + g] = scale;
+      q.sums[r * groups + g] = _mm512_reduce_add_ps(_mm512_add_ps(a, b));  // a fixed order, the same for every row
+      // round(x / scale) to nearest even (the default rounding mode); |x| <= top, so |code| <= 32767
+      const __m512 divisor = _mm512_set1_ps(scale > 0.0f ? scale : 1.0f);
+      for (int half = 0; half < 2; ++half) {
+        const __m512i code = _mm512_cvtps_epi32(_mm512_div_ps(half ? b : a, divisor));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(q.low.data() + at + 16 * half), _mm512_cvtepi32_epi8(code));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(q.high.data() + at + 16 * half),
+                         _mm512_cvtepi32_epi8(_mm512_srai_epi32(code, 8)));
+      }
+    }
+}
+
+inline __m512i broadcast4(const void* bytes) {  // 4 bytes (one lane's inputs) into every lane
+  int32_t four;
+  __builtin_memcpy(&four, bytes, 4);
+  return _mm512_set1_epi32(four);
+}
+
+inline __m512i combine_halves(__m512i high_sum, __m512i low_sum) {  // 256 * high + low
+  return _mm512_add_epi32(_mm512_slli_epi32(high_sum, 8), low_sum);
+}
+
+#if defined(__AMX_TILE__) && defined(__AMX_INT8__)
+#define KVSERVE_AMX_INT8 1
+
+// Linux hands out AMX's tile state only to processes that ask for it (oneDNN asks too; asking twice is fine).
+inline bool amx_permitted() {
+  static const bool permitted = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
+  return permitted;
+}
+
+// Tiles 0 and 3: sums of the high and low bytes (m rows x 16 int32); 1 and 4: m rows' high and low bytes for one
+// group (32 each); 2: a block's weight codes for the group (8 quads of inputs x 16 outputs x 4 bytes).
+inline void configure_tiles(int m) {
+  struct alignas(64) {
+    uint8_t palette = 1, start_row = 0, reserved[14] = {};
+    uint16_t bytes_per_row[16] = {};
+    uint8_t rows[16] = {};
+  } config;
+  for (int t : {0, 3}) config.bytes_per_row[t] = 64, config.rows[t] = static_cast<uint8_t>(m);
+  for (int t : {1, 4}) config.bytes_per_row[t] = kGroup, config.rows[t] = static_cast<uint8_t>(m);
+  config.bytes_per_row[2] = 64;
+  config.rows[2] = kGroup / 4;
+  _tile_loadconfig(&config);
+}
+#endif
+
+}  // namespace kvserve
+
+#endif

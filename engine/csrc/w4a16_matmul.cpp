@@ -1,0 +1,197 @@
+// Matmul over 4-bit weights (groups of 32, w = low + q * step, q in 0..15: GGUF Q4_0/Q4_1/Q4_K's grids) in
+// integers: each row is quantized to 16 bits per group of 32 (csrc/int8_rows.h: within 1/65534 of the group's
+// largest magnitude, finer than the bf16 rounding it replaces), and a group's products with the 4-bit codes
+// are summed in int32, byte half by byte half: with AVX-512 VNNI (4 products per lane and instruction), or
+// from 8 rows on AMX tiles where the CPU has them. Integer sums are exact, so both give the same sums. Then,
+// per output, in group order: acc = fma(float(sum), row_scale * step, acc); acc = fma(row_sum, low, acc),
+// where row_sum is the group's fp32 sum of x. So a row's result is the same bits whatever the number of rows
+// in the call.
+//
+// Against PyTorch's arithmetic (csrc/int4_gemv.cpp: two fp32 FMAs a weight) this is ~3x fewer instructions a
+// weight at one row, which a batch-1 step was bound by, and AMX takes the rows of large batches.
+//
+// Layout: blocks of 16 outputs; codes (n / 16, k_dim / 8, 16, 4) bytes: lane n's byte b of the j-th eight
+// inputs holds q[n][8j + b] (low nibble) and q[n][8j + 4 + b] (high), so a 64-byte load gives two VNNI
+// operands; steps and lows (n / 16, k_dim / 32, 16) fp16 (a Q4_0/Q4_1 file's own values; half the bytes of
+// fp32, which batch 1 reads with the codes); bias (n) fp32 or null.
+// Built and loaded by engine/native.py; engine/models/w4a16_matmul.py packs the weights and calls it.
+#include <ATen/Parallel.h>
+
+#include "int8_rows.h"
+
+#if defined(__AVX512F__) && defined(__AVX512VNNI__)
+
+namespace {
+
+using namespace kvserve;
+
+// One group's step for one row and 16 outputs.
+inline __m512 add_group(__m512 acc, __m512i sum, float row_scale, float row_sum, __m512 step, __m512 low) {
+  acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_mul_ps(_mm512_set1_ps(row_scale), step), acc);
+  return _mm512_fmadd_ps(_mm512_set1_ps(row_sum), low, acc);
+}
+
+inline void store_outputs(float* out, __m512 acc, const float* bias, int64_t col) {
+  if (bias != nullptr) acc = _mm512_add_ps(acc, _mm512_loadu_ps(bias + col));
+  _mm512_storeu_ps(out + col, acc);
+}
+
+struct Weights {
+  const uint8_t* codes;
+  const uint16_t* steps;  // fp16
+  const uint16_t* lows;   // fp16
+  const float* bias;
+};
+
+inline __m512 load_halves(const uint16_t* p) {  // 16 fp16 values as fp32 (exact)
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+
+// ROWS rows against BLOCKS adjacent blocks of outputs.
+template <int ROWS, int BLOCKS>
+void tile(float* out, const QuantizedRows& x, int64_t first_row, const Weights& w, int64_t first_block, int64_t n,
+          int64_t k_dim) {
+  const int64_t groups = k_dim / kGroup;
+  const __m512i nibble = _mm512_set1_epi8(0x0F);
+  __m512 acc[ROWS][BLOCKS];
+  for (int r = 0; r < ROWS; ++r)
+    for (int b = 0; b < BLOCKS; ++b) acc[r][b] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    __m512i high_sums[ROWS][BLOCKS], low_sums[ROWS][BLOCKS];
+    for (int r = 0; r < ROWS; ++r)
+      for (int b = 0; b < BLOCKS; ++b) high_sums[r][b] = low_sums[r][b] = _mm512_setzero_si512();
+    for (int eight = 0; eight < kGroup / 8; ++eight) {
+      const int64_t k = g * kGroup + 8 * eight;
+      for (int b = 0; b < BLOCKS; ++b) {
+        const uint8_t* bytes = w.codes + (first_block + b) * k_dim * (kBlock / 2) + k * (kBlock / 2);
+        _mm_prefetch(reinterpret_cast<const char*>(bytes) + BLOCKS * k_dim * (kBlock / 2), _MM_HINT_T0);  // the next tile
+        const __m512i packed = _mm512_loadu_si512(bytes);
+        const __m512i first4 = _mm512_and_si512(packed, nibble);  // inputs k..k+3
+        const __m512i next4 = _mm512_and_si512(_mm512_srli_epi16(packed, 4), nibble);  // k+4..k+7
+        for (int r = 0; r < ROWS; ++r) {
+          const int64_t at = (first_row + r) * k_dim + k;
+          // VNNI multiplies unsigned by signed bytes: the weight codes (0..15) pass for either
+          high_sums[r][b] = _mm512_dpbusd_epi32(high_sums[r][b], first4, broadcast4(x.high.data() + at));
+          high_sums[r][b] = _mm512_dpbusd_epi32(high_sums[r][b], next4, broadcast4(x.high.data() + at + 4));
+          low_sums[r][b] = _mm512_dpbusd_epi32(low_sums[r][b], broadcast4(x.low.data() + at), first4);
+          low_sums[r][b] = _mm512_dpbusd_epi32(low_sums[r][b], broadcast4(x.low.data() + at + 4), next4);
+        }
+      }
+    }
+    for (int b = 0; b < BLOCKS; ++b) {
+      const int64_t at = ((first_block + b) * groups + g) * kBlock;
+      const __m512 step = load_halves(w.steps + at), low = load_halves(w.lows + at);
+      for (int r = 0; r < ROWS; ++r) {
+        const int64_t i = (first_row + r) * groups + g;
+        acc[r][b] = add_group(acc[r][b], combine_halves(high_sums[r][b], low_sums[r][b]), x.scales[i], x.sums[i],
+                              step, low);
+      }
+    }
+  }
+  for (int r = 0; r < ROWS; ++r)
+    for (int b = 0; b < BLOCKS; ++b) store_outputs(out + (first_row + r) * n, acc[r][b], w.bias, (first_block + b) * kBlock);
+}
+
+template <int ROWS, int BLOCKS>
+void blocks_of(float* out, const QuantizedRows& x, int64_t first_row, const Weights& w, int64_t begin, int64_t end,
+               int64_t n, int64_t k_dim) {
+  int64_t block = begin;
+  for (; block + BLOCKS <= end; block += BLOCKS) tile<ROWS, BLOCKS>(out, x, first_row, w, block, n, k_dim);
+  for (; block < end; ++block) tile<ROWS, 1>(out, x, first_row, w, block, n, k_dim);
+}
+
+#if defined(KVSERVE_AMX_INT8)
+// Blocks [begin, end) for every row: each block's codes unpacked to bytes once (AMX's layout: 4 inputs of an
+// output side by side, 16 outputs a row), then 16 rows at a time, group by group.
+void amx_blocks(float* out, const QuantizedRows& x, const Weights& w, int64_t rows, int64_t begin, int64_t end,
+                int64_t n, int64_t k_dim) {
+  const int64_t groups = k_dim / kGroup;
+  const __m512i nibble = _mm512_set1_epi8(0x0F);
+  thread_local std::vector<uint8_t> unpacked;
+  unpacked.resize(k_dim * kBlock);
+  alignas(64) int32_t high_sums[16 * kBlock], low_sums[16 * kBlock];
+  int configured = 0;
+  for (int64_t block = begin; block < end; ++block) {
+    const uint8_t* bytes = w.codes + block * k_dim * (kBlock / 2);
+    for (int64_t eight = 0; eight < k_dim / 8; ++eight) {  // quads 2j (low nibbles) and 2j + 1 (high)
+      const __m512i packed = _mm512_loadu_si512(bytes + 64 * eight);
+      _mm512_storeu_si512(unpacked.data() + 128 * eight, _mm512_and_si512(packed, nibble));
+      _mm512_storeu_si512(unpacked.data() + 128 * eight + 64, _mm512_and_si512(_mm512_srli_epi16(packed, 4), nibble));
+    }
+    for (int64_t first = 0; first < rows; first += 16) {
+      const int m = static_cast<int>(std::min<int64_t>(16, rows - first));
+      if (m != configured) configure_tiles(configured = m);
+      __m512 acc[16];
+      for (int r = 0; r < m; ++r) acc[r] = _mm512_setzero_ps();
+      for (int64_t g = 0; g < groups; ++g) {
+        _tile_zero(0);
+        _tile_zero(3);
+        _tile_loadd(1, x.high.data() + first * k_dim + g * kGroup, k_dim);
+        _tile_loadd(4, x.low.data() + first * k_dim + g * kGroup, k_dim);
+        _tile_loadd(2, unpacked.data() + g * kGroup * kBlock, 64);
+        _tile_dpbsud(0, 1, 2);  // signed high bytes x unsigned weight codes
+        _tile_dpbuud(3, 4, 2);  // unsigned low bytes x unsigned weight codes
+        _tile_stored(0, high_sums, 64);
+        _tile_stored(3, low_sums, 64);
+        const int64_t at = (block * groups + g) * kBlock;
+        const __m512 step = load_halves(w.steps + at), low = load_halves(w.lows + at);
+        for (int r = 0; r < m; ++r) {
+          const int64_t i = (first + r) * groups + g;
+          const __m512i sum = combine_halves(_mm512_load_si512(high_sums + r * kBlock), _mm512_load_si512(low_sums + r * kBlock));
+          acc[r] = add_group(acc[r], sum, x.scales[i], x.sums[i], step, low);
+        }
+      }
+      for (int r = 0; r < m; ++r) store_outputs(out + (first + r) * n, acc[r], w.bias, block * kBlock);
+    }
+  }
+  _tile_release();
+}
+#endif
+
+}  // namespace
+
+// 0: no kernel here; 1: VNNI; 2: VNNI, and AMX from kAmxRows rows.
+extern "C" int kvserve_w4a16_matmul_supported() {
+#if defined(KVSERVE_AMX_INT8)
+  if (amx_permitted()) return 2;
+#endif
+  return 1;
+}
+
+// out (rows, n) = x (rows, k_dim) @ w.T + bias, w = low + q * step by groups of 32 inputs, x quantized to 16 bits
+// per group; n % 16 == 0, k_dim % 32 == 0.
+extern "C" void kvserve_w4a16_matmul(float* out, const float* x, const uint8_t* codes, const uint16_t* steps,
+                                    const uint16_t* lows, const float* bias, int64_t rows, int64_t n, int64_t k_dim) {
+  thread_local QuantizedRows quantized;  // read by every thread below
+  quantize_rows(x, rows, k_dim, quantized);
+  const QuantizedRows& q = quantized;
+  const Weights w{codes, steps, lows, bias};
+#if defined(KVSERVE_AMX_INT8)
+  if (rows >= kAmxRows && amx_permitted()) {
+    at::parallel_for(0, n / kBlock, 1, [&](int64_t begin, int64_t end) { amx_blocks(out, q, w, rows, begin, end, n, k_dim); });
+    return;
+  }
+#endif
+  constexpr int64_t kRun = 8;  // blocks a work item takes: one row still splits across threads by blocks
+  const int64_t blocks = n / kBlock, runs = (blocks + kRun - 1) / kRun, chunks = (rows + 3) / 4;
+  at::parallel_for(0, chunks * runs, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t first = item / runs * 4, run = item % runs;
+      const int64_t from = run * kRun, to = std::min(blocks, from + kRun);
+      switch (std::min<int64_t>(4, rows - first)) {
+        case 1: blocks_of<1, 8>(out, q, first, w, from, to, n, k_dim); break;
+        case 2: blocks_of<2, 4>(out, q, first, w, from, to, n, k_dim); break;
+        case 3: blocks_of<3, 2>(out, q, first, w, from, to, n, k_dim); break;
+        default: blocks_of<4, 2>(out, q, first, w, from, to, n, k_dim); break;
+      }
+    }
+  });
+}
+
+#else
+
+extern "C" int kvserve_w4a16_matmul_supported() { return 0; }
+extern "C" void kvserve_w4a16_matmul(float*, const float*, const uint8_t*, const uint16_t*, const uint16_t*,
+                                    const float*, int64_t, int64_t, int64_t) {}
+
+#endif

@@ -1,0 +1,83 @@
+"""4-bit weights times 16-bit integer activations (csrc/w4a16_matmul.cpp): the int4 layers' kernel where the CPU
+has AVX-512 VNNI.
+
+Each row entering the matmul is quantized to 16 bits per group of 32 inputs (scale = the group's largest
+magnitude / 32767, so within 1/65534 of it; PyTorch's int4 kernel rounds each input to bf16, 1/256 of
+itself), and a group's products with the 4-bit codes are summed in int32, a byte half at a time: by VNNI,
+or from 8 rows by AMX tiles (Intel Sapphire Rapids and later). Integer sums are exact, so the two give the
+same sums and a row's result never depends on its batch; the fp32 steps after them (the weight's step and
+offset per group, the row's scale and its exact fp32 sum) run in one fixed order per output.
+
+Against PyTorch's arithmetic (int4_matmul.py, csrc/int4_gemv.cpp: two fp32 FMAs a weight) it does ~3x
+fewer instructions a weight at one row, which a batch-1 step was bound by, and AMX takes large batches
+(README: CPU weight formats; `KVSERVE_INT4_KERNEL=bf16` keeps PyTorch's arithmetic, to compare).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+
+import torch
+
+from engine.models.int4_matmul import FourBitGroups
+
+_BLOCK = 16  # outputs per block of the packed layout
+
+
+def w4a16_kind() -> str | None:
+    """How the kernel multiplies here ("VNNI", or "VNNI, AMX from 8 rows"), or None where it does not run."""
+    return {1: "VNNI", 2: "VNNI, AMX from 8 rows"}.get(_kernel()[1])
+
+
+def w4a16_linear(groups: FourBitGroups, bias: torch.Tensor | None):
+    """x (rows, in) fp32 -> x @ w.T + bias (fp32), or None where the kernel does not run or take this shape."""
+    kernel = _kernel()[0]
+    out_features, in_features = groups.q.shape
+    if kernel is None or out_features % _BLOCK:
+        return None
+    codes, steps, lows = _pack(groups)
+    if bias is not None:
+        bias = bias.float().contiguous()
+    pointers = (codes.data_ptr(), steps.data_ptr(), lows.data_ptr(), None if bias is None else bias.data_ptr())
+
+    def linear(x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != torch.float32 or not x.is_contiguous():
+            x = x.float().contiguous()
+        out = torch.empty(x.shape[0], out_features)
+        if x.shape[0]:
+            kernel(out.data_ptr(), x.data_ptr(), *pointers, x.shape[0], out_features, in_features)
+        return out
+
+    linear.keep_alive = (codes, steps, lows, bias)  # the kernel reads these through their pointers
+    return linear
+
+
+def _pack(groups: FourBitGroups) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """codes (blocks, in / 8, 16, 4) uint8: lane n's byte b of eight inputs 8j.. holds q[n][8j + b] | q[n][8j + 4 + b] << 4;
+    steps and lows (blocks, in / 32, 16) fp16: a Q4_0/Q4_1 file's values exactly (they are fp16 there), Q4_K's
+    products of two scales rounded (PyTorch's arithmetic rounds all of them to bf16)."""
+    q = groups.q.to(torch.uint8)
+    out_features, in_features = q.shape
+    blocks = out_features // _BLOCK
+    eights = q.reshape(blocks, _BLOCK, in_features // 8, 2, 4)
+    codes = (eights[:, :, :, 0] | (eights[:, :, :, 1] << 4)).transpose(1, 2).contiguous()
+
+    def by_block(table: torch.Tensor) -> torch.Tensor:
+        return table.half().reshape(blocks, _BLOCK, -1).transpose(1, 2).contiguous()
+
+    return codes, by_block(groups.step), by_block(groups.low)
+
+
+@functools.cache
+def _kernel():
+    """(the C function, what kvserve_w4a16_matmul_supported() says: 0 none, 1 VNNI, 2 VNNI and AMX)."""
+    from engine import native
+
+    try:
+        kind = native.load().kvserve_w4a16_matmul_supported()
+        if not kind:
+            return None, 0
+        return native.function("kvserve_w4a16_matmul", *[ctypes.c_void_p] * 6, *[ctypes.c_int64] * 3), kind
+    except native.KernelUnavailable:
+        return None, 0

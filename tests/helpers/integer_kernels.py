@@ -1,0 +1,34 @@
+"""What the integer matmul tests share (test_q8_matmul.py, test_w4a16_matmul.py): the CPU flags the kernels are
+built for, rows of mixed scales, and the rows' 16-bit quantization the kernels apply."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+GROUP = 32
+
+
+def _cpu_flags() -> set[str]:
+    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    return {flag for line in text.splitlines() if line.startswith("flags") for flag in line.split(":", 1)[1].split()}
+
+
+FLAGS = _cpu_flags()
+VNNI = {"avx512f", "avx512_vnni"} <= FLAGS  # what the kernels are built for (-march=native)
+AMX = {"amx_tile", "amx_int8"} <= FLAGS
+
+
+def rows(count: int, in_features: int, seed: int = 1) -> torch.Tensor:
+    x = torch.randn(count, in_features, generator=torch.Generator().manual_seed(seed))
+    x[::2] *= 50.0  # rows of very different scale
+    return x
+
+
+def sixteen_bit_rows(x: torch.Tensor) -> torch.Tensor:
+    """x quantized to 16 bits per group of 32 (scale = max |x| / 32767, in fp32 as the kernels) and back, in float64."""
+    groups = x.double().reshape(x.shape[0], -1, GROUP)
+    scale = (groups.abs().amax(-1, keepdim=True).float() / 32767).double()
+    q = torch.round(groups / torch.where(scale > 0, scale, 1.0)).clamp(-32767, 32767)
+    return (q * scale).reshape(x.shape)

@@ -1,0 +1,77 @@
+"""kvserve's integer int4 kernel (csrc/w4a16_matmul.cpp): 4-bit codes times rows quantized to 16 bits per group of
+32, a row's result independent of its batch (VNNI and AMX tiles giving the same bits), and where it runs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers.integer_kernels import AMX, VNNI, rows, sixteen_bit_rows
+
+from engine import native
+from engine.models.int4_matmul import FourBitGroups, int4_linear, round_to_four_bits
+from engine.models.w4a16_matmul import w4a16_kind, w4a16_linear
+
+needs_kernel = pytest.mark.skipif(not VNNI, reason="the integer kernel needs AVX-512 VNNI; tested to stand aside below")
+
+
+def fp16_grid(out_features: int, in_features: int, seed: int = 0) -> FourBitGroups:
+    """A 4-bit grid whose steps and offsets are fp16 values, as a Q4_0/Q4_1 file's are."""
+    groups = round_to_four_bits(torch.randn(out_features, in_features, generator=torch.Generator().manual_seed(seed)))
+    return groups._replace(step=groups.step.half().float(), low=groups.low.half().float())
+
+
+def weight_of(groups: FourBitGroups) -> torch.Tensor:
+    return (groups.low.repeat_interleave(32, 1) + groups.q.double() * groups.step.repeat_interleave(32, 1)).double()
+
+
+def test_runs_where_the_cpu_has_avx512_vnni_and_says_how() -> None:
+    if reason := native.unavailable_reason():
+        pytest.fail(f"the kernels should build on the test machines (they have g++): {reason}")
+    assert w4a16_kind() == (("VNNI, AMX from 8 rows" if AMX else "VNNI") if VNNI else None)
+    assert (w4a16_linear(fp16_grid(32, 64), None) is not None) == VNNI
+
+
+@needs_kernel
+@pytest.mark.parametrize(("out_features", "in_features"), [(960, 576), (48, 64), (576, 1536)])
+@pytest.mark.parametrize("count", [1, 2, 5, 8, 20, 64])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_computes_the_product_with_16_bit_rows(out_features: int, in_features: int, count: int,
+                                                with_bias: bool) -> None:
+    groups = fp16_grid(out_features, in_features)
+    bias = torch.randn(out_features, generator=torch.Generator().manual_seed(3)) if with_bias else None
+    x = rows(count, in_features)
+    got = w4a16_linear(groups, bias)(x).double()
+    w = weight_of(groups)
+    # the offsets meet the row's exact sum; the codes its 16-bit rounding
+    low = groups.low.repeat_interleave(32, 1).double()
+    want = sixteen_bit_rows(x) @ (w - low).T + x.double() @ low.T + (0 if bias is None else bias.double())
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+    exact = x.double() @ w.T + (0 if bias is None else bias.double())
+    assert ((got - exact).abs().max() / exact.abs().max()).item() < 2e-4  # bf16 rows: ~4e-3
+
+
+@needs_kernel
+def test_a_row_is_the_same_bits_alone_and_in_any_batch() -> None:
+    linear = w4a16_linear(fp16_grid(192, 1536), torch.randn(192))
+    x = rows(70, 1536)
+    alone = torch.cat([linear(row) for row in x.split(1)])
+    for count in (2, 3, 4, 5, 7, 8, 9, 16, 17, 40, 70):  # VNNI tiles below 8 rows, AMX tiles (where present) from 8
+        assert torch.equal(torch.cat([linear(part) for part in x.split(count)]), alone), count
+
+
+@needs_kernel
+def test_the_int4_layers_take_it_unless_told_otherwise(monkeypatch: pytest.MonkeyPatch) -> None:
+    groups = fp16_grid(64, 64)
+    x = rows(3, 64)
+    assert torch.equal(int4_linear(groups, None)(x), w4a16_linear(groups, None)(x))
+    monkeypatch.setenv("KVSERVE_INT4_KERNEL", "bf16")  # PyTorch's arithmetic: rows rounded to bf16
+    assert not torch.equal(int4_linear(groups, None)(x), w4a16_linear(groups, None)(x))
+    monkeypatch.setenv("KVSERVE_INT4_KERNEL", "fast")
+    with pytest.raises(ValueError, match="KVSERVE_INT4_KERNEL"):
+        int4_linear(groups, None)
+
+
+@needs_kernel
+def test_no_rows_and_shapes_it_does_not_take() -> None:
+    assert w4a16_linear(fp16_grid(32, 64), None)(torch.empty(0, 64)).shape == (0, 32)
+    assert w4a16_linear(round_to_four_bits(torch.randn(40, 64)), None) is None  # outputs not in blocks of 16
