@@ -1,4 +1,4 @@
-"""4-bit weights: groups of 32 with a scale and an offset (GGUF Q4_1's layout) on PyTorch's packed int4 kernel.
+"""4-bit weights: groups of 32 with a scale and an offset (GGUF Q4_1's layout), and the kernel that multiplies them.
 
 Batch-1 decode on a CPU reads every weight once per token, so its speed is the bytes read: 4.5 bits a
 weight instead of fp16's 16. SmolLM2's GGUF stores its layers in Q4_1 (value = d * q + m, q in 0..15,
@@ -8,9 +8,11 @@ that is not on such a grid (an fp16/bf16 checkpoint, Q8_0 or Q6_K tensors) stays
 unless `--quantization int4` asks for it: then it is rounded to the nearest grid as llama.cpp's Q4_1
 quantizer does (lossy).
 
-The kernel, `_weight_int4pack_mm_for_cpu`, computes with bf16 activations (it is fast only in bf16; fp16
-and fp32 inputs run a scalar path ~50x slower): each row rounded to bf16 on the way in, its sums in fp32,
-the result rounded to bf16. Scales and offsets are bf16 too. It computes w = (q - 8) * scale + zero.
+Where the CPU has AVX-512 VNNI, kvserve's integer kernel multiplies them (w4a16_matmul.py: rows quantized
+to 16 bits, exact int32 sums, closer to fp32 than what follows). Elsewhere, or with
+`KVSERVE_INT4_KERNEL=bf16`, PyTorch's arithmetic: its kernel, `_weight_int4pack_mm_for_cpu`, computes with
+bf16 activations (it is fast only in bf16; fp16 and fp32 inputs run a scalar path ~50x slower): each row
+rounded to bf16 on the way in, its sums in fp32, the result rounded to bf16. Scales and offsets are bf16 too. It computes w = (q - 8) * scale + zero.
 
 Where PyTorch packs the weights in its AVX-512 layout, kvserve's own kernel (csrc/int4_gemv.cpp) runs the
 calls instead, on the same packed weights: it computes every output bitwise as PyTorch's kernel does, but

@@ -73,12 +73,13 @@ def q8_linear(groups: EightBitGroups):
         raise RuntimeError("the 8-bit kernel does not run here (no AVX-512 VNNI, or the kernels did not build)")
     out_features, in_features = groups.q.shape
     blocks = out_features // _BLOCK
-    # (blocks, in / 4, 16, 4): each lane four consecutive inputs of one output, as VNNI multiplies them
-    codes = groups.q.reshape(blocks, _BLOCK, in_features // 4, 4).transpose(1, 2).contiguous()
+    # (blocks, in / 4, 16, 4): each lane four consecutive inputs of one output, as VNNI multiplies them (moved
+    # four bytes at a time, as int32: twice as fast a copy, part of every start)
+    codes = groups.q.contiguous().view(torch.int32).reshape(blocks, _BLOCK, -1).transpose(1, 2).contiguous()
     scales = groups.scale.reshape(blocks, _BLOCK, -1).transpose(1, 2).contiguous()
     # The kernel feeds the row's codes + 128 to VNNI's unsigned operand: 128 * each group's code sum comes off.
-    code_sums = groups.q.to(torch.int32).reshape(out_features, -1, GROUP).sum(-1)
-    corrections = (128 * code_sums).to(torch.int32).reshape(blocks, _BLOCK, -1).transpose(1, 2).contiguous()
+    code_sums = groups.q.reshape(out_features, -1, GROUP).sum(-1, dtype=torch.int32)
+    corrections = (128 * code_sums).reshape(blocks, _BLOCK, -1).transpose(1, 2).contiguous()
 
     def linear(x: torch.Tensor) -> torch.Tensor:
         if x.dtype != torch.float32 or not x.is_contiguous():

@@ -57,11 +57,12 @@ def _pack(groups: FourBitGroups) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
     """codes (blocks, in / 8, 16, 4) uint8: lane n's byte b of eight inputs 8j.. holds q[n][8j + b] | q[n][8j + 4 + b] << 4;
     steps and lows (blocks, in / 32, 16) fp16: a Q4_0/Q4_1 file's values exactly (they are fp16 there), Q4_K's
     products of two scales rounded (PyTorch's arithmetic rounds all of them to bf16)."""
-    q = groups.q.to(torch.uint8)
+    q = groups.q.to(torch.uint8).contiguous()
     out_features, in_features = q.shape
     blocks = out_features // _BLOCK
-    eights = q.reshape(blocks, _BLOCK, in_features // 8, 2, 4)
-    codes = (eights[:, :, :, 0] | (eights[:, :, :, 1] << 4)).transpose(1, 2).contiguous()
+    # four codes as one int32 (each byte <= 15, so shifting the second four by 4 stays within their bytes)
+    eights = q.view(torch.int32).reshape(blocks, _BLOCK, in_features // 8, 2)
+    codes = (eights[..., 0] | (eights[..., 1] << 4)).transpose(1, 2).contiguous().view(torch.uint8)
 
     def by_block(table: torch.Tensor) -> torch.Tensor:
         return table.half().reshape(blocks, _BLOCK, -1).transpose(1, 2).contiguous()
