@@ -84,37 +84,47 @@ void blocks_of(float* out, const QuantizedRows& x, int64_t first_row, const int8
 }
 
 #if defined(KVSERVE_AMX_INT8)
-// Blocks [begin, end) for every row, 16 rows at a time: the same int32 sums as the VNNI tiles (exact), then the
-// same fp32 steps, so the same bits.
-void amx_blocks(float* out, const QuantizedRows& x, const int8_t* codes, const float* scales,
-                const int32_t* corrections, int64_t rows, int64_t begin, int64_t end, int64_t n, int64_t k_dim) {
+// Rows [first, first + m) against one block, the tiles configured for m <= 16 rows: the same int32 sums as the
+// VNNI tiles (exact), then the same fp32 steps, so the same bits.
+void amx_chunk(float* out, const QuantizedRows& x, const int8_t* codes, const float* scales, int64_t first, int m,
+               int64_t block, int64_t n, int64_t k_dim) {
   const int64_t groups = k_dim / kGroup;
   alignas(64) int32_t high_sums[16 * kBlock], low_sums[16 * kBlock];
-  int configured = 0;
-  for (int64_t block = begin; block < end; ++block) {
-    for (int64_t first = 0; first < rows; first += 16) {
-      const int m = static_cast<int>(std::min<int64_t>(16, rows - first));
-      if (m != configured) configure_tiles(configured = m);
-      __m512 acc[16];
-      for (int r = 0; r < m; ++r) acc[r] = _mm512_setzero_ps();
-      for (int64_t g = 0; g < groups; ++g) {
-        _tile_zero(0);
-        _tile_zero(3);
-        _tile_loadd(1, x.high.data() + first * k_dim + g * kGroup, k_dim);
-        _tile_loadd(4, x.low.data() + first * k_dim + g * kGroup, k_dim);
-        _tile_loadd(2, codes + block * k_dim * kBlock + g * kGroup * kBlock, 64);
-        _tile_dpbssd(0, 1, 2);  // signed high bytes x signed codes: no correction needed
-        _tile_dpbusd(3, 4, 2);  // unsigned low bytes x signed codes
-        _tile_stored(0, high_sums, 64);
-        _tile_stored(3, low_sums, 64);
-        const __m512 weight_scale = _mm512_loadu_ps(scales + (block * groups + g) * kBlock);
-        for (int r = 0; r < m; ++r) {
-          const __m512i sum = combine_halves(_mm512_load_si512(high_sums + r * kBlock), _mm512_load_si512(low_sums + r * kBlock));
-          acc[r] = add_group(acc[r], sum, x.scales[(first + r) * groups + g], weight_scale);
-        }
-      }
-      for (int r = 0; r < m; ++r) _mm512_storeu_ps(out + (first + r) * n + block * kBlock, acc[r]);
+  __m512 acc[16];
+  for (int r = 0; r < m; ++r) acc[r] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    _tile_zero(0);
+    _tile_zero(3);
+    _tile_loadd(1, x.high.data() + first * k_dim + g * kGroup, k_dim);
+    _tile_loadd(4, x.low.data() + first * k_dim + g * kGroup, k_dim);
+    _tile_loadd(2, codes + block * k_dim * kBlock + g * kGroup * kBlock, 64);
+    _tile_dpbssd(0, 1, 2);  // signed high bytes x signed codes: no correction needed
+    _tile_dpbusd(3, 4, 2);  // unsigned low bytes x signed codes
+    _tile_stored(0, high_sums, 64);
+    _tile_stored(3, low_sums, 64);
+    const __m512 weight_scale = _mm512_loadu_ps(scales + (block * groups + g) * kBlock);
+    for (int r = 0; r < m; ++r) {
+      const __m512i sum = combine_halves(_mm512_load_si512(high_sums + r * kBlock), _mm512_load_si512(low_sums + r * kBlock));
+      acc[r] = add_group(acc[r], sum, x.scales[(first + r) * groups + g], weight_scale);
     }
+  }
+  for (int r = 0; r < m; ++r) _mm512_storeu_ps(out + (first + r) * n + block * kBlock, acc[r]);
+}
+
+// Blocks [begin, end) for every row: full 16-row chunks in one pass over the blocks, the rest in a second, so
+// that the tiles are configured twice a call rather than twice a block.
+void amx_blocks(float* out, const QuantizedRows& x, const int8_t* codes, const float* scales, int64_t rows,
+                int64_t begin, int64_t end, int64_t n, int64_t k_dim) {
+  const int64_t full = rows / 16 * 16;
+  if (full > 0) {
+    configure_tiles(16);
+    for (int64_t block = begin; block < end; ++block)
+      for (int64_t first = 0; first < full; first += 16) amx_chunk(out, x, codes, scales, first, 16, block, n, k_dim);
+  }
+  if (rows > full) {
+    configure_tiles(static_cast<int>(rows - full));
+    for (int64_t block = begin; block < end; ++block)
+      amx_chunk(out, x, codes, scales, full, static_cast<int>(rows - full), block, n, k_dim);
   }
   _tile_release();
 }
@@ -140,7 +150,7 @@ extern "C" void kvserve_q8_matmul(float* out, const float* x, const int8_t* code
 #if defined(KVSERVE_AMX_INT8)
   if (rows >= kAmxRows && amx_permitted()) {
     at::parallel_for(0, n / kBlock, 1, [&](int64_t begin, int64_t end) {
-      amx_blocks(out, q, codes, scales, corrections, rows, begin, end, n, k_dim);
+      amx_blocks(out, q, codes, scales, rows, begin, end, n, k_dim);
     });
     return;
   }

@@ -101,47 +101,65 @@ void blocks_of(float* out, const QuantizedRows& x, int64_t first_row, const Weig
 }
 
 #if defined(KVSERVE_AMX_INT8)
-// Blocks [begin, end) for every row: each block's codes unpacked to bytes once (AMX's layout: 4 inputs of an
-// output side by side, 16 outputs a row), then 16 rows at a time, group by group.
+// A block's codes unpacked to bytes, as AMX tiles take them: 4 inputs of an output side by side, 16 outputs a row.
+void unpack_block(const uint8_t* codes, int64_t block, int64_t k_dim, std::vector<uint8_t>& unpacked) {
+  const __m512i nibble = _mm512_set1_epi8(0x0F);
+  const uint8_t* bytes = codes + block * k_dim * (kBlock / 2);
+  unpacked.resize(k_dim * kBlock);
+  for (int64_t eight = 0; eight < k_dim / 8; ++eight) {  // quads 2j (low nibbles) and 2j + 1 (high)
+    const __m512i packed = _mm512_loadu_si512(bytes + 64 * eight);
+    _mm512_storeu_si512(unpacked.data() + 128 * eight, _mm512_and_si512(packed, nibble));
+    _mm512_storeu_si512(unpacked.data() + 128 * eight + 64, _mm512_and_si512(_mm512_srli_epi16(packed, 4), nibble));
+  }
+}
+
+// Rows [first, first + m) against one unpacked block, the tiles configured for m <= 16 rows: the same int32 sums
+// as the VNNI tiles (exact), then the same fp32 steps, so the same bits.
+void amx_chunk(float* out, const QuantizedRows& x, const Weights& w, const uint8_t* unpacked, int64_t first, int m,
+               int64_t block, int64_t n, int64_t k_dim) {
+  const int64_t groups = k_dim / kGroup;
+  alignas(64) int32_t high_sums[16 * kBlock], low_sums[16 * kBlock];
+  __m512 acc[16];
+  for (int r = 0; r < m; ++r) acc[r] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    _tile_zero(0);
+    _tile_zero(3);
+    _tile_loadd(1, x.high.data() + first * k_dim + g * kGroup, k_dim);
+    _tile_loadd(4, x.low.data() + first * k_dim + g * kGroup, k_dim);
+    _tile_loadd(2, unpacked + g * kGroup * kBlock, 64);
+    _tile_dpbsud(0, 1, 2);  // signed high bytes x unsigned weight codes
+    _tile_dpbuud(3, 4, 2);  // unsigned low bytes x unsigned weight codes
+    _tile_stored(0, high_sums, 64);
+    _tile_stored(3, low_sums, 64);
+    const int64_t at = (block * groups + g) * kBlock;
+    const __m512 step = load_halves(w.steps + at), low = load_halves(w.lows + at);
+    for (int r = 0; r < m; ++r) {
+      const int64_t i = (first + r) * groups + g;
+      const __m512i sum = combine_halves(_mm512_load_si512(high_sums + r * kBlock), _mm512_load_si512(low_sums + r * kBlock));
+      acc[r] = add_group(acc[r], sum, x.scales[i], x.sums[i], step, low);
+    }
+  }
+  for (int r = 0; r < m; ++r) store_outputs(out + (first + r) * n, acc[r], w.bias, block * kBlock);
+}
+
+// Blocks [begin, end) for every row: full 16-row chunks in one pass over the blocks, the rest in a second, so
+// that the tiles are configured twice a call rather than twice a block.
 void amx_blocks(float* out, const QuantizedRows& x, const Weights& w, int64_t rows, int64_t begin, int64_t end,
                 int64_t n, int64_t k_dim) {
-  const int64_t groups = k_dim / kGroup;
-  const __m512i nibble = _mm512_set1_epi8(0x0F);
   thread_local std::vector<uint8_t> unpacked;
-  unpacked.resize(k_dim * kBlock);
-  alignas(64) int32_t high_sums[16 * kBlock], low_sums[16 * kBlock];
-  int configured = 0;
-  for (int64_t block = begin; block < end; ++block) {
-    const uint8_t* bytes = w.codes + block * k_dim * (kBlock / 2);
-    for (int64_t eight = 0; eight < k_dim / 8; ++eight) {  // quads 2j (low nibbles) and 2j + 1 (high)
-      const __m512i packed = _mm512_loadu_si512(bytes + 64 * eight);
-      _mm512_storeu_si512(unpacked.data() + 128 * eight, _mm512_and_si512(packed, nibble));
-      _mm512_storeu_si512(unpacked.data() + 128 * eight + 64, _mm512_and_si512(_mm512_srli_epi16(packed, 4), nibble));
+  const int64_t full = rows / 16 * 16;
+  if (full > 0) {
+    configure_tiles(16);
+    for (int64_t block = begin; block < end; ++block) {
+      unpack_block(w.codes, block, k_dim, unpacked);
+      for (int64_t first = 0; first < full; first += 16) amx_chunk(out, x, w, unpacked.data(), first, 16, block, n, k_dim);
     }
-    for (int64_t first = 0; first < rows; first += 16) {
-      const int m = static_cast<int>(std::min<int64_t>(16, rows - first));
-      if (m != configured) configure_tiles(configured = m);
-      __m512 acc[16];
-      for (int r = 0; r < m; ++r) acc[r] = _mm512_setzero_ps();
-      for (int64_t g = 0; g < groups; ++g) {
-        _tile_zero(0);
-        _tile_zero(3);
-        _tile_loadd(1, x.high.data() + first * k_dim + g * kGroup, k_dim);
-        _tile_loadd(4, x.low.data() + first * k_dim + g * kGroup, k_dim);
-        _tile_loadd(2, unpacked.data() + g * kGroup * kBlock, 64);
-        _tile_dpbsud(0, 1, 2);  // signed high bytes x unsigned weight codes
-        _tile_dpbuud(3, 4, 2);  // unsigned low bytes x unsigned weight codes
-        _tile_stored(0, high_sums, 64);
-        _tile_stored(3, low_sums, 64);
-        const int64_t at = (block * groups + g) * kBlock;
-        const __m512 step = load_halves(w.steps + at), low = load_halves(w.lows + at);
-        for (int r = 0; r < m; ++r) {
-          const int64_t i = (first + r) * groups + g;
-          const __m512i sum = combine_halves(_mm512_load_si512(high_sums + r * kBlock), _mm512_load_si512(low_sums + r * kBlock));
-          acc[r] = add_group(acc[r], sum, x.scales[i], x.sums[i], step, low);
-        }
-      }
-      for (int r = 0; r < m; ++r) store_outputs(out + (first + r) * n, acc[r], w.bias, block * kBlock);
+  }
+  if (rows > full) {
+    configure_tiles(static_cast<int>(rows - full));
+    for (int64_t block = begin; block < end; ++block) {
+      unpack_block(w.codes, block, k_dim, unpacked);
+      amx_chunk(out, x, w, unpacked.data(), full, static_cast<int>(rows - full), block, n, k_dim);
     }
   }
   _tile_release();
