@@ -129,6 +129,12 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, positions: torch.Tensor, qk: torch.Tensor) -> torch.Tensor:
         """q and k heads side by side, (T, H + KVH, D), rotated by their positions (T,)."""
+        if (kernel := self._native(positions, qk)) is not None:
+            out = torch.empty(qk.shape)
+            tokens, heads, head_dim = qk.shape
+            kernel(out.data_ptr(), qk.data_ptr(), qk.stride(0), positions.data_ptr(), self.cos.data_ptr(),
+                   self.sin.data_ptr(), tokens, heads, head_dim)
+            return out
         # Every layer of a forward pass gets the same positions tensor: look cos/sin up once. The cache is
         # one tuple, swapped atomically and checked against our own tensor, because the inspection path
         # runs the same modules from another thread.
@@ -143,6 +149,26 @@ class RotaryEmbedding(nn.Module):
             return qk * cos + qk.roll(self.head_dim // 2, dims=-1) * sin
         rotated, passed = qk.split([self.rotary_dim, self.head_dim - self.rotary_dim], dim=-1)
         return torch.cat([rotated * cos + rotated.roll(self.rotary_dim // 2, dims=-1) * sin, passed], dim=-1)
+
+
+    def _native(self, positions: torch.Tensor, qk: torch.Tensor) -> Callable[..., None] | None:
+        """kvserve's rotary kernel (csrc/rotary.cpp: PyTorch's bits, one call) where it takes these tensors, else None."""
+        if (qk.dtype != torch.float32 or qk.device.type != "cpu" or self.rotary_dim != self.head_dim
+                or self.cos.dtype != torch.float32 or qk.stride(2) != 1 or qk.stride(1) != self.head_dim
+                or positions.dtype != torch.long or not positions.is_contiguous()):
+            return None
+        return _rotary_function()
+
+
+@functools.cache
+def _rotary_function() -> Callable[..., None] | None:
+    from engine import native
+
+    try:
+        return native.function("kvserve_rotary_f32", *[ctypes.c_void_p] * 2, ctypes.c_int64, *[ctypes.c_void_p] * 3,
+                               *[ctypes.c_int64] * 3)
+    except native.KernelUnavailable:  # no compiler here: engine/paged_decode.py's fallback warns about it
+        return None
 
 
 def set_param(module: nn.Module, name: str, value: torch.Tensor) -> None:
