@@ -110,3 +110,18 @@ def function(symbol: str, *argtypes: type) -> ctypes._CFuncPtr:
     fn.restype = None
     fn.argtypes = list(argtypes)
     return fn
+
+
+# What the integer kernels' `<symbol>_supported()` answers (csrc/int8_rows.h): how they multiply here.
+INTEGER_KERNEL_KINDS = {1: "VNNI", 2: "VNNI, AMX from 8 rows"}
+
+
+@functools.cache
+def integer_kernel(symbol: str, *argtypes: type) -> tuple[ctypes._CFuncPtr | None, str | None]:
+    """An integer kernel's C function and how it multiplies here, or (None, None) where it does not run (no
+    AVX-512 VNNI, or the kernels cannot be built)."""
+    try:
+        kind = INTEGER_KERNEL_KINDS.get(getattr(load(), f"{symbol}_supported")())
+        return (function(symbol, *argtypes), kind) if kind else (None, None)
+    except KernelUnavailable:
+        return None, None

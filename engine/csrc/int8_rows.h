@@ -7,10 +7,12 @@
 // and combined as 256 * high_sum + low_sum: exact, and below 2^24 for groups of 32 (so exact in fp32 too).
 #pragma once
 
+#include <ATen/Parallel.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <utility>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX512F__) && defined(__AVX512VNNI__)
@@ -91,6 +93,61 @@ inline void configure_tiles(int m) {
   _tile_loadconfig(&config);
 }
 #endif
+
+// 0: no integer kernel here; 1: VNNI; 2: VNNI, and AMX tiles from kAmxRows rows (each kernel's _supported()).
+inline int integer_kernel_kind() {
+#if defined(KVSERVE_AMX_INT8)
+  if (amx_permitted()) return 2;
+#endif
+  return 1;
+}
+
+// One call of an integer kernel over `rows` quantized rows and n / 16 blocks of outputs, on PyTorch's threads:
+// - AMX (from kAmxRows rows, where permitted): each thread takes a range of blocks; full 16-row chunks go in one
+//   pass over its blocks and the rest in a second, so the tiles are configured twice a call, not twice a block.
+//   on_block(block) prepares a block once a pass, on_chunk(block, first, m) multiplies rows [first, first + m).
+// - VNNI: work items of (up to 4 rows, a run of 8 blocks), so one row still splits across threads by blocks;
+//   vnni(ROWS, BLOCKS, first, from, to) runs tiles of ROWS rows x BLOCKS blocks (fewer rows, more blocks a tile,
+//   for 8-16 chains in flight) over blocks [from, to), ROWS and BLOCKS as std::integral_constant.
+template <typename Vnni, typename OnBlock, typename OnChunk>
+void run_integer_kernel(int64_t rows, int64_t n, Vnni vnni, [[maybe_unused]] OnBlock on_block,
+                        [[maybe_unused]] OnChunk on_chunk) {
+  const int64_t blocks = n / kBlock;
+#if defined(KVSERVE_AMX_INT8)
+  if (rows >= kAmxRows && amx_permitted()) {
+    at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+      const int64_t full = rows / 16 * 16;
+      const int64_t passes[2][2] = {{0, full}, {full, rows}};
+      for (const auto& pass : passes) {
+        if (pass[0] == pass[1]) continue;
+        const int m = static_cast<int>(std::min<int64_t>(16, pass[1] - pass[0]));
+        configure_tiles(m);
+        for (int64_t block = begin; block < end; ++block) {
+          on_block(block);
+          for (int64_t first = pass[0]; first < pass[1]; first += 16) on_chunk(block, first, m);
+        }
+      }
+      _tile_release();
+    });
+    return;
+  }
+#endif
+  constexpr int64_t kRun = 8;
+  const int64_t runs = (blocks + kRun - 1) / kRun, chunks = (rows + 3) / 4;
+  at::parallel_for(0, chunks * runs, 1, [&](int64_t begin, int64_t end) {
+    using std::integral_constant;
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t first = item / runs * 4, run = item % runs;
+      const int64_t from = run * kRun, to = std::min(blocks, from + kRun);
+      switch (std::min<int64_t>(4, rows - first)) {
+        case 1: vnni(integral_constant<int, 1>{}, integral_constant<int, 8>{}, first, from, to); break;
+        case 2: vnni(integral_constant<int, 2>{}, integral_constant<int, 4>{}, first, from, to); break;
+        case 3: vnni(integral_constant<int, 3>{}, integral_constant<int, 2>{}, first, from, to); break;
+        default: vnni(integral_constant<int, 4>{}, integral_constant<int, 2>{}, first, from, to); break;
+      }
+    }
+  });
+}
 
 }  // namespace kvserve
 

@@ -110,66 +110,31 @@ void amx_chunk(float* out, const QuantizedRows& x, const int8_t* codes, const fl
   }
   for (int r = 0; r < m; ++r) _mm512_storeu_ps(out + (first + r) * n + block * kBlock, acc[r]);
 }
-
-// Blocks [begin, end) for every row: full 16-row chunks in one pass over the blocks, the rest in a second, so
-// that the tiles are configured twice a call rather than twice a block.
-void amx_blocks(float* out, const QuantizedRows& x, const int8_t* codes, const float* scales, int64_t rows,
-                int64_t begin, int64_t end, int64_t n, int64_t k_dim) {
-  const int64_t full = rows / 16 * 16;
-  if (full > 0) {
-    configure_tiles(16);
-    for (int64_t block = begin; block < end; ++block)
-      for (int64_t first = 0; first < full; first += 16) amx_chunk(out, x, codes, scales, first, 16, block, n, k_dim);
-  }
-  if (rows > full) {
-    configure_tiles(static_cast<int>(rows - full));
-    for (int64_t block = begin; block < end; ++block)
-      amx_chunk(out, x, codes, scales, full, static_cast<int>(rows - full), block, n, k_dim);
-  }
-  _tile_release();
-}
 #endif
 
 }  // namespace
 
 // 0: no kernel here; 1: VNNI; 2: VNNI, and AMX from kAmxRows rows.
-extern "C" int kvserve_q8_matmul_supported() {
-#if defined(KVSERVE_AMX_INT8)
-  if (amx_permitted()) return 2;
-#endif
-  return 1;
-}
+extern "C" int kvserve_q8_matmul_supported() { return integer_kernel_kind(); }
 
-// out (rows, n) = x (rows, k_dim) @ w.T for w = codes * scales by groups of 32 inputs, x quantized the same
-// way; n % 16 == 0, k_dim % 32 == 0.
+// out (rows, n) = x (rows, k_dim) @ w.T for w = codes * scales by groups of 32 inputs, x quantized to 16 bits per
+// group; n % 16 == 0, k_dim % 32 == 0.
 extern "C" void kvserve_q8_matmul(float* out, const float* x, const int8_t* codes, const float* scales,
                                   const int32_t* corrections, int64_t rows, int64_t n, int64_t k_dim) {
   thread_local QuantizedRows quantized;  // read by every thread below
   quantize_rows(x, rows, k_dim, quantized);
   const QuantizedRows& q = quantized;
+  run_integer_kernel(
+      rows, n,
+      [&](auto tile_rows, auto tile_blocks, int64_t first, int64_t from, int64_t to) {
+        blocks_of<tile_rows, tile_blocks>(out, q, first, codes, scales, corrections, from, to, n, k_dim);
+      },
+      [](int64_t) {},
+      [&]([[maybe_unused]] int64_t block, [[maybe_unused]] int64_t first, [[maybe_unused]] int m) {
 #if defined(KVSERVE_AMX_INT8)
-  if (rows >= kAmxRows && amx_permitted()) {
-    at::parallel_for(0, n / kBlock, 1, [&](int64_t begin, int64_t end) {
-      amx_blocks(out, q, codes, scales, rows, begin, end, n, k_dim);
-    });
-    return;
-  }
+        amx_chunk(out, q, codes, scales, first, m, block, n, k_dim);
 #endif
-  // Work items: (4-row chunk, run of 8 blocks), so that one row still splits across threads by blocks.
-  constexpr int64_t kRun = 8;
-  const int64_t blocks = n / kBlock, runs = (blocks + kRun - 1) / kRun, chunks = (rows + 3) / 4;
-  at::parallel_for(0, chunks * runs, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t first = item / runs * 4, run = item % runs;
-      const int64_t from = run * kRun, to = std::min(blocks, from + kRun);
-      switch (std::min<int64_t>(4, rows - first)) {
-        case 1: blocks_of<1, 8>(out, q, first, codes, scales, corrections, from, to, n, k_dim); break;
-        case 2: blocks_of<2, 4>(out, q, first, codes, scales, corrections, from, to, n, k_dim); break;
-        case 3: blocks_of<3, 2>(out, q, first, codes, scales, corrections, from, to, n, k_dim); break;
-        default: blocks_of<4, 2>(out, q, first, codes, scales, corrections, from, to, n, k_dim); break;
-      }
-    }
-  });
+      });
 }
 
 #else

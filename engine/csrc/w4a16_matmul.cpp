@@ -141,40 +141,12 @@ void amx_chunk(float* out, const QuantizedRows& x, const Weights& w, const uint8
   }
   for (int r = 0; r < m; ++r) store_outputs(out + (first + r) * n, acc[r], w.bias, block * kBlock);
 }
-
-// Blocks [begin, end) for every row: full 16-row chunks in one pass over the blocks, the rest in a second, so
-// that the tiles are configured twice a call rather than twice a block.
-void amx_blocks(float* out, const QuantizedRows& x, const Weights& w, int64_t rows, int64_t begin, int64_t end,
-                int64_t n, int64_t k_dim) {
-  thread_local std::vector<uint8_t> unpacked;
-  const int64_t full = rows / 16 * 16;
-  if (full > 0) {
-    configure_tiles(16);
-    for (int64_t block = begin; block < end; ++block) {
-      unpack_block(w.codes, block, k_dim, unpacked);
-      for (int64_t first = 0; first < full; first += 16) amx_chunk(out, x, w, unpacked.data(), first, 16, block, n, k_dim);
-    }
-  }
-  if (rows > full) {
-    configure_tiles(static_cast<int>(rows - full));
-    for (int64_t block = begin; block < end; ++block) {
-      unpack_block(w.codes, block, k_dim, unpacked);
-      amx_chunk(out, x, w, unpacked.data(), full, static_cast<int>(rows - full), block, n, k_dim);
-    }
-  }
-  _tile_release();
-}
 #endif
 
 }  // namespace
 
 // 0: no kernel here; 1: VNNI; 2: VNNI, and AMX from kAmxRows rows.
-extern "C" int kvserve_w4a16_matmul_supported() {
-#if defined(KVSERVE_AMX_INT8)
-  if (amx_permitted()) return 2;
-#endif
-  return 1;
-}
+extern "C" int kvserve_w4a16_matmul_supported() { return integer_kernel_kind(); }
 
 // out (rows, n) = x (rows, k_dim) @ w.T + bias, w = low + q * step by groups of 32 inputs, x quantized to 16 bits
 // per group; n % 16 == 0, k_dim % 32 == 0.
@@ -184,26 +156,22 @@ extern "C" void kvserve_w4a16_matmul(float* out, const float* x, const uint8_t* 
   quantize_rows(x, rows, k_dim, quantized);
   const QuantizedRows& q = quantized;
   const Weights w{codes, steps, lows, bias};
+  thread_local std::vector<uint8_t> unpacked;  // the AMX path's current block (each thread its own)
+  run_integer_kernel(
+      rows, n,
+      [&](auto tile_rows, auto tile_blocks, int64_t first, int64_t from, int64_t to) {
+        blocks_of<tile_rows, tile_blocks>(out, q, first, w, from, to, n, k_dim);
+      },
+      [&]([[maybe_unused]] int64_t block) {
 #if defined(KVSERVE_AMX_INT8)
-  if (rows >= kAmxRows && amx_permitted()) {
-    at::parallel_for(0, n / kBlock, 1, [&](int64_t begin, int64_t end) { amx_blocks(out, q, w, rows, begin, end, n, k_dim); });
-    return;
-  }
+        unpack_block(w.codes, block, k_dim, unpacked);
 #endif
-  constexpr int64_t kRun = 8;  // blocks a work item takes: one row still splits across threads by blocks
-  const int64_t blocks = n / kBlock, runs = (blocks + kRun - 1) / kRun, chunks = (rows + 3) / 4;
-  at::parallel_for(0, chunks * runs, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t first = item / runs * 4, run = item % runs;
-      const int64_t from = run * kRun, to = std::min(blocks, from + kRun);
-      switch (std::min<int64_t>(4, rows - first)) {
-        case 1: blocks_of<1, 8>(out, q, first, w, from, to, n, k_dim); break;
-        case 2: blocks_of<2, 4>(out, q, first, w, from, to, n, k_dim); break;
-        case 3: blocks_of<3, 2>(out, q, first, w, from, to, n, k_dim); break;
-        default: blocks_of<4, 2>(out, q, first, w, from, to, n, k_dim); break;
-      }
-    }
-  });
+      },
+      [&]([[maybe_unused]] int64_t block, [[maybe_unused]] int64_t first, [[maybe_unused]] int m) {
+#if defined(KVSERVE_AMX_INT8)
+        amx_chunk(out, q, w, unpacked.data(), first, m, block, n, k_dim);
+#endif
+      });
 }
 
 #else

@@ -12,7 +12,8 @@ Where the CPU has AVX-512 VNNI, kvserve's integer kernel multiplies them (w4a16_
 to 16 bits, exact int32 sums, closer to fp32 than what follows). Elsewhere, or with
 `KVSERVE_INT4_KERNEL=bf16`, PyTorch's arithmetic: its kernel, `_weight_int4pack_mm_for_cpu`, computes with
 bf16 activations (it is fast only in bf16; fp16 and fp32 inputs run a scalar path ~50x slower): each row
-rounded to bf16 on the way in, its sums in fp32, the result rounded to bf16. Scales and offsets are bf16 too. It computes w = (q - 8) * scale + zero.
+rounded to bf16 on the way in, its sums in fp32, the result rounded to bf16. Scales and offsets are bf16
+too. It computes w = (q - 8) * scale + zero.
 
 Where PyTorch packs the weights in its AVX-512 layout, kvserve's own kernel (csrc/int4_gemv.cpp) runs the
 calls instead, on the same packed weights: it computes every output bitwise as PyTorch's kernel does, but

@@ -16,7 +16,6 @@ the same bits in any batch, and closer to fp32's than the bf16 head's (README: C
 from __future__ import annotations
 
 import ctypes
-import functools
 from typing import NamedTuple
 
 import torch
@@ -63,7 +62,7 @@ def q8_kernel_runs() -> bool:
 
 def q8_kernel_kind() -> str | None:
     """How the kernel multiplies here ("VNNI", or "VNNI, AMX from 8 rows"), or None where it does not run."""
-    return {1: "VNNI", 2: "VNNI, AMX from 8 rows"}.get(_kernel()[1])
+    return _kernel()[1]
 
 
 def q8_linear(groups: EightBitGroups):
@@ -94,15 +93,7 @@ def q8_linear(groups: EightBitGroups):
     return linear
 
 
-@functools.cache
 def _kernel():
-    """(the C function, what kvserve_q8_matmul_supported() says: 0 none, 1 VNNI, 2 VNNI and AMX)."""
     from engine import native
 
-    try:
-        kind = native.load().kvserve_q8_matmul_supported()
-        if not kind:
-            return None, 0
-        return native.function("kvserve_q8_matmul", *[ctypes.c_void_p] * 5, *[ctypes.c_int64] * 3), kind
-    except native.KernelUnavailable:
-        return None, 0
+    return native.integer_kernel("kvserve_q8_matmul", *[ctypes.c_void_p] * 5, *[ctypes.c_int64] * 3)

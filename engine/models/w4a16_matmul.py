@@ -16,7 +16,6 @@ fewer instructions a weight at one row, which a batch-1 step was bound by, and A
 from __future__ import annotations
 
 import ctypes
-import functools
 
 import torch
 
@@ -27,7 +26,7 @@ _BLOCK = 16  # outputs per block of the packed layout
 
 def w4a16_kind() -> str | None:
     """How the kernel multiplies here ("VNNI", or "VNNI, AMX from 8 rows"), or None where it does not run."""
-    return {1: "VNNI", 2: "VNNI, AMX from 8 rows"}.get(_kernel()[1])
+    return _kernel()[1]
 
 
 def w4a16_linear(groups: FourBitGroups, bias: torch.Tensor | None):
@@ -70,15 +69,7 @@ def _pack(groups: FourBitGroups) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
     return codes, by_block(groups.step), by_block(groups.low)
 
 
-@functools.cache
 def _kernel():
-    """(the C function, what kvserve_w4a16_matmul_supported() says: 0 none, 1 VNNI, 2 VNNI and AMX)."""
     from engine import native
 
-    try:
-        kind = native.load().kvserve_w4a16_matmul_supported()
-        if not kind:
-            return None, 0
-        return native.function("kvserve_w4a16_matmul", *[ctypes.c_void_p] * 6, *[ctypes.c_int64] * 3), kind
-    except native.KernelUnavailable:
-        return None, 0
+    return native.integer_kernel("kvserve_w4a16_matmul", *[ctypes.c_void_p] * 6, *[ctypes.c_int64] * 3)
