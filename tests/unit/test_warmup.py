@@ -30,20 +30,21 @@ def greedy(engine: LLMEngine, prompt: str) -> list[int]:
     return done.outputs[0].token_ids
 
 
-def test_warm_up_runs_prefill_and_decode_at_two_batch_sizes(tiny_dir: str) -> None:
+def test_warm_up_prefills_and_decodes_a_greedy_and_a_sampled_request_together(tiny_dir: str) -> None:
     engine = engine_for(tiny_dir)
-    steps: list[tuple[int, int]] = []  # (prefilling sequences, decoding sequences) per forward pass
+    steps: list[tuple[int, int, set[bool]]] = []  # (prefilling, decoding, which are greedy) per forward pass
     execute = engine.runner.execute
 
     def spy(batch):
         decodes = sum(1 for item in batch.scheduled if item.seq.num_computed_tokens >= item.seq.num_prompt_tokens)
-        steps.append((len(batch.scheduled) - decodes, decodes))
+        greedy_flags = {item.seq.params.temperature == 0.0 for item in batch.scheduled}
+        steps.append((len(batch.scheduled) - decodes, decodes, greedy_flags))
         return execute(batch)
 
     engine.runner.execute = spy
     assert warm_up(engine) > 0
-    assert {prefills for prefills, _ in steps} >= {1, 4}
-    assert {decodes for _, decodes in steps} >= {1, 4}
+    assert (2, 0, {True, False}) in steps
+    assert (0, 2, {True, False}) in steps
 
 
 def test_warm_up_leaves_no_trace(tiny_dir: str) -> None:
@@ -58,6 +59,6 @@ def test_warm_up_leaves_no_trace(tiny_dir: str) -> None:
 
 
 def test_warm_up_fits_a_small_engine(tiny_dir: str) -> None:
-    engine = engine_for(tiny_dir, max_num_seqs=2, max_num_batched_tokens=8, max_model_len=12)
-    warm_up(engine)  # batch 4 capped at 2, prompts cut to the context
+    engine = engine_for(tiny_dir, max_num_seqs=1, max_num_batched_tokens=8, max_model_len=12)
+    warm_up(engine)  # batch 2 capped at 1, prompts cut to the context
     assert engine.stats().num_kv_blocks_used == 0
