@@ -106,7 +106,7 @@ inline int integer_kernel_kind() {
 // - AMX (from kAmxRows rows, where permitted): each thread takes a range of blocks; full 16-row chunks go in one
 //   pass over its blocks and the rest in a second, so the tiles are configured twice a call, not twice a block.
 //   on_block(block) prepares a block once a pass, on_chunk(block, first, m) multiplies rows [first, first + m).
-// - VNNI: work items of (up to 4 rows, a run of 8 blocks), so one row still splits across threads by blocks;
+// - VNNI: work items of (up to 4 rows, a run of ~8 blocks), so one row still splits across threads by blocks;
 //   vnni(ROWS, BLOCKS, first, from, to) runs tiles of ROWS rows x BLOCKS blocks (fewer rows, more blocks a tile,
 //   for 8-16 chains in flight) over blocks [from, to), ROWS and BLOCKS as std::integral_constant.
 template <typename Vnni, typename OnBlock, typename OnChunk>
@@ -132,13 +132,17 @@ void run_integer_kernel(int64_t rows, int64_t n, Vnni vnni, [[maybe_unused]] OnB
     return;
   }
 #endif
-  constexpr int64_t kRun = 8;
-  const int64_t runs = (blocks + kRun - 1) / kRun, chunks = (rows + 3) / 4;
+  // Runs of about 8 blocks, as many as a multiple of the thread count, of sizes differing by at most one block:
+  // with fixed runs of 8, a 576-output matmul at one row (36 blocks: 8, 8, 8 | 8, 4) kept one thread busy
+  // twice as long as the other.
+  const int64_t threads = at::get_num_threads();
+  const int64_t chunks = (rows + 3) / 4;
+  const int64_t runs = std::max<int64_t>(1, std::min(blocks, ((blocks + 7) / 8 + threads - 1) / threads * threads));
   at::parallel_for(0, chunks * runs, 1, [&](int64_t begin, int64_t end) {
     using std::integral_constant;
     for (int64_t item = begin; item < end; ++item) {
       const int64_t first = item / runs * 4, run = item % runs;
-      const int64_t from = run * kRun, to = std::min(blocks, from + kRun);
+      const int64_t from = run * blocks / runs, to = (run + 1) * blocks / runs;
       switch (std::min<int64_t>(4, rows - first)) {
         case 1: vnni(integral_constant<int, 1>{}, integral_constant<int, 8>{}, first, from, to); break;
         case 2: vnni(integral_constant<int, 2>{}, integral_constant<int, 4>{}, first, from, to); break;
