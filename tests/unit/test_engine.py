@@ -318,3 +318,18 @@ def test_abort_before_fork_closes_every_sample(tiny_dir: str) -> None:
     assert out.finished and [o.finish_reason for o in out.outputs] == ["abort"] * 3
     assert [o.index for o in out.outputs] == [0, 1, 2]
     assert_all_free(engine)
+
+
+def test_logit_rows_lying_in_order_in_one_matrix_are_sampled_without_a_copy() -> None:
+    from engine.engine import _as_matrix
+
+    logits = torch.randn(4, 10)
+    in_order = _as_matrix([logits[i] for i in range(4)])
+    assert torch.equal(in_order, logits) and in_order.data_ptr() == logits.data_ptr()
+    later = _as_matrix([logits[i] for i in range(1, 4)])
+    assert torch.equal(later, logits[1:]) and later.data_ptr() == logits[1].data_ptr()
+    # anything else is stacked: rows out of order, a row twice (n > 1), rows of different tensors, a column
+    for rows in ([logits[1], logits[0]], [logits[0], logits[0]], [logits[0], torch.randn(4, 10)[1]],
+                 [logits[:, 0], logits[:, 1]]):
+        stacked = _as_matrix(rows)
+        assert torch.equal(stacked, torch.stack(rows)) and stacked.data_ptr() != logits.data_ptr()
