@@ -108,8 +108,6 @@ class LLMEngine:
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens)
         self.runner = ModelRunner(self.model, self.model_config, self.device, self.dtype, config.block_size, num_blocks,
                                   config.batch_invariant, config.attention_backend)
-        # Packed after the KV cache is written: written right after packing, the 1 GiB cache took 0.7-1.5 s
-        # instead of 0.2 s (measured on a 2-core Zen 4), a third of a cold start.
         # The formats in use, e.g. "int4+fp16": `auto` keeps a GGUF's 4-bit weights 4-bit (cpu_matmul.py).
         self.quantization = pack_linears(self.model, base_format,
                                          keeps_4bit(config.quantization, self.device, self.dtype))
@@ -263,6 +261,12 @@ class LLMEngine:
         s.num_preemptions = self.scheduler.num_preemptions
         s.prefix_cache_queries, s.prefix_cache_hits = self.blocks.prefix_queries, self.blocks.prefix_hits
         return EngineStats(**{name: getattr(s, name) for name in s.__dataclass_fields__})
+
+    def make_kv_cache_resident(self) -> threading.Thread | None:
+        """Back the whole KV cache with memory now, on a background thread (returned; None on GPU), rather than
+        as blocks are first used. Call it once the engine is warmed up: before, it slows the build
+        (engine/resident_memory.py)."""
+        return self.runner.make_kv_cache_resident()
 
     def reset_stats(self) -> None:
         """Zero the cumulative counters (after a warm-up, so metrics count only served requests)."""

@@ -20,6 +20,7 @@ class LLM:
     def __init__(self, model: str = "smollm2-135m", device: str = "auto", dtype: str = "auto",
                  progress: bool = False, **engine_options) -> None:
         self.engine = LLMEngine(model, EngineConfig(device=device, dtype=dtype, **engine_options), progress=progress)
+        self.engine.make_kv_cache_resident()
         self._ids = itertools.count()
 
     @property

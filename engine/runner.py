@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +21,7 @@ from engine.attention import (
 )
 from engine.config import ModelConfig
 from engine.kv_cache import BlockManager
+from engine.resident_memory import lazy_zeros, make_resident
 from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledSeq, SchedulerOutput
 from engine.sequence import Sequence
@@ -43,14 +45,11 @@ class StepLogits:
 
 
 def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Zeroed memory, written at start rather than mapped lazily (calloc) as requests first touch it.
+    """Zeroed memory for the KV cache; on CPU not yet resident (engine/resident_memory.py: make_kv_cache_resident).
 
-    Lazily mapped, a CPU server's resident memory grew by up to the whole cache (1 GiB by default) over its
-    first hours, a block at a time, as the prefix cache's LRU order handed out fresh blocks; written once
-    here, resident memory is at start what it will stay, and a container too small for the cache fails at
-    once. It must be zeros, not empty: padded key slots are masked, but 0 * NaN from garbage would be NaN.
+    It must be zeros, not empty: padded key slots are masked, but 0 * NaN from garbage would be NaN.
     """
-    return torch.zeros(shape, dtype=dtype, device=device)
+    return lazy_zeros(shape, dtype) if device.type == "cpu" else torch.zeros(shape, dtype=dtype, device=device)
 
 
 @dataclass(slots=True)
@@ -98,6 +97,10 @@ class ModelRunner:
         for i, layer in enumerate(model.layers):
             layer.self_attn.k_cache = self.kv_cache[0, i]
             layer.self_attn.v_cache = self.kv_cache[1, i]
+
+    def make_kv_cache_resident(self) -> threading.Thread | None:
+        """Have every page of a CPU KV cache backed, on a background thread (engine/resident_memory.py)."""
+        return make_resident(self.kv_cache) if self.kv_cache.device.type == "cpu" else None
 
     @classmethod
     def for_testing(cls, model: nn.Module, cfg: ModelConfig, device: str = "cpu",

@@ -47,6 +47,7 @@ def build_engine(settings: Settings) -> LLMEngine:
         engine.tokenizer.set_chat_template(settings.chat_template)
     # Before /ready says yes, so the first client's request is not the one paying for cold kernels.
     seconds = warm_up(engine)
+    engine.make_kv_cache_resident()
     log.info("engine built and warmed up", extra={"fields": {
         "device": engine.device, "dtype": str(engine.dtype).removeprefix("torch."),
         "quantization": engine.quantization, "kv_cache_blocks": len(engine.blocks.blocks),
