@@ -123,6 +123,8 @@ class AttentionBackend(Protocol):
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
              slot_mapping: torch.Tensor) -> None:
     """Store new keys/values (T, kv_heads, head_dim) at their slots in (num_blocks, block_size, kv_heads, head_dim)."""
+    if paged_decode.write_kv(k_cache, v_cache, k, v, slot_mapping):
+        return
     kv_heads, head_dim = k.shape[-2:]
     k_cache.view(-1, kv_heads, head_dim).index_copy_(0, slot_mapping, k)
     v_cache.view(-1, kv_heads, head_dim).index_copy_(0, slot_mapping, v)

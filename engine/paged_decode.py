@@ -13,11 +13,12 @@ fp32 models, the default) and bf16 ones (--dtype bfloat16), computing in fp32 ei
 from __future__ import annotations
 
 import ctypes
+import functools
 from typing import TYPE_CHECKING
 
 import torch
 
-from engine.native import function, unavailable_reason
+from engine.native import KernelUnavailable, function, unavailable_reason
 
 if TYPE_CHECKING:
     from engine.attention import AttentionSpec
@@ -41,13 +42,48 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     """
     rows, heads, head_dim = q.shape
     _, block_size, kv_heads, _ = k_cache.shape
-    q32 = q.float().contiguous()
-    out = torch.empty_like(q32)
-    function(_SYMBOLS[k_cache.dtype], *_ARGTYPES)(
+    q32 = q if q.dtype == torch.float32 and q.is_contiguous() else q.float().contiguous()
+    out = torch.empty(q32.shape)
+    _kernel(k_cache.dtype)(
         out.data_ptr(), q32.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), block_tables.data_ptr(),
         context_lens.data_ptr(), rows, heads, kv_heads, head_dim, block_size, block_tables.shape[1],
         spec.scale, spec.window or 0, spec.softcap or 0.0)
-    return out.to(q.dtype)
+    return out if q.dtype == torch.float32 else out.to(q.dtype)
+
+
+@functools.cache
+def _kernel(cache_dtype: torch.dtype):
+    return function(_SYMBOLS[cache_dtype], *_ARGTYPES)
+
+
+def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+             slot_mapping: torch.Tensor) -> bool:
+    """Copy the new tokens' k and v (T, kv_heads, D) to their slots of a CPU cache (blocks, block_size,
+    kv_heads, D), by csrc/paged_decode.cpp; False (nothing written) where it does not take these tensors."""
+    writer = _kv_writer()
+    if (writer is None or not k_cache.is_cpu or not k.is_cpu or k.dtype != k_cache.dtype or v.dtype != k_cache.dtype
+            or not k_cache.is_contiguous() or not v_cache.is_contiguous()
+            or slot_mapping.dtype != torch.long or not slot_mapping.is_contiguous()
+            or not _rows_contiguous(k) or not _rows_contiguous(v)):
+        return False
+    element = k.element_size()
+    writer(k_cache.data_ptr(), v_cache.data_ptr(), k.data_ptr(), v.data_ptr(), k.stride(0) * element,
+           v.stride(0) * element, slot_mapping.data_ptr(), k.shape[0], k.shape[1] * k.shape[2] * element)
+    return True
+
+
+def _rows_contiguous(x: torch.Tensor) -> bool:
+    """Whether each token's (kv_heads, D) values lie together, as a slot of the cache holds them."""
+    return x.stride(2) == 1 and x.stride(1) == x.shape[2]
+
+
+@functools.cache
+def _kv_writer():
+    try:
+        return function("kvserve_write_kv", *[ctypes.c_void_p] * 4, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
+                        ctypes.c_int64, ctypes.c_int64)
+    except KernelUnavailable:  # PyTorch's index_copy_ then (use_native below says why, where it matters)
+        return None
 
 
 BACKENDS = ("auto", "native", "sdpa")

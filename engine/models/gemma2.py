@@ -17,7 +17,7 @@ from engine.attention import AttentionMetadata
 from engine.config import ModelConfig
 from engine.models.decoder import DecoderLM
 from engine.models.family import Family, gguf_decoder_fields, hf_decoder_fields
-from engine.models.layers import OffsetRMSNorm
+from engine.models.layers import DirectCall, OffsetRMSNorm
 from engine.models.llama import GGUF_BLOCK, GGUF_NAMES, GatedMLP, LlamaAttention
 
 if TYPE_CHECKING:
@@ -28,7 +28,7 @@ def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     return F.gelu(x, approximate="tanh")
 
 
-class GemmaDecoderLayer(nn.Module):
+class GemmaDecoderLayer(DirectCall, nn.Module):
     """x + post_norm(attn(pre_norm(x))), then x + post_norm(mlp(pre_norm(x))) (Gemma 2 and 3)."""
 
     def __init__(self, cfg: ModelConfig, self_attn: nn.Module) -> None:

@@ -12,7 +12,7 @@ from engine.attention import AttentionMetadata, attention
 from engine.config import ModelConfig
 from engine.models.cpu_matmul import Kernel, vocab_projection
 from engine.models.family import Family, hf_eos_ids
-from engine.models.layers import Linear, set_param
+from engine.models.layers import DirectCall, Linear, set_param
 
 if TYPE_CHECKING:
     from engine.gguf_loader import GGUFMetadata
@@ -24,7 +24,7 @@ def _frozen(module: nn.Module) -> nn.Module:
     return module
 
 
-class GPT2Attention(nn.Module):
+class GPT2Attention(DirectCall, nn.Module):
     def __init__(self, cfg: ModelConfig, index: int) -> None:
         super().__init__()
         self.num_heads = self.num_kv_heads = cfg.num_heads
@@ -44,7 +44,7 @@ class GPT2Attention(nn.Module):
         return self.c_proj(out.flatten(1))
 
 
-class GPT2Block(nn.Module):
+class GPT2Block(DirectCall, nn.Module):
     def __init__(self, cfg: ModelConfig, index: int) -> None:
         super().__init__()
         self.ln_1 = _frozen(nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps))

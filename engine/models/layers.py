@@ -14,7 +14,20 @@ from torch import nn
 from engine.models.int4_matmul import FourBitGroups
 
 
-class RMSNorm(nn.Module):
+class DirectCall:
+    """Calling the module runs its forward and nothing else: no hooks, no tracing checks.
+
+    nn.Module.__call__ costs ~1.3 µs for the hooks kvserve never registers, and a decode step makes ~10 module
+    calls a layer: 0.4 ms of SmolLM2's 9 ms step at batch 1 (2-core Zen 4). Put it first among the bases.
+    """
+
+    __slots__ = ()
+
+    def __call__(self, *args, **kwargs):
+        return self.forward(*args, **kwargs)
+
+
+class RMSNorm(DirectCall, nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.empty(dim), requires_grad=False)
@@ -107,7 +120,7 @@ def rope_inv_freq(dim: int, theta: float, scaling: dict | None, max_positions: i
     raise ValueError(f"unsupported rope_scaling type {kind!r} (supported: {', '.join(ROPE_TYPES)})")
 
 
-class RotaryEmbedding(nn.Module):
+class RotaryEmbedding(DirectCall, nn.Module):
     """Precomputed cos/sin per position; applied with HF's rotate-half layout to the first rotary_dim dims."""
 
     def __init__(self, head_dim: int, max_positions: int, theta: float, scaling: dict | None,
@@ -188,7 +201,7 @@ def check_loaded(model: nn.Module) -> None:
         raise ValueError(f"checkpoint is missing {len(missing)} tensors: {shown}")
 
 
-class Linear(nn.Linear):
+class Linear(DirectCall, nn.Linear):
     """nn.Linear whose CPU forward can run a kernel over a weight packed once at load (see cpu_matmul).
 
     The original weight stays for everything else (tied embeddings, the inspection path, CUDA).
@@ -205,6 +218,6 @@ class Linear(nn.Linear):
             p.requires_grad_(False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kernel is not None and x.device.type == "cpu":
+        if self.kernel is not None and x.is_cpu:
             return self.kernel(x)
         return F.linear(x, self.weight, self.bias)

@@ -16,13 +16,13 @@ from engine.attention import AttentionMetadata, attention
 from engine.config import ModelConfig
 from engine.models.decoder import DecoderLM
 from engine.models.family import Family, gguf_decoder_fields, hf_decoder_fields, hf_sliding_window
-from engine.models.layers import Linear, RMSNorm, RotaryEmbedding
+from engine.models.layers import DirectCall, Linear, RMSNorm, RotaryEmbedding
 
 if TYPE_CHECKING:
     from engine.gguf_loader import GGUFMetadata
 
 
-class LlamaAttention(nn.Module):
+class LlamaAttention(DirectCall, nn.Module):
     def __init__(self, cfg: ModelConfig, index: int, rotary: RotaryEmbedding) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -47,7 +47,7 @@ class LlamaAttention(nn.Module):
         return self.o_proj(out.flatten(1))
 
 
-class GatedMLP(nn.Module):
+class GatedMLP(DirectCall, nn.Module):
     """down(act(gate(x)) * up(x)), gate and up fused: SwiGLU with SiLU (Llama), GeGLU with GELU-tanh (Gemma)."""
 
     def __init__(self, cfg: ModelConfig, activation: Callable[[torch.Tensor], torch.Tensor] = F.silu) -> None:
@@ -61,7 +61,7 @@ class GatedMLP(nn.Module):
         return self.down_proj(self.activation(gate) * up)
 
 
-class LlamaDecoderLayer(nn.Module):
+class LlamaDecoderLayer(DirectCall, nn.Module):
     def __init__(self, cfg: ModelConfig, self_attn: nn.Module) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)

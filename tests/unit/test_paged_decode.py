@@ -180,6 +180,29 @@ def test_no_compiler_falls_back_to_sdpa_with_a_reason(tiny_llama_dir: str, monke
         native.load.cache_clear()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kv_write_puts_each_token_in_its_slot_as_index_copy_does(dtype: torch.dtype) -> None:
+    from engine.attention import write_kv
+
+    gen = torch.Generator().manual_seed(3)
+    blocks, kv_heads, head_dim, tokens = 6, 3, 16, 5
+    # k and v as a layer hands them over: views into one fused projection, rows strided, each row contiguous
+    fused = torch.randn(tokens, (4 + 2 * kv_heads) * head_dim, generator=gen).to(dtype)
+    k = fused[:, 4 * head_dim:(4 + kv_heads) * head_dim].view(tokens, kv_heads, head_dim)
+    v = fused[:, (4 + kv_heads) * head_dim:].view(tokens, kv_heads, head_dim)
+    slots = torch.tensor([7, 0, 23, 8, 12])
+    caches = [torch.randn(blocks, BLOCK, kv_heads, head_dim, generator=gen).to(dtype) for _ in range(2)]
+    expected = [c.clone().view(-1, kv_heads, head_dim).index_copy_(0, slots, new).view(c.shape)
+                for c, new in zip(caches, (k, v), strict=True)]
+    assert paged_decode.write_kv(*caches, k, v, slots)
+    assert all(torch.equal(c, e) for c, e in zip(caches, expected, strict=True))
+    # a layout a slot does not hold row by row: the kernel declines, and write_kv copies with PyTorch
+    k_heads_strided = torch.randn(kv_heads, tokens, head_dim, generator=gen).to(dtype).transpose(0, 1)
+    assert not paged_decode.write_kv(*caches, k_heads_strided, v, slots)
+    write_kv(*caches, k_heads_strided, v, slots)
+    assert torch.equal(caches[0].view(-1, kv_heads, head_dim)[slots], k_heads_strided)
+
+
 def test_backend_names_and_what_the_kernel_reads() -> None:
     with pytest.raises(ValueError, match="unknown attention_backend"):
         paged_decode.use_native("flash", torch.device("cpu"), torch.float32)
