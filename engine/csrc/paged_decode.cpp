@@ -233,12 +233,29 @@ void paged_decode(
     int64_t window,  // > 0: the query sees only its last `window` keys (itself included)
     float softcap) { // > 0: scores -> softcap * tanh(scores / softcap) before the softmax (Gemma 2)
   const int64_t group = heads / kv_heads;  // query heads sharing one KV head
+  // The (row, KV head) pairs in the order the threads take them: row by row, except that rows with the same
+  // block table (a speculative step's draft rows: one sequence at consecutive positions) go KV head by KV
+  // head, so a thread reads a head's keys and values from memory for the first of those rows and from its
+  // cache for the next (a 4-row verify step at 400 keys took 161 µs a layer, reading them 4 times). Each
+  // pair is still computed alone, so the order changes no bits.
+  std::vector<int64_t> order;
+  order.reserve(rows * kv_heads);
+  for (int64_t first = 0; first < rows;) {
+    int64_t last = first + 1;
+    while (last < rows && std::memcmp(block_tables + last * max_blocks, block_tables + first * max_blocks,
+                                      max_blocks * sizeof(int32_t)) == 0)
+      ++last;
+    for (int64_t kv_head = 0; kv_head < kv_heads; ++kv_head)
+      for (int64_t row = first; row < last; ++row) order.push_back(row * kv_heads + kv_head);
+    first = last;
+  }
   at::parallel_for(0, rows * kv_heads, 1, [&](int64_t begin, int64_t end) {
     std::vector<const Cache*> k_rows, v_rows;  // the visible keys' rows in the cache, in position order
     std::vector<float> weights;                // (group, keys): scores, then exp(score - max)
     std::vector<float> k_wide, v_wide;         // a bf16 cache's rows widened to fp32
     std::vector<const float*> k_wide_rows, v_wide_rows;
-    for (int64_t item = begin; item < end; ++item) {
+    for (int64_t index = begin; index < end; ++index) {
+      const int64_t item = order[index];
       const int64_t row = item / kv_heads, kv_head = item % kv_heads;
       const int64_t len = context_lens[row];
       const int32_t* table = block_tables + row * max_blocks;

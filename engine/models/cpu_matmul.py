@@ -153,7 +153,13 @@ def _bf16_kernel(weight: torch.Tensor, bias: torch.Tensor | None) -> Kernel:
 
 
 def _row_blocked(kind: str, linear: Kernel, out_features: int, in_features: int) -> Kernel:
-    """The kernel, called in blocks of at most the row count that keeps every row's result its own."""
+    """The kernel, called in blocks of at most the row count that keeps every row's result its own.
+
+    A kernel marked `batch_invariant` (kvserve's integer kernels: each row's sums are exact integers) is
+    returned as it is: nothing to measure, and no wrapper call in each of a step's matmuls.
+    """
+    if getattr(linear, "batch_invariant", False):
+        return linear
     block = _safe_block_rows(kind, linear, out_features, in_features)
 
     def blocked(x: torch.Tensor) -> torch.Tensor:  # x: (rows, in_features)

@@ -217,6 +217,10 @@ class Linear(DirectCall, nn.Linear):
         for p in self.parameters():
             p.requires_grad_(False)
 
+    def reset_parameters(self) -> None:
+        """No random init: the weights come from the checkpoint (check_loaded says when one did not). On the
+        meta device nn.Linear's init still cost 0.3 ms a layer, 40 ms of a start for SmolLM2."""
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel is not None and x.is_cpu:
             return self.kernel(x)

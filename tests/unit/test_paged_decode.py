@@ -135,6 +135,25 @@ def test_a_row_is_the_same_bits_alone_in_any_batch_and_on_any_thread_count() -> 
     assert torch.equal(one_thread, batched)
 
 
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("window", [0, 5])
+def test_rows_of_one_sequence_a_verify_step_s_drafts_are_each_the_same_bits_as_alone(cache_dtype: torch.dtype,
+                                                                                   window: int) -> None:
+    q, k_cache, v_cache, tables, lens = random_case(6, 9, 3, 64, seed=4)
+    k_cache, v_cache = k_cache.to(cache_dtype), v_cache.to(cache_dtype)
+    # rows 1-4: one sequence's next four positions (the same table), between two other sequences
+    tables = [tables[0], *[tables[1]] * 4, tables[2]]
+    base = max(1, min(lens[1], len(tables[1]) * BLOCK - 3))
+    lens = [lens[0], base, base + 1, base + 2, base + 3, lens[2]]
+    spec = AttentionSpec(0, 0.125, window=window or None)
+    q = q[:6]
+    batched = run(q, k_cache, v_cache, tables, lens, spec)
+    alone = torch.cat([run(q[i:i + 1], k_cache, v_cache, tables[i:i + 1], lens[i:i + 1], spec) for i in range(6)])
+    assert torch.equal(batched, alone)
+    torch.testing.assert_close(batched.double(), reference(q, k_cache.float(), v_cache.float(), tables, lens, spec),
+                               rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize(("dtype", "tolerance"), [(torch.float32, 1e-5), (torch.bfloat16, 0.05)])
 @pytest.mark.parametrize("chunk_size", [1, 3])
 def test_served_logits_match_the_gather_and_sdpa_path(tiny_llama_dir: str, chunk_size: int, dtype: torch.dtype,

@@ -53,9 +53,12 @@ def test_computes_the_product_with_16_bit_rows(out_features: int, in_features: i
 @needs_kernel
 def test_a_row_is_the_same_bits_alone_and_in_any_batch() -> None:
     linear = w4a16_linear(fp16_grid(192, 1536), torch.randn(192))
-    x = rows(70, 1536)
+    x = rows(200, 1536)
     alone = torch.cat([linear(row) for row in x.split(1)])
-    for count in (2, 3, 4, 5, 7, 8, 9, 16, 17, 40, 70):  # VNNI tiles below 8 rows, AMX tiles (where present) from 8
+    # VNNI tiles below 8 rows, AMX tiles (where present) from 8; prefill chunks of hundreds of rows in one call
+    # (the kernel is marked batch_invariant, so matmuls do not cut them into blocks)
+    assert linear.batch_invariant
+    for count in (2, 3, 4, 5, 7, 8, 9, 16, 17, 40, 70, 129, 200):
         assert torch.equal(torch.cat([linear(part) for part in x.split(count)]), alone), count
 
 
