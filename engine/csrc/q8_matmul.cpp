@@ -150,3 +150,23 @@ extern "C" void kvserve_q8_matmul(float*, const float*, const int8_t*, const flo
                                   int64_t) {}
 
 #endif
+
+// The codes and corrections in the layout kvserve_q8_matmul reads, from q (n, k_dim) int8: codes (n / 16,
+// k_dim / 4, 16, 4), lane `lane` of block `b` holding inputs 4j..4j+3 of output 16b + lane; corrections
+// (n / 16, k_dim / 32, 16) int32, 128 times the sum of each group of 32 codes (the kernel feeds codes + 128
+// to VNNI's unsigned operand). One pass (PyTorch's transposes and integer sums took 60-80 ms of a start).
+extern "C" void kvserve_q8_pack(int8_t* codes, int32_t* corrections, const int8_t* q, int64_t n, int64_t k_dim) {
+  const int64_t quads = k_dim / 4, groups = k_dim / 32;
+  for (int64_t block = 0; block < n / 16; ++block)
+    for (int64_t lane = 0; lane < 16; ++lane) {
+      const int8_t* row = q + (block * 16 + lane) * k_dim;
+      int8_t* dst = codes + (block * quads * 16 + lane) * 4;
+      for (int64_t j = 0; j < quads; ++j) std::memcpy(dst + j * 64, row + 4 * j, 4);
+      int32_t* sums = corrections + block * groups * 16 + lane;
+      for (int64_t g = 0; g < groups; ++g) {
+        int32_t sum = 0;
+        for (int64_t i = 0; i < 32; ++i) sum += row[32 * g + i];
+        sums[g * 16] = 128 * sum;
+      }
+    }
+}

@@ -72,15 +72,14 @@ def q8_linear(groups: EightBitGroups):
         raise RuntimeError("the 8-bit kernel does not run here (no AVX-512 VNNI, or the kernels did not build)")
     out_features, in_features = groups.q.shape
     blocks = out_features // _BLOCK
-    # (blocks, in / 4, 16, 4): each lane four consecutive inputs of one output, as VNNI multiplies them (moved
-    # four bytes at a time, as int32: twice as fast a copy, part of every start)
-    codes = groups.q.contiguous().view(torch.int32).reshape(blocks, _BLOCK, -1).transpose(1, 2).contiguous()
+    # codes (blocks, in / 4, 16, 4): each lane four consecutive inputs of one output, as VNNI multiplies them;
+    # corrections: the kernel feeds the row's codes + 128 to VNNI's unsigned operand, so 128 * each group's code
+    # sum comes off. Both in one pass by csrc/q8_matmul.cpp.
+    codes = torch.empty(blocks, in_features // 4, _BLOCK, 4, dtype=torch.int8)
+    corrections = torch.empty(blocks, in_features // GROUP, _BLOCK, dtype=torch.int32)
+    q = groups.q.to(torch.int8).contiguous()  # held while the kernel reads it
+    _packer()(codes.data_ptr(), corrections.data_ptr(), q.data_ptr(), out_features, in_features)
     scales = groups.scale.reshape(blocks, _BLOCK, -1).transpose(1, 2).contiguous()
-    # The kernel feeds the row's codes + 128 to VNNI's unsigned operand: 128 * each group's code sum comes off.
-    # Summed in int16 (32 codes of at most 127 in magnitude cannot overflow it): half the time of int32 sums,
-    # 25 ms of every start for SmolLM2's head.
-    code_sums = groups.q.reshape(-1, GROUP).to(torch.int16).sum(-1, dtype=torch.int16).to(torch.int32)
-    corrections = (128 * code_sums).reshape(blocks, _BLOCK, -1).transpose(1, 2).contiguous()
 
     def linear(x: torch.Tensor) -> torch.Tensor:
         if x.dtype != torch.float32 or not x.is_contiguous():
@@ -93,6 +92,12 @@ def q8_linear(groups: EightBitGroups):
 
     linear.keep_alive = (codes, scales, corrections)  # the kernel reads these through their pointers
     return linear
+
+
+def _packer():
+    from engine import native
+
+    return native.function("kvserve_q8_pack", *[ctypes.c_void_p] * 3, *[ctypes.c_int64] * 2)
 
 
 def _kernel():

@@ -60,14 +60,19 @@ def _pack(groups: FourBitGroups) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
     q = groups.q.to(torch.uint8).contiguous()
     out_features, in_features = q.shape
     blocks = out_features // _BLOCK
-    # four codes as one int32 (each byte <= 15, so shifting the second four by 4 stays within their bytes)
-    eights = q.view(torch.int32).reshape(blocks, _BLOCK, in_features // 8, 2)
-    codes = (eights[..., 0] | (eights[..., 1] << 4)).transpose(1, 2).contiguous().view(torch.uint8)
+    codes = torch.empty(blocks, in_features // 8, _BLOCK, 4, dtype=torch.uint8)
+    _packer()(codes.data_ptr(), q.data_ptr(), out_features, in_features)  # csrc/w4a16_matmul.cpp: one pass
 
     def by_block(table: torch.Tensor) -> torch.Tensor:
         return table.half().reshape(blocks, _BLOCK, -1).transpose(1, 2).contiguous()
 
     return codes, by_block(groups.step), by_block(groups.low)
+
+
+def _packer():
+    from engine import native
+
+    return native.function("kvserve_w4a16_pack", *[ctypes.c_void_p] * 2, *[ctypes.c_int64] * 2)
 
 
 def _kernel():
