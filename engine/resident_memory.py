@@ -16,12 +16,14 @@ Linux), `lazy_zeros` writes the zeros itself, as before.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import errno
 import functools
 import logging
 import mmap
+import os
 import threading
 import time
 
@@ -82,6 +84,9 @@ def make_resident(tensor: torch.Tensor) -> threading.Thread:
     length = tensor.untyped_storage().nbytes()
 
     def populate() -> None:
+        # At the lowest priority: the first requests, which may come in meanwhile, go first for the cores.
+        with contextlib.suppress(OSError, AttributeError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
         start = time.perf_counter()
         for offset in range(0, length, SLICE_BYTES):
             if (err := _populate(tensor.data_ptr() + offset, min(SLICE_BYTES, length - offset))) != 0:
