@@ -6,7 +6,7 @@ PORT ?= 8000
 MODEL ?= smollm2-135m
 PYTEST_ARGS ?=
 
-.PHONY: serve test test-fast test-soak lint venv dev-deps model cpu-features bench bench-peers profile clean
+.PHONY: serve test test-fast test-soak lint venv dev-deps model bytecode cpu-features bench bench-peers profile clean
 
 $(BIN)/kvserve: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,10 +28,16 @@ dev-deps: $(VENV)/.dev-deps
 model: venv  ## fetch the default model into $$KVSERVE_HOME (~/.cache/kvserve) unless it is there
 	$(BIN)/kvserve pull $(MODEL)
 
+# pip byte-compiles a regular install (the image's), not an editable one; and where PYTHONDONTWRITEBYTECODE is set
+# (the development VMs) Python never writes the .pyc itself, so every start compiled kvserve's ~90 modules
+# again: ~0.1 s of a 2 s cold start. Cheap when they are up to date.
+bytecode: venv  ## byte-compile engine/ and service/ for faster starts
+	$(BIN)/python -m compileall -q engine service
+
 cpu-features: venv  ## the CPU features detected, the default CPU weight format and the formats refused here
 	$(BIN)/kvserve cpu-features
 
-serve: model  ## serve the default model on http://127.0.0.1:$(PORT)
+serve: model bytecode  ## serve the default model on http://127.0.0.1:$(PORT)
 	$(BIN)/kvserve serve --model $(MODEL) --port $(PORT)
 
 test: dev-deps model  ## unit, integration and browser tests, plus the deployment checks
