@@ -22,6 +22,7 @@ import ctypes.util
 import errno
 import functools
 import logging
+import math
 import mmap
 import os
 import threading
@@ -35,6 +36,7 @@ MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)  # Linux's value;
 # Populated a slice at a time: one call over the whole cache holds the process's memory map for its length,
 # and the engine's own allocations would wait on it.
 SLICE_BYTES = 8 << 20
+_CANNOT_POPULATE = (errno.EINVAL, errno.ENOSYS)  # a kernel older than 5.14, or no libc madvise
 
 
 @functools.cache
@@ -60,17 +62,15 @@ def _populate(address: int, length: int) -> int:
 def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """A zero-filled CPU tensor whose pages are not yet resident (see make_resident), where the kernel can
     populate them later; elsewhere torch.zeros."""
-    numel = 1
-    for size in shape:
-        numel *= size
-    length = numel * torch.empty(0, dtype=dtype).element_size()
+    numel = math.prod(shape)
+    length = numel * dtype.itemsize
     if length == 0 or not hasattr(mmap, "MAP_ANONYMOUS"):
         return torch.zeros(shape, dtype=dtype)
     mapping = mmap.mmap(-1, length, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     tensor = torch.frombuffer(mapping, dtype=dtype, count=numel).view(shape)  # keeps `mapping` alive
     # One page here: a kernel that cannot populate says so now, and the zeros are written instead.
     if (err := _populate(tensor.data_ptr(), min(length, mmap.PAGESIZE))) != 0:
-        if err not in (errno.EINVAL, errno.ENOSYS):
+        if err not in _CANNOT_POPULATE:
             raise MemoryError(f"{length} bytes of KV cache could not be made resident: {errno.errorcode.get(err)}")
         tensor.zero_()  # already zeros: writing them faults every page in
     return tensor
@@ -90,6 +90,8 @@ def make_resident(tensor: torch.Tensor) -> threading.Thread:
         start = time.perf_counter()
         for offset in range(0, length, SLICE_BYTES):
             if (err := _populate(tensor.data_ptr() + offset, min(SLICE_BYTES, length - offset))) != 0:
+                if err in _CANNOT_POPULATE:  # lazy_zeros wrote the zeros, so every page is resident already
+                    return
                 log.error("the KV cache could not be made resident", extra={"fields": {
                     "bytes": length, "errno": errno.errorcode.get(err, err)}})
                 return
