@@ -52,10 +52,11 @@ def part_ranges():
 
     patches = [(layers.Linear, "forward", "matmul"), (decoder, "vocab_projection", "matmul"),
                (llama, "attention", "attention"), (layers.RMSNorm, "forward", "norm"),
+               (layers.RMSNorm, "add_and_norm", "norm"),  # the residual add and the norm, one native pass
                (layers.RotaryEmbedding, "forward", "rotary"), (engine.engine, "sample", "sampling"),
                (engine.engine.ModelRunner, "execute", "forward"),
                # not a part but an op: the profiler sees no op inside a ctypes call, so it gets a range of its own
-               (paged_decode, "decode_attention", "kvserve::paged_decode")]
+               (paged_decode, "decode_attention", "kvserve::paged_decode"), (llama, "silu_and_mul", "kvserve::silu_mul")]
     saved = [(owner, attr, getattr(owner, attr)) for owner, attr, _ in patches]
     for owner, attr, name in patches:
         setattr(owner, attr, _ranged(name, getattr(owner, attr)))

@@ -1,4 +1,5 @@
-// RMSNorm on the CPU, one row at a time: y = x / sqrt(mean(x^2) + eps) * w, in fp32.
+// RMSNorm on the CPU, one row at a time: y = x / sqrt(mean(x^2) + eps) * w, in fp32; optionally of a residual
+// sum x + r, which it also writes (kvserve_add_rms_norm_*).
 //
 // PyTorch 2.13's CPU rms_norm is five elementwise passes and a reduction (8 µs for one 576-float row, 90 µs
 // for 64 rows of a bf16 model, which also casts in and out): 61 of them made 8% of a decode step. Here a
@@ -18,14 +19,29 @@ namespace {
 
 using namespace kvserve;
 
+// With `residual`, the row normalised is x + residual (rounded to T, as PyTorch's add would), which is also
+// written to `sum`: a decoder layer's residual add and the next norm in one pass instead of two dispatches.
 template <typename T>
-void rms_norm(T* out, const T* x, const T* weight, int64_t rows, int64_t dim, float eps) {
+void rms_norm(T* out, const T* x, const T* weight, int64_t rows, int64_t dim, float eps,
+              const T* residual = nullptr, T* sum = nullptr) {
   // Small rows: a parallel region costs more than it saves below a few thousand floats.
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(dim, 1));
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       const T* in = x + row * dim;
       T* o = out + row * dim;
+      if (residual != nullptr) {
+        T* s = sum + row * dim;
+        const T* r = residual + row * dim;
+        for (int64_t k = 0; k < dim; ++k) {
+          if constexpr (sizeof(T) == 2) {
+            s[k] = to_bf16(to_float(in[k]) + to_float(r[k]));
+          } else {
+            s[k] = in[k] + r[k];
+          }
+        }
+        in = s;
+      }
       vec16 acc = {};
       int64_t i = 0;
       for (; i + 16 <= dim; i += 16) {
@@ -57,4 +73,14 @@ extern "C" void kvserve_rms_norm_f32(float* out, const float* x, const float* we
 extern "C" void kvserve_rms_norm_bf16(uint16_t* out, const uint16_t* x, const uint16_t* weight, int64_t rows,
                                       int64_t dim, float eps) {
   rms_norm(out, x, weight, rows, dim, eps);
+}
+
+extern "C" void kvserve_add_rms_norm_f32(float* out, float* sum, const float* x, const float* residual,
+                                         const float* weight, int64_t rows, int64_t dim, float eps) {
+  rms_norm(out, x, weight, rows, dim, eps, residual, sum);
+}
+
+extern "C" void kvserve_add_rms_norm_bf16(uint16_t* out, uint16_t* sum, const uint16_t* x, const uint16_t* residual,
+                                          const uint16_t* weight, int64_t rows, int64_t dim, float eps) {
+  rms_norm(out, x, weight, rows, dim, eps, residual, sum);
 }

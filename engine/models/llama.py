@@ -16,7 +16,7 @@ from engine.attention import AttentionMetadata, attention
 from engine.config import ModelConfig
 from engine.models.decoder import DecoderLM
 from engine.models.family import Family, gguf_decoder_fields, hf_decoder_fields, hf_sliding_window
-from engine.models.layers import DirectCall, Linear, RMSNorm, RotaryEmbedding
+from engine.models.layers import DirectCall, Linear, RMSNorm, RotaryEmbedding, silu_and_mul
 
 if TYPE_CHECKING:
     from engine.gguf_loader import GGUFMetadata
@@ -57,7 +57,10 @@ class GatedMLP(DirectCall, nn.Module):
         self.activation = activation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        gate_up = self.gate_up_proj(x)
+        if self.activation is F.silu:
+            return self.down_proj(silu_and_mul(gate_up))  # one native pass on CPU
+        gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(self.activation(gate) * up)
 
 
@@ -70,8 +73,8 @@ class LlamaDecoderLayer(DirectCall, nn.Module):
         self.mlp = GatedMLP(cfg)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), positions, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        x, normed = self.post_attention_layernorm.add_and_norm(x, self.self_attn(self.input_layernorm(x), positions, meta))
+        return x + self.mlp(normed)
 
 
 class LlamaForCausalLM(DecoderLM):

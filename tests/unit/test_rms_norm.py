@@ -53,3 +53,27 @@ def test_non_contiguous_input_and_other_dtypes() -> None:
     torch.testing.assert_close(module(x), F.rms_norm(x, (64,), module.weight, module.eps), rtol=2e-6, atol=1e-6)
     assert _native_rms_norm(x.half(), module.weight.half()) is None  # fp16: PyTorch's
     assert _native_rms_norm(x.bfloat16(), module.weight) is None  # weight of another dtype: PyTorch's
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dim", [576, 100])
+def test_add_and_norm_is_the_add_then_the_norm(dim: int, dtype: torch.dtype) -> None:
+    """The fused residual add (a decoder layer's) gives the bits of PyTorch's add, then of the module's forward."""
+    module = norm(dim, dtype)
+    gen = torch.Generator().manual_seed(5)
+    x, residual = (torch.randn(9, dim, generator=gen) * 3).to(dtype), torch.randn(9, dim, generator=gen).to(dtype)
+    assert _native_rms_norm(x, module.weight, with_residual=True) is not None
+    total, normed = module.add_and_norm(x, residual)
+    assert torch.equal(total, x + residual)
+    assert torch.equal(normed, module(x + residual))
+    assert all(torch.equal(module.add_and_norm(x[i:i + 1], residual[i:i + 1])[1], normed[i:i + 1]) for i in range(9))
+
+
+def test_add_and_norm_of_a_norm_with_its_own_forward_falls_back() -> None:
+    from engine.models.layers import OffsetRMSNorm
+
+    module = OffsetRMSNorm(64, 1e-6)
+    module.weight.data = torch.randn(64, generator=torch.Generator().manual_seed(6))
+    x, residual = torch.randn(3, 64), torch.randn(3, 64)
+    total, normed = module.add_and_norm(x, residual)
+    assert torch.equal(total, x + residual) and torch.equal(normed, module(x + residual))

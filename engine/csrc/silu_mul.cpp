@@ -1,0 +1,41 @@
+// SwiGLU's middle on the CPU: out = silu(gate) * up, with gate and up the two halves of each row of the fused
+// gate_up projection's output (rows, 2 * width) -> (rows, width), in fp32.
+//
+// In PyTorch that is a chunk, a silu and a mul: three dispatches and a temporary (11 µs a row at SmolLM2's
+// width of 1536, 63 µs for 64 rows, 30 times a decode step); here one pass. silu(g) = g / (1 + e^-g) as
+// PyTorch computes it, with exp16 (vec.h, within ~2 ulp) for the exponential, so within a few ulp of
+// PyTorch's result; each element alone, so a row's result never depends on the rows beside it.
+//
+// Built and loaded by engine/native.py (plain C ABI through ctypes; threads from PyTorch's pool).
+#include <ATen/Parallel.h>
+
+#include "vec.h"
+
+#include <algorithm>
+#include <cmath>
+
+namespace {
+
+using namespace kvserve;
+
+inline float silu_times(float g, float u) { return g / (1.0f + std::exp(-g)) * u; }
+
+}  // namespace
+
+extern "C" void kvserve_silu_mul_f32(float* out, const float* gate_up, int64_t rows, int64_t width) {
+  // A parallel region costs more than it saves below a few thousand elements.
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(width, 1));
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const float* gate = gate_up + row * 2 * width;
+      const float* up = gate + width;
+      float* o = out + row * width;
+      int64_t i = 0;
+      for (; i + 16 <= width; i += 16) {
+        const vec16 g = load16(gate + i);
+        store16(o + i, g / (1.0f + exp16(-g)) * load16(up + i));
+      }
+      for (; i < width; ++i) o[i] = silu_times(gate[i], up[i]);
+    }
+  });
+}
