@@ -107,11 +107,20 @@ inline int integer_kernel_kind() {
 //   pass over its blocks and the rest in a second, so the tiles are configured twice a call, not twice a block.
 //   on_block(block) prepares a block once a pass, on_chunk(block, first, m) multiplies rows [first, first + m).
 // - VNNI: work items of (up to 4 rows, a run of ~8 blocks), so one row still splits across threads by blocks;
-//   vnni(ROWS, BLOCKS, first, from, to) runs tiles of ROWS rows x BLOCKS blocks (fewer rows, more blocks a tile,
-//   for 8-16 chains in flight) over blocks [from, to), ROWS and BLOCKS as std::integral_constant.
-template <typename Vnni, typename OnBlock, typename OnChunk>
-void run_integer_kernel(int64_t rows, int64_t n, Vnni vnni, [[maybe_unused]] OnBlock on_block,
-                        [[maybe_unused]] OnChunk on_chunk) {
+//   vnni(ROWS, BLOCKS, first, from, to) runs tiles of ROWS rows x BLOCKS blocks over blocks [from, to), ROWS and
+//   BLOCKS as std::integral_constant. Tiles: the kernel's TileBlocks gives BLOCKS for 1 to 4 rows.
+//
+// Each kernel gives its own tile widths, measured: a tile's accumulators (two int32 and one fp32 per row and
+// block), its broadcast inputs and its weights must fit in 32 vector registers, or the compiler spills them in
+// the inner loop (4 rows x 2 blocks of the int4 kernel spilled ~20 a step of eight inputs). Tiles alternated in
+// one process on a 2-core Zen 4 over SmolLM2's shapes: 4 x 1 instead of 4 x 2 took 4 to 64 rows 9% faster
+// (int4) and 8-18% (Q8_0 head); the Q8_0 head's 2 x 2 and 3 x 1 beat 2 x 4 and 3 x 2 by 13% and 6%.
+template <int OneRow, int TwoRows, int ThreeRows, int FourRows>
+struct TileBlocks {};
+
+template <int B1, int B2, int B3, int B4, typename Vnni, typename OnBlock, typename OnChunk>
+void run_integer_kernel(TileBlocks<B1, B2, B3, B4>, int64_t rows, int64_t n, Vnni vnni,
+                        [[maybe_unused]] OnBlock on_block, [[maybe_unused]] OnChunk on_chunk) {
   const int64_t blocks = n / kBlock;
 #if defined(KVSERVE_AMX_INT8)
   if (rows >= kAmxRows && amx_permitted()) {
@@ -144,10 +153,10 @@ void run_integer_kernel(int64_t rows, int64_t n, Vnni vnni, [[maybe_unused]] OnB
       const int64_t first = item / runs * 4, run = item % runs;
       const int64_t from = run * blocks / runs, to = (run + 1) * blocks / runs;
       switch (std::min<int64_t>(4, rows - first)) {
-        case 1: vnni(integral_constant<int, 1>{}, integral_constant<int, 8>{}, first, from, to); break;
-        case 2: vnni(integral_constant<int, 2>{}, integral_constant<int, 4>{}, first, from, to); break;
-        case 3: vnni(integral_constant<int, 3>{}, integral_constant<int, 2>{}, first, from, to); break;
-        default: vnni(integral_constant<int, 4>{}, integral_constant<int, 2>{}, first, from, to); break;
+        case 1: vnni(integral_constant<int, 1>{}, integral_constant<int, B1>{}, first, from, to); break;
+        case 2: vnni(integral_constant<int, 2>{}, integral_constant<int, B2>{}, first, from, to); break;
+        case 3: vnni(integral_constant<int, 3>{}, integral_constant<int, B3>{}, first, from, to); break;
+        default: vnni(integral_constant<int, 4>{}, integral_constant<int, B4>{}, first, from, to); break;
       }
     }
   });

@@ -131,7 +131,7 @@ extern "C" void kvserve_q8_matmul(float* out, const float* x, const int8_t* code
   quantize_rows(x, rows, k_dim, quantized);
   const QuantizedRows& q = quantized;
   run_integer_kernel(
-      rows, n,
+      TileBlocks<8, 2, 1, 1>{}, rows, n,
       [&](auto tile_rows, auto tile_blocks, int64_t first, int64_t from, int64_t to) {
         blocks_of<tile_rows, tile_blocks>(out, q, first, codes, scales, corrections, from, to, n, k_dim);
       },

@@ -163,7 +163,7 @@ extern "C" void kvserve_w4a16_matmul(float* out, const float* x, const uint8_t* 
   const Weights w{codes, steps, lows, bias};
   thread_local std::vector<uint8_t> unpacked;  // the AMX path's current block (each thread its own)
   run_integer_kernel(
-      rows, n,
+      TileBlocks<8, 4, 2, 1>{}, rows, n,
       [&](auto tile_rows, auto tile_blocks, int64_t first, int64_t from, int64_t to) {
         blocks_of<tile_rows, tile_blocks>(out, q, first, w, from, to, n, k_dim);
       },
