@@ -20,6 +20,7 @@ from engine.converted import load_converted, save_converted
 from engine.grammar import CompiledGrammar, GrammarCompiler, GrammarMatcher, fill_bitmasks
 from engine.kv_cache import BlockManager
 from engine.models.cpu_matmul import keeps_4bit, pack_linears, resolve_quantization
+from engine.models.layers import pin_submodules
 from engine.models_registry import resolve_model
 from engine.outputs import CompletionOutput, EngineStats, RequestMetrics, RequestOutput, TokenLogprob
 from engine.pooling import EmbeddingParams, Pooler, PoolingMethod, read_pooling_method
@@ -111,6 +112,7 @@ class LLMEngine:
         # The formats in use, e.g. "int4+fp16": `auto` keeps a GGUF's 4-bit weights 4-bit (cpu_matmul.py).
         self.quantization = pack_linears(self.model, base_format,
                                          keeps_4bit(config.quantization, self.device, self.dtype))
+        pin_submodules(self.model)
         self.eos_token_ids = set(self.tokenizer.eos_token_ids) | set(self.model_config.eos_token_ids)
         self.grammars = GrammarCompiler(self.tokenizer, self.model_config.vocab_size, self.eos_token_ids)
         self._requests: dict[str, _Request] = {}

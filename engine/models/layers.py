@@ -27,6 +27,18 @@ class DirectCall:
         return self.forward(*args, **kwargs)
 
 
+def pin_submodules(model: nn.Module) -> None:
+    """Make `self.child` a plain instance attribute of every module of the model, for the decode step's sake.
+
+    nn.Module keeps submodules in `_modules` and finds them through `__getattr__`, which Python calls only
+    after the normal lookup has failed: ~0.7 µs each, and a decode step makes ~300 of them (10 a layer).
+    A copy in the instance's `__dict__` is found first. Assigning a module later stays right: nn.Module's
+    `__setattr__` drops the name from `__dict__` before it registers the new one. Call it once the model is built.
+    """
+    for module in model.modules():
+        module.__dict__.update(module._modules)
+
+
 class RMSNorm(DirectCall, nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
@@ -34,9 +46,10 @@ class RMSNorm(DirectCall, nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (kernel := _native_rms_norm(x, self.weight)) is not None:
+        weight = self.weight  # a parameter: each lookup goes through nn.Module.__getattr__
+        if (kernel := _native_rms_norm(x, weight)) is not None:
             out = torch.empty_like(x := x.contiguous())
-            kernel(out.data_ptr(), x.data_ptr(), self.weight.data_ptr(), x.numel() // x.shape[-1], x.shape[-1], self.eps)
+            kernel(out.data_ptr(), x.data_ptr(), weight.data_ptr(), x.numel() // x.shape[-1], x.shape[-1], self.eps)
             return out
         if x.dtype == torch.float32:
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
@@ -46,15 +59,15 @@ class RMSNorm(DirectCall, nn.Module):
     def add_and_norm(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(x + residual, this norm of it): a layer's residual add and the norm after it, in one native pass
         where the kernel runs (the same bits as the add, then forward), else PyTorch's add, then forward."""
-        kernel = None
+        kernel, weight = None, self.weight
         if type(self).forward is RMSNorm.forward and x.shape == residual.shape and x.dtype == residual.dtype:
-            kernel = _native_rms_norm(x, self.weight, with_residual=True)
+            kernel = _native_rms_norm(x, weight, with_residual=True)
         if kernel is None:
             total = x + residual
             return total, self(total)
         x, residual = x.contiguous(), residual.contiguous()
         total, out = torch.empty_like(x), torch.empty_like(x)
-        kernel(out.data_ptr(), total.data_ptr(), x.data_ptr(), residual.data_ptr(), self.weight.data_ptr(),
+        kernel(out.data_ptr(), total.data_ptr(), x.data_ptr(), residual.data_ptr(), weight.data_ptr(),
                x.numel() // x.shape[-1], x.shape[-1], self.eps)
         return total, out
 
