@@ -29,7 +29,7 @@ from engine.sampling import SamplingRow, make_generator, prompt_logprobs, sample
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler, SchedulerOutput
 from engine.sequence import Sequence
-from engine.speculative import draft_limit, propose, speculates
+from engine.speculative import draft_limit, propose, sequence_draft_limit, speculates
 from engine.stop import StopStringMatcher
 from engine.tokenizer import IncrementalDetokenizer, Tokenizer
 from engine.weights import load_model, read_model_config
@@ -315,7 +315,7 @@ class LLMEngine:
             if seq.num_computed_tokens != len(seq) - 1 or seq.num_output_tokens == 0 or not speculates(seq.params):
                 continue
             # Never past the context or max_tokens: every draft accepted plus the token after them must fit.
-            room = min(limit, self.max_model_len - len(seq))
+            room = min(sequence_draft_limit(limit, seq.num_draft_steps, seq.num_drafts_kept), self.max_model_len - len(seq))
             if seq.params.max_tokens is not None:
                 room = min(room, seq.params.max_tokens - seq.num_output_tokens - 1)
             seq.draft_token_ids = propose(seq.token_ids, config, room)
@@ -381,11 +381,13 @@ class LLMEngine:
                             self.eos_token_ids) for j in range(len(drafts) + 1)]
         now = time.monotonic()
         self._stats.spec_draft_tokens += len(drafts)
+        seq.num_draft_steps += 1
         for j, (token, logprob) in enumerate(verify_drafts(result.logits, rows, drafts)):
             self._append_token(sample_, token, logprob, now)
             if seq.is_finished or j == len(drafts) or token != drafts[j]:
                 break
             seq.num_computed_tokens += 1  # the draft fed as input j + 1 is this token: its K/V stand
+            seq.num_drafts_kept += 1
             self._stats.spec_accepted_tokens += 1
         if not seq.is_finished:
             self.blocks.commit(seq)

@@ -42,6 +42,8 @@ class Sequence:
     pooler: Pooler | None = None  # set for embedding requests: prefill only, final states pooled
     # Guessed next tokens checked by this step's forward pass (engine/speculative.py); empty otherwise.
     draft_token_ids: list[int] = field(default_factory=list)
+    num_draft_steps: int = 0  # steps that checked drafts of this sequence
+    num_drafts_kept: int = 0  # drafts the model agreed with, over those steps
 
     @property
     def needs_every_position(self) -> bool:

@@ -10,7 +10,7 @@ from helpers.tiny_engine import make_tiny_model_dir
 from test_engine import FORMATS, assert_all_free, make_engine, run_all
 
 from engine import LLMEngine, SamplingParams
-from engine.speculative import NgramConfig, draft_limit, propose
+from engine.speculative import NgramConfig, draft_limit, propose, sequence_draft_limit
 
 # Speculate at every batch size the tests use, so batched verify rows are exercised too.
 SPEC = NgramConfig(num_speculative_tokens=4, prompt_lookup_max=3, prompt_lookup_min=1, disable_by_batch_size=64)
@@ -48,6 +48,35 @@ def test_drafts_per_sequence_shrink_as_more_sequences_run() -> None:
     # 1-2 running: 3 drafts each; 3-4: 1 each; past disable_by_batch_size (4) or with nothing running: none.
     assert [draft_limit(NgramConfig(), n) for n in range(6)] == [0, 3, 3, 1, 1, 0]
     assert draft_limit(NgramConfig(num_speculative_tokens=2, disable_by_batch_size=8), 8) == 1
+
+
+def test_a_sequence_whose_drafts_are_turned_down_checks_one_at_a_time() -> None:
+    # (limit, draft steps so far, drafts kept over them): new sequences are trusted; below ~0.5 kept a step, 1 draft.
+    assert sequence_draft_limit(3, 0, 0) == 3
+    assert sequence_draft_limit(3, 1, 0) == 3  # one miss: (0 + 1) >= 0.5 * 2
+    assert sequence_draft_limit(3, 2, 0) == 1
+    assert sequence_draft_limit(3, 5, 2) == 3 and sequence_draft_limit(3, 6, 2) == 1
+    assert sequence_draft_limit(3, 40, 60) == 3
+    assert sequence_draft_limit(1, 10, 0) == 1 and sequence_draft_limit(0, 0, 0) == 0
+
+
+def test_the_engine_keeps_each_sequences_record_and_narrows_its_drafts(tiny_dir: str) -> None:
+    engine = make_engine(tiny_dir, quantization="none", speculative=SPEC)
+    ids = repetitive_prompts(1, seed=5, vocab=engine.model_config.vocab_size)[0]
+    engine.add_request("r", ids, SamplingParams(max_tokens=40, temperature=0, ignore_eos=True))
+    narrowed = 0
+    while engine.has_unfinished():
+        seq = engine.scheduler.running[0] if engine.scheduler.running else None
+        record = (seq.num_draft_steps, seq.num_drafts_kept) if seq else (0, 0)
+        drafts_before = engine.stats().spec_draft_tokens
+        engine.step()
+        checked = engine.stats().spec_draft_tokens - drafts_before
+        if sequence_draft_limit(SPEC.num_speculative_tokens, *record) == 1:
+            assert checked <= 1
+            narrowed += checked
+    stats = engine.stats()
+    assert (seq.num_draft_steps > 0, seq.num_drafts_kept) == (True, stats.spec_accepted_tokens)
+    assert narrowed > 0, "the random model's drafts should be turned down often enough to narrow them"
 
 
 def test_vllm_speculative_config_is_accepted_and_bad_ones_are_refused() -> None:
