@@ -32,8 +32,8 @@ _DEFAULT_LOOKUP_MIN = 2
 
 @dataclass(frozen=True, slots=True)
 class NgramConfig:
-    # Most draft tokens checked in one step. 3, because a step of 4 rows costs ~1.2x one row, and from 5
-    # rows on PyTorch's int4 kernel switches to a path that costs ~3x (measured on Zen 4; bench.speculative).
+    # Most draft tokens checked in one step. 3, because a step of 4 rows costs ~1.3x one row, and more
+    # drafts are kept less often (measured on Zen 4; bench.speculative). sequence_draft_limit narrows it.
     num_speculative_tokens: int = 3
     prompt_lookup_max: int = 4  # longest n-gram looked up (tried first)
     prompt_lookup_min: int = _DEFAULT_LOOKUP_MIN  # shortest n-gram looked up
