@@ -296,6 +296,9 @@ def test_run_bench_and_offline_mode_end_to_end(fake_server) -> None:
     assert [lv["output_tokens"] for lv in run["levels"]] == [12, 24]
     offline = run_openai(url, [[1], [2], [3], [4]], [1, 4], max_tokens=7)
     assert {size: entry["tokens"] for size, entry in offline.items()} == {"1": 7, "4": 28}
+    for entry in offline.values():  # three runs each, the median one reported
+        assert len(entry["runs_tok_s"]) == 3 and entry["runs_tok_s"] == sorted(entry["runs_tok_s"])
+        assert entry["tok_s"] == pytest.approx(entry["runs_tok_s"][1], abs=0.06)
     assert handler.max_in_flight <= 4
 
 
