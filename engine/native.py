@@ -8,7 +8,7 @@ keeps its PyTorch path. Each kernel's module declares its functions' C signature
 
 - csrc/paged_decode.cpp: decode attention over the paged KV cache (engine/paged_decode.py)
 - csrc/rms_norm.cpp: RMSNorm, alone or after a residual add (engine/models/layers.py)
-- csrc/silu_mul.cpp: SwiGLU's silu(gate) * up (engine/models/layers.py)
+- csrc/elementwise.cpp: SwiGLU's silu(gate) * up and the residual add (engine/models/layers.py)
 - csrc/rotary.cpp: rotary position embedding, PyTorch's bits in one call (engine/models/layers.py)
 - csrc/int4_gemv.cpp: int4 matmuls over PyTorch's packed weights (engine/models/int4_matmul.py)
 - csrc/q8_matmul.cpp: a Q8_0 LM head's matmul, llama.cpp's arithmetic on VNNI or AMX (engine/models/q8_matmul.py)

@@ -20,6 +20,7 @@ from engine.attention import (
     grouped_mask,
 )
 from engine.config import ModelConfig
+from engine.decode_graph import DecodeGraph
 from engine.kv_cache import BlockManager
 from engine.resident_memory import lazy_zeros, make_resident
 from engine.sampling_params import SamplingParams
@@ -97,6 +98,16 @@ class ModelRunner:
         for i, layer in enumerate(model.layers):
             layer.self_attn.k_cache = self.kv_cache[0, i]
             layer.self_attn.v_cache = self.kv_cache[1, i]
+        self.decode_graph: DecodeGraph | None = None  # capture_decode_graph() sets it
+
+    def capture_decode_graph(self, max_model_len: int) -> None:
+        """Record a one-row decode step as kernel calls (engine/decode_graph.py), where the model's step is only
+        kvserve's kernels; steps of one decode row then replay them. Call it before serving: see capture()."""
+        if not (self.device.type == "cpu" and self.native_decode):
+            return
+        self.decode_graph, why_not = DecodeGraph.capture(self.model, -(-max_model_len // self.block_size))
+        if why_not:
+            log.info(f"one-row decode steps run the modules (not a recorded step): {why_not}")
 
     def make_kv_cache_resident(self) -> threading.Thread | None:
         """Have every page of a CPU KV cache backed, on a background thread (engine/resident_memory.py)."""
@@ -153,9 +164,15 @@ class ModelRunner:
             ids.append(row.token_id)
             positions.append(row.position)
             slots.append(self._slot(seq, row.position))
-        meta = self._metadata(prefills, decode_rows, slots)
         input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
         pos = torch.tensor(positions, dtype=torch.long, device=self.device)
+        if self.decode_graph is not None and not prefills and len(decode_rows) == 1 and self._plain(decode_rows[0].item):
+            (row,) = decode_rows
+            seq = row.item.seq
+            logits = self.decode_graph.replay(self.model.embed(input_ids, pos), row.position, slots[0],
+                                              seq.block_table[:row.num_blocks])
+            return [StepLogits(seq, logits, row.position)]
+        meta = self._metadata(prefills, decode_rows, slots)
         hidden = self.model(input_ids, pos, meta)
 
         wanted, pooled = [], []
@@ -180,6 +197,11 @@ class ModelRunner:
             out.append(StepLogits(item.seq, logits[offset:offset + n], first))
             offset += n
         return out
+
+    @staticmethod
+    def _plain(item: ScheduledSeq) -> bool:
+        """A token whose step wants only its own logits: no pooling, no prompt logprobs, no drafts."""
+        return item.completes and item.seq.pooler is None and not wants_prompt_logits(item.seq) and not item.verifies
 
     def _pool(self, hidden: torch.Tensor, pooled: list[tuple[ScheduledSeq, list[int]]]) -> None:
         """Hand embedding sequences their rows' final hidden states (after the final norm, no LM head)."""

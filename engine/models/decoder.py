@@ -6,7 +6,7 @@ does two big matmuls instead of five small ones. A family subclasses `DecoderLM`
 build one layer (`make_layer`), its norms and its rotary tables; the layer's forward is the family's.
 
 Model interface (the runner, the inspection path and the embeddings path rely on it):
-- forward(ids, positions, backend) -> hidden (T, hidden): embed(), then each of `layers` in order;
+- forward(ids, positions, backend) -> hidden (T, hidden): embed(), then run_layers(), each of `layers` in order;
 - final_norm(hidden) -> the final hidden states; compute_logits(hidden) -> (N, vocab) fp32 logits.
 """
 
@@ -78,7 +78,10 @@ class DecoderLM(nn.Module):
         return x
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        x = self.embed(input_ids, positions)
+        return self.run_layers(self.embed(input_ids, positions), positions, meta)
+
+    def run_layers(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """The decoder layers over embedded tokens x (T, hidden) (engine/decode_graph.py records this pass)."""
         for layer in self.model.layers:
             x = layer(x, positions, meta)
         return x

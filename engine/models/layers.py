@@ -93,7 +93,7 @@ def _native_rms_norm(x: torch.Tensor, weight: torch.Tensor, with_residual: bool 
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up, where gate_up is [gate | up] on its last axis: SwiGLU's middle.
 
-    One pass of csrc/silu_mul.cpp for fp32 on CPU (PyTorch's chunk, silu and mul are three dispatches and a
+    One pass of csrc/elementwise.cpp for fp32 on CPU (PyTorch's chunk, silu and mul are three dispatches and a
     temporary: 11 µs a row at SmolLM2's width, 30 times a decode step), within a few ulp of PyTorch's.
     """
     kernel = None
@@ -106,6 +106,19 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     width = gate_up.shape[-1] // 2
     out = gate_up.new_empty(*gate_up.shape[:-1], width)
     kernel(out.data_ptr(), gate_up.data_ptr(), gate_up.numel() // gate_up.shape[-1], width)
+    return out
+
+
+def residual_add(x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """x + residual: one native call for fp32 on CPU (csrc/elementwise.cpp, the same sums), else PyTorch's add."""
+    kernel = None
+    if x.dtype == residual.dtype == torch.float32 and x.is_cpu and x.shape == residual.shape:
+        kernel = _native_function("kvserve_add_f32", *[ctypes.c_void_p] * 3, ctypes.c_int64)
+    if kernel is None:
+        return x + residual
+    x, residual = x.contiguous(), residual.contiguous()
+    out = torch.empty_like(x)
+    kernel(out.data_ptr(), x.data_ptr(), residual.data_ptr(), x.numel())
     return out
 
 

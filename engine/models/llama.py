@@ -16,7 +16,7 @@ from engine.attention import AttentionMetadata, attention
 from engine.config import ModelConfig
 from engine.models.decoder import DecoderLM
 from engine.models.family import Family, gguf_decoder_fields, hf_decoder_fields, hf_sliding_window
-from engine.models.layers import DirectCall, Linear, RMSNorm, RotaryEmbedding, silu_and_mul
+from engine.models.layers import DirectCall, Linear, RMSNorm, RotaryEmbedding, residual_add, silu_and_mul
 
 if TYPE_CHECKING:
     from engine.gguf_loader import GGUFMetadata
@@ -74,7 +74,7 @@ class LlamaDecoderLayer(DirectCall, nn.Module):
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         x, normed = self.post_attention_layernorm.add_and_norm(x, self.self_attn(self.input_layernorm(x), positions, meta))
-        return x + self.mlp(normed)
+        return residual_add(x, self.mlp(normed))
 
 
 class LlamaForCausalLM(DecoderLM):

@@ -429,7 +429,7 @@ def test_profile_of_real_decode_steps_accounts_for_the_step(smollm2_gguf_path) -
     # bookkeeping add up to the step, and the ops' self time fits inside it.
     assert ms["matmul"] + ms["attention"] + ms["norm"] + ms["rotary"] < ms["forward"] < ms["step"]
     assert sum(ms[p] for p in (*PARTS, "elementwise", "bookkeeping")) == pytest.approx(ms["step"])
-    assert 0 < ms["op_time"] < ms["step"] and ms["unprofiled_step"] > 0
+    assert 0 < ms["op_time"] < ms["step"] and ms["unprofiled_step"] > 0 and ms["unprofiled_modules_step"] > 0
     # The profiled requests were aborted: nothing left running, every KV block back in the pool.
     assert not llm.engine.has_unfinished()
     assert llm.engine.stats().num_kv_blocks_used == 0

@@ -1,4 +1,5 @@
-"""kvserve's CPU SwiGLU middle (csrc/silu_mul.cpp) against PyTorch's silu(gate) * up, which it replaces on CPU."""
+"""kvserve's CPU elementwise kernels (csrc/elementwise.cpp) against the PyTorch ops they replace on CPU:
+SwiGLU's silu(gate) * up, and the residual add."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from engine import native
-from engine.models.layers import silu_and_mul
+from engine.models.layers import residual_add, silu_and_mul
 
 
 @pytest.fixture(autouse=True)
@@ -42,3 +43,12 @@ def test_non_contiguous_and_other_dtypes_take_the_pytorch_path() -> None:
     torch.testing.assert_close(silu_and_mul(gate_up), pytorch(gate_up), rtol=1e-6, atol=1e-30)
     halves = gate_up.bfloat16()
     assert torch.equal(silu_and_mul(halves), pytorch(halves))  # bf16: PyTorch's own lines
+
+
+@pytest.mark.parametrize("shape", [(1, 576), (64, 576), (3, 7)])
+def test_residual_add_is_pytorchs_add(shape: tuple[int, int]) -> None:
+    gen = torch.Generator().manual_seed(3)
+    x, residual = torch.randn(*shape, generator=gen) * 100, torch.randn(*shape, generator=gen)
+    assert torch.equal(residual_add(x, residual), x + residual)
+    assert torch.equal(residual_add(x.t(), residual.t()), x.t() + residual.t())  # not contiguous
+    assert torch.equal(residual_add(x.double(), residual.double()), x.double() + residual.double())  # PyTorch's

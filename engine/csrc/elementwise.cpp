@@ -1,5 +1,7 @@
-// SwiGLU's middle on the CPU: out = silu(gate) * up, with gate and up the two halves of each row of the fused
-// gate_up projection's output (rows, 2 * width) -> (rows, width), in fp32.
+// Elementwise steps of a decoder layer on the CPU, in fp32: SwiGLU's middle and the residual add.
+//
+// kvserve_silu_mul_f32: out = silu(gate) * up, with gate and up the two halves of each row of the fused
+// gate_up projection's output (rows, 2 * width) -> (rows, width).
 //
 // In PyTorch that is a chunk, a silu and a mul: three dispatches and a temporary (11 µs a row at SmolLM2's
 // width of 1536, 63 µs for 64 rows, 30 times a decode step); here one pass. silu(g) = g / (1 + e^-g) as
@@ -37,5 +39,14 @@ extern "C" void kvserve_silu_mul_f32(float* out, const float* gate_up, int64_t r
       }
       for (; i < width; ++i) o[i] = silu_times(gate[i], up[i]);
     }
+  });
+}
+
+// out = a + b over n floats: the residual add after a layer's MLP, as one kernel call (so that a decode step is
+// kernel calls only, which engine/decode_graph.py can record), the same IEEE sums as PyTorch's add.
+extern "C" void kvserve_add_f32(float* out, const float* a, const float* b, int64_t n) {
+  const int64_t grain = 1 << 16;  // a parallel region costs more than it saves below that
+  at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) out[i] = a[i] + b[i];
   });
 }
