@@ -8,7 +8,8 @@ sampling, and engine bookkeeping (scheduler, input tensors, detokenization). "di
 time minus the time spent inside ops (the sum of PyTorch ops' self times; kvserve's own kernels, called
 through ctypes rather than as PyTorch ops, count whole: the paged kernel's range, and the matmul and norm
 parts, whose Python is a few lines around the call): Python and dispatch. The split is of the modules' step;
-where a one-row step is recorded as kernel calls (engine/decode_graph.py), the step as served is timed beside it.
+where steps of up to 4 rows are recorded as kernel calls (engine/decode_graph.py), the step as served is timed
+beside it.
 
 With --http, also starts `kvserve serve` and compares streaming inter-token latency at concurrency 1 and
 16 with the in-process step time at the same batch: the difference is the per-token HTTP/SSE cost.
@@ -133,9 +134,9 @@ def split(events, steps: int) -> dict[str, float]:
 def profile_batch(llm, prompts: list[list[int]], steps: int, trace_dir: str | None) -> dict[str, float]:
     fill_batch(llm, prompts)
     runner = llm.engine.runner
-    graph = runner.decode_graph
-    before = step_ms(llm, steps)  # as served: a one-row step replays its recorded kernel calls, where captured
-    runner.decode_graph = None  # the split times the modules' parts, so they run
+    recording = runner.records_decode_steps
+    before = step_ms(llm, steps)  # as served: a step of up to 4 rows replays its recorded kernel calls, where recorded
+    runner.records_decode_steps = False  # the split times the modules' parts, so they run
     try:
         modules_before = step_ms(llm, steps)
         with part_ranges(), profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -144,7 +145,7 @@ def profile_batch(llm, prompts: list[list[int]], steps: int, trace_dir: str | No
                     llm.engine.step()
         modules_after = step_ms(llm, steps)
     finally:
-        runner.decode_graph = graph
+        runner.records_decode_steps = recording
     after = step_ms(llm, steps)  # before and after: on a shared machine the load moves while we measure
     drain(llm)
     if trace_dir:
@@ -160,7 +161,7 @@ SPLIT_ROWS = [("matmuls (Linear + LM head)", "matmul"), ("attention (KV write, p
               ("norms", "norm"), ("rotary", "rotary"), ("elementwise (embed, residual, SiLU*mul)", "elementwise"),
               ("sampling", "sampling"), ("engine bookkeeping (schedule, inputs, detokenize)", "bookkeeping"),
               ("**step, profiled**", "step"), ("step, unprofiled, the modules run", "unprofiled_modules_step"),
-              ("step, unprofiled, as served (batch 1: the recorded step, engine/decode_graph.py)", "unprofiled_step"),
+              ("step, unprofiled, as served (to 4 rows: the recorded step, engine/decode_graph.py)", "unprofiled_step"),
               ("of which inside ops and kvserve kernels", "op_time"), ("Python/dispatch overhead (wall - op time)",
                                                             "dispatch_overhead")]
 

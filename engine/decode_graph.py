@@ -1,155 +1,145 @@
-"""A batch-1 decode step replayed as the list of kernel calls it makes, without the Python that makes them.
+"""Small decode steps replayed as the list of kernel calls they make, without the Python that makes them.
 
-On CPU a decode step of one sequence is ~300 calls of kvserve's native kernels (engine/csrc: the matmuls,
+On CPU a decode step of one sequence is ~330 calls of kvserve's native kernels (engine/csrc: the matmuls,
 norms, rotary, the KV write, the paged attention, the LM head), ~10 a layer. The Python around them (module
 calls, views, output allocations, argument checks) took about as long as the kernels themselves (perf on a
 2-core Zen 4: 40-45% of a step's main thread).
 
-So, like a CUDA graph: at start the model's layers and LM head run once over static input tensors, with every
-native call recorded (its ctypes function and the arguments it was given: pointers into the static inputs, the
+So, like a CUDA graph: the first decode step of each size runs the model's layers and LM head over static
+input tensors (holding that step's inputs) with every
+native call recorded (engine.native.recording_calls: its ctypes function and the arguments it was given: pointers into the static inputs, the
 weights, the KV cache and the outputs allocated on the way, which are kept alive here), while a
-TorchDispatchMode checks that no PyTorch op but allocations and views ran in between. If so, the recorded calls
+TorchFunctionMode checks that no PyTorch op but allocations, metadata reads and views ran in between. If so, the recorded calls
 compute exactly what the modules compute (the same kernels on the same buffers, in the same order: the same
-bits), and a step only copies its inputs into the static tensors and replays them. A model whose step runs any
+bits), and later steps of that size only copy their inputs into the static tensors and replay them. A model whose step runs any
 other op (GPT-2's LayerNorm, PyTorch's matmuls where kvserve's integer kernels do not run, ...) is not
 captured, and its modules run as before. Only the embedding lookup stays a PyTorch op, before the replay.
+A graph is recorded for each number of decode rows from 1 to MAX_ROWS (batch 1, its speculative verify steps
+of 2-4 rows, and 2-4 sequences); larger steps run the modules, where the Python is a small share of the step.
 """
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
-import threading
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.overrides import TorchFunctionMode
 
 from engine import native
 from engine.attention import AttentionMetadata, DecodeTables
 
-aten = torch.ops.aten
-# What may run between two recorded kernel calls: allocations (the kernels' outputs), and ops that return views
-# of their input (checked on every call: flatten, reshape and to copy when they cannot view).
-_ALLOCATIONS = {aten.empty, aten.empty_like, aten.new_empty, aten.empty_strided}
-_VIEWS = {aten.view, aten._unsafe_view, aten.split, aten.split_with_sizes, aten.as_strided, aten.slice, aten.select,
-          aten.unsqueeze, aten.squeeze, aten.t, aten.transpose, aten.alias, aten.detach, aten.expand, aten.unbind,
-          aten.flatten, aten.reshape, aten.to, aten.contiguous}
+# Steps of up to this many decode rows replay a recorded graph (one per row count, recorded at its first step).
+MAX_ROWS = 4
+
+# What may run between two recorded kernel calls, seen at PyTorch's Python API (a TorchFunctionMode: it costs
+# nothing to set up, where a TorchDispatchMode's first use imports torch._dynamo, ~0.5 s of a start):
+# allocations (the kernels' outputs), reading a tensor's metadata, and ops that return a view of their input
+# (checked on every call: flatten, reshape, float and contiguous copy when they cannot view).
+_ALLOCATIONS = {"empty", "empty_like", "new_empty"}
+_METADATA = {"data_ptr", "stride", "size", "dim", "numel", "element_size", "is_contiguous", "__get__"}
+_VIEWS = {"view", "split", "split_with_sizes", "narrow", "select", "unsqueeze", "squeeze", "flatten", "reshape",
+          "float", "to", "contiguous", "chunk", "unbind", "__getitem__", "t", "transpose", "detach", "__get__"}
 
 
-class _ViewsAndAllocationsOnly(TorchDispatchMode):
-    """Runs every op, keeps its outputs alive (the kernels were handed their pointers) and notes any op that
-    computes something, which a replay of the kernel calls alone would skip."""
+class _ViewsAndAllocationsOnly(TorchFunctionMode):
+    """Runs every call, keeps allocated tensors alive (the kernels were handed their pointers) and notes any call
+    that computes something, which a replay of the kernel calls alone would skip."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.outputs: list = []
+        self.allocated: list[torch.Tensor] = []
         self.computing: list[str] = []
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        packet = func.overloadpacket
-        if not (packet in _ALLOCATIONS or (packet in _VIEWS and _views_of(out, args[0]))):
-            self.computing.append(packet.__name__)
-        self.outputs.append(out)
+        name = getattr(func, "__name__", str(func))
+        if name in _ALLOCATIONS:
+            self.allocated.append(out)
+        elif not ((name in _METADATA and not _tensors_in(out)) or (name in _VIEWS and _views_of(out, args[0]))):
+            self.computing.append(name)
         return out
 
 
+def _tensors_in(out) -> list[torch.Tensor]:
+    items = out if isinstance(out, (list, tuple)) else [out]
+    return [item for item in items if isinstance(item, torch.Tensor)]
+
+
 def _views_of(out, source) -> bool:
-    """Whether every tensor `out` holds shares `source`'s memory."""
-    tensors = out if isinstance(out, (list, tuple)) else [out]
+    """Whether `out` is tensors only, every one sharing `source`'s memory."""
+    tensors = _tensors_in(out)
+    if not isinstance(source, torch.Tensor) or not tensors or len(tensors) != len(out if isinstance(out, (list, tuple)) else [out]):
+        return False
     base = source.untyped_storage().data_ptr()
-    return all(isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() == base for t in tensors)
-
-
-@contextlib.contextmanager
-def _recording_kernel_calls() -> Iterator[list[tuple[ctypes._CFuncPtr, tuple]]]:
-    """Every call of the kernel library's functions made by this thread while the block runs: (function,
-    arguments) in order.
-
-    ctypes hands a function's `errcheck` the arguments of each call; ctypes keeps one function object per
-    symbol of a library, the one engine.native gives out, so hooking them catches every call. Another thread's
-    calls meanwhile (another engine's steps) are left out.
-    """
-    calls: list[tuple[ctypes._CFuncPtr, tuple]] = []
-    recording_thread = threading.get_ident()
-
-    def record(result, function, arguments):
-        if threading.get_ident() == recording_thread:
-            calls.append((function, arguments))
-        return result
-
-    functions = [fn for fn in vars(native.load()).values() if isinstance(fn, ctypes._CFuncPtr)]
-    for fn in functions:
-        fn.errcheck = record
-    try:
-        yield calls
-    finally:
-        for fn in functions:
-            del fn.errcheck
+    return all(t.untyped_storage().data_ptr() == base for t in tensors)
 
 
 @dataclass
 class DecodeGraph:
-    """One decode row's layers and LM head as recorded kernel calls over static tensors (see the module doc)."""
+    """A step of `rows` decode rows: the layers and LM head as recorded kernel calls over static tensors."""
 
     calls: list[tuple[ctypes._CFuncPtr, tuple]]
-    hidden: torch.Tensor  # (1, hidden) the embedded token, copied in before a replay
-    positions: torch.Tensor  # (1,) long
-    slot_mapping: torch.Tensor  # (1,) long
-    block_table: torch.Tensor  # (1, max_blocks) int32: the row's table, then whatever a longer one left
-    context_len: torch.Tensor  # (1,) int32
-    logits: torch.Tensor  # (1, vocab) the LM head's output, rewritten by every replay
+    hidden: torch.Tensor  # (rows, hidden) the embedded tokens, copied in before a replay
+    positions: torch.Tensor  # (rows,) long
+    slot_mapping: torch.Tensor  # (rows,) long
+    block_tables: torch.Tensor  # (rows, max_blocks) int32: each row's table, then whatever a longer one left
+    context_lens: torch.Tensor  # (rows,) int32
+    logits: torch.Tensor  # (rows, vocab) the LM head's output, rewritten by every replay
     keep_alive: list  # every tensor the capture allocated: the recorded calls hold their addresses
 
     @classmethod
     @torch.inference_mode()
-    def capture(cls, model: torch.nn.Module, max_blocks: int) -> tuple[DecodeGraph | None, str | None]:
-        """The graph of `model`'s decode step at one row, or (None, why not). Writes one key and value into slot
-        0 of the KV cache (block 0: overwritten by whichever sequence later holds it, before anything reads it).
-
-        Other threads may run kernels meanwhile (their calls are not recorded), but not this model: its KV
-        cache's slot 0 would be written under them.
+    def capture(cls, model: torch.nn.Module, max_blocks: int, hidden: torch.Tensor, positions: list[int],
+                slots: list[int], block_tables: list[list[int]]) -> tuple[DecodeGraph | None, torch.Tensor, str | None]:
+        """Run a real decode step (arguments as for replay) through the modules while recording it: (the graph or
+        None, this step's logits, why not). Where the step runs PyTorch ops beside the kernels the logits are
+        still right: the modules computed them. Other threads may run kernels meanwhile, this model's too
+        (inspection): their calls are not recorded (engine.native.recording_calls), and the mode is per thread.
         """
-        if not hasattr(model, "run_layers") or native.unavailable_reason():
-            return None, "the model has no separate layer pass, or the kernels are not built"
-        weight = model.lm_head_weight
-        if weight.device.type != "cpu" or model.model.embed_tokens.weight.dtype != torch.float32:
-            return None, "only fp32 models on CPU"
-        hidden = torch.zeros(1, model.config.hidden_size)
-        positions = torch.zeros(1, dtype=torch.long)
-        slot_mapping = torch.zeros(1, dtype=torch.long)
-        block_table = torch.zeros(1, max_blocks, dtype=torch.int32)
-        context_len = torch.ones(1, dtype=torch.int32)
-        meta = AttentionMetadata(slot_mapping=slot_mapping, decode_tables=DecodeTables(block_table, context_len))
-        # A first pass makes the kernels' ctypes functions (engine.native makes each on first use), so that
-        # the recorded one finds them all to hook.
-        model.compute_logits(model.run_layers(hidden, positions, meta))
+        rows = len(positions)
+        inputs = (torch.zeros(rows, hidden.shape[1]), torch.zeros(rows, dtype=torch.long),
+                  torch.zeros(rows, dtype=torch.long), torch.zeros(rows, max_blocks, dtype=torch.int32),
+                  torch.zeros(rows, dtype=torch.int32))
+        graph = cls([], *inputs, logits=torch.empty(0), keep_alive=[])
+        graph._fill(hidden, positions, slots, block_tables)
+        meta = AttentionMetadata(slot_mapping=graph.slot_mapping,
+                                 decode_tables=DecodeTables(graph.block_tables, graph.context_lens))
         guard = _ViewsAndAllocationsOnly()
-        with _recording_kernel_calls() as calls, guard:
-            logits = model.compute_logits(model.run_layers(hidden, positions, meta))
+        with native.recording_calls() as calls, guard:
+            logits = model.compute_logits(model.run_layers(graph.hidden, graph.positions, meta))
         if guard.computing:
-            return None, f"its step runs PyTorch ops as well as kvserve's kernels ({', '.join(sorted(set(guard.computing)))})"
+            why = f"its step runs PyTorch ops as well as kvserve's kernels ({', '.join(sorted(set(guard.computing)))})"
+            return None, logits, why
         if not calls or logits.data_ptr() != _last_output(calls):
-            return None, "its logits do not come straight from a kernel"
-        return cls(calls, hidden, positions, slot_mapping, block_table, context_len, logits, guard.outputs), None
+            return None, logits, "its logits do not come straight from a kernel"
+        graph.calls = [(native.without_recording(function), arguments) for function, arguments in calls]
+        graph.logits, graph.keep_alive = logits, guard.allocated
+        return graph, logits, None
 
     def __post_init__(self) -> None:
-        # numpy views of the small inputs: setting an element through one is ~0.2 µs, through PyTorch ~4
-        self._scalars = (self.positions.numpy(), self.slot_mapping.numpy(), self.context_len.numpy())
-        self._table = self.block_table.numpy()
+        # numpy views of the small inputs: setting elements through one takes ~1 µs, through PyTorch ~5
+        self._inputs = (self.positions.numpy(), self.slot_mapping.numpy(), self.context_lens.numpy())
+        self._tables = self.block_tables.numpy()
 
-    def replay(self, hidden: torch.Tensor, position: int, slot: int, block_table: list[int]) -> torch.Tensor:
-        """Logits (1, vocab), a fresh tensor, of the token embedded as `hidden` (1, hidden) at `position`, its K/V
-        written to `slot`, attending to its sequence's keys 0..position through `block_table`."""
+    def _fill(self, hidden: torch.Tensor, positions: list[int], slots: list[int], block_tables: list[list[int]]) -> None:
         self.hidden.copy_(hidden)
-        positions, slots, lengths = self._scalars
-        positions[0], slots[0], lengths[0] = position, slot, position + 1
-        self._table[0, :len(block_table)] = block_table
+        position_view, slot_view, length_view = self._inputs
+        position_view[:] = positions
+        slot_view[:] = slots
+        length_view[:] = [p + 1 for p in positions]
+        for row, table in enumerate(block_tables):
+            self._tables[row, :len(table)] = table
+
+    def replay(self, hidden: torch.Tensor, positions: list[int], slots: list[int],
+               block_tables: list[list[int]]) -> torch.Tensor:
+        """Logits (rows, vocab) of the tokens embedded as `hidden` (rows, hidden), row r at positions[r], its K/V
+        written to slots[r], attending to its sequence's keys 0..positions[r] through block_tables[r]. The
+        tensor is the graph's own, rewritten by the next replay: copy what is kept."""
+        self._fill(hidden, positions, slots, block_tables)
         for function, arguments in self.calls:
             function(*arguments)
-        return self.logits.clone()
+        return self.logits
 
 
 def _last_output(calls: list[tuple[ctypes._CFuncPtr, tuple]]) -> int | None:

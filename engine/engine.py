@@ -113,7 +113,6 @@ class LLMEngine:
         self.quantization = pack_linears(self.model, base_format,
                                          keeps_4bit(config.quantization, self.device, self.dtype))
         pin_submodules(self.model)
-        self.runner.capture_decode_graph(self.max_model_len)
         self.eos_token_ids = set(self.tokenizer.eos_token_ids) | set(self.model_config.eos_token_ids)
         self.grammars = GrammarCompiler(self.tokenizer, self.model_config.vocab_size, self.eos_token_ids)
         self._requests: dict[str, _Request] = {}

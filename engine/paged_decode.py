@@ -24,7 +24,8 @@ if TYPE_CHECKING:
     from engine.attention import AttentionSpec
 
 _SYMBOLS = {torch.float32: "kvserve_paged_decode_f32", torch.bfloat16: "kvserve_paged_decode_bf16"}  # by cache dtype
-_ARGTYPES = (*[ctypes.c_void_p] * 6, *[ctypes.c_int64] * 6, ctypes.c_float, ctypes.c_int64, ctypes.c_float)
+_ARGTYPES = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, *[ctypes.c_void_p] * 4, *[ctypes.c_int64] * 6,
+             ctypes.c_float, ctypes.c_int64, ctypes.c_float)
 
 
 def supports(device: torch.device, dtype: torch.dtype) -> bool:
@@ -36,16 +37,19 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                      context_lens: torch.Tensor, spec: AttentionSpec) -> torch.Tensor:
     """q (rows, heads, D) -> (rows, heads, D): each row attends to keys 0..context_lens[row]-1 of its table.
 
-    k_cache/v_cache (blocks, block_size, kv_heads, D) fp32 or bf16, block_tables (rows, max_blocks) int32
-    (negative: a block given back, skipped), context_lens (rows,) int32; all contiguous CPU tensors. The
-    math is fp32 whatever the cache holds; the result comes back in q's dtype.
+    q's rows may lie apart (a view), each row's heads together; k_cache/v_cache (blocks, block_size, kv_heads, D)
+    fp32 or bf16, block_tables (rows, max_blocks) int32 (negative: a block given back, skipped), context_lens
+    (rows,) int32; all contiguous CPU tensors. The math is fp32 whatever the cache holds; the result comes back
+    in q's dtype.
     """
     rows, heads, head_dim = q.shape
     _, block_size, kv_heads, _ = k_cache.shape
-    q32 = q if q.dtype == torch.float32 and q.is_contiguous() else q.float().contiguous()
+    # Rows may lie apart (q beside k in the rotary's output), each row's heads together.
+    heads_together = q.stride(2) == 1 and q.stride(1) == head_dim
+    q32 = q if q.dtype == torch.float32 and heads_together else q.float().contiguous()
     out = torch.empty(q32.shape)
     _kernel(k_cache.dtype)(
-        out.data_ptr(), q32.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), block_tables.data_ptr(),
+        out.data_ptr(), q32.data_ptr(), q32.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), block_tables.data_ptr(),
         context_lens.data_ptr(), rows, heads, kv_heads, head_dim, block_size, block_tables.shape[1],
         spec.scale, spec.window or 0, spec.softcap or 0.0)
     return out if q.dtype == torch.float32 else out.to(q.dtype)

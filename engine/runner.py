@@ -20,7 +20,7 @@ from engine.attention import (
     grouped_mask,
 )
 from engine.config import ModelConfig
-from engine.decode_graph import DecodeGraph
+from engine.decode_graph import MAX_ROWS, DecodeGraph
 from engine.kv_cache import BlockManager
 from engine.resident_memory import lazy_zeros, make_resident
 from engine.sampling_params import SamplingParams
@@ -98,16 +98,11 @@ class ModelRunner:
         for i, layer in enumerate(model.layers):
             layer.self_attn.k_cache = self.kv_cache[0, i]
             layer.self_attn.v_cache = self.kv_cache[1, i]
-        self.decode_graph: DecodeGraph | None = None  # capture_decode_graph() sets it
-
-    def capture_decode_graph(self, max_model_len: int) -> None:
-        """Record a one-row decode step as kernel calls (engine/decode_graph.py), where the model's step is only
-        kvserve's kernels; steps of one decode row then replay them. Call it before serving: see capture()."""
-        if not (self.device.type == "cpu" and self.native_decode):
-            return
-        self.decode_graph, why_not = DecodeGraph.capture(self.model, -(-max_model_len // self.block_size))
-        if why_not:
-            log.info(f"one-row decode steps run the modules (not a recorded step): {why_not}")
+        # Steps of up to MAX_ROWS decode rows replay the kernel calls recorded at the first step of that size
+        # (engine/decode_graph.py), by rows; None where that step ran PyTorch ops too (the modules run then).
+        self.records_decode_steps = (self.device.type == "cpu" and self.native_decode and dtype == torch.float32
+                                     and hasattr(model, "run_layers"))
+        self.decode_graphs: dict[int, DecodeGraph | None] = {}
 
     def make_kv_cache_resident(self) -> threading.Thread | None:
         """Have every page of a CPU KV cache backed, on a background thread (engine/resident_memory.py)."""
@@ -166,14 +161,12 @@ class ModelRunner:
             slots.append(self._slot(seq, row.position))
         input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
         pos = torch.tensor(positions, dtype=torch.long, device=self.device)
-        if self.decode_graph is not None and not prefills and len(decode_rows) == 1 and self._plain(decode_rows[0].item):
-            (row,) = decode_rows
-            seq = row.item.seq
-            logits = self.decode_graph.replay(self.model.embed(input_ids, pos), row.position, slots[0],
-                                              seq.block_table[:row.num_blocks])
-            return [StepLogits(seq, logits, row.position)]
-        meta = self._metadata(prefills, decode_rows, slots)
-        hidden = self.model(input_ids, pos, meta)
+        if self._recordable(batch, prefills, decode_rows):  # a small decode step (engine/decode_graph.py)
+            hidden = None
+            replayed = self._recorded_step(self.model.embed(input_ids, pos), positions, slots,
+                                           [row.item.seq.block_table[:row.num_blocks] for row in decode_rows])
+        else:
+            hidden = self.model(input_ids, pos, self._metadata(prefills, decode_rows, slots))
 
         wanted, pooled = [], []
         for item in batch.scheduled:
@@ -188,8 +181,8 @@ class ModelRunner:
             self._pool(hidden, pooled)
         if not wanted:
             return []
-        picked = hidden[torch.tensor([r for _, rows in wanted for r in rows], device=self.device)]
-        logits = self.model.compute_logits(picked)
+        picked = torch.tensor([r for _, rows in wanted for r in rows], device=self.device)
+        logits = replayed[picked] if hidden is None else self.model.compute_logits(hidden[picked])
         out, offset = [], 0
         for item, rows in wanted:
             n = len(rows)
@@ -198,10 +191,26 @@ class ModelRunner:
             offset += n
         return out
 
-    @staticmethod
-    def _plain(item: ScheduledSeq) -> bool:
-        """A token whose step wants only its own logits: no pooling, no prompt logprobs, no drafts."""
-        return item.completes and item.seq.pooler is None and not wants_prompt_logits(item.seq) and not item.verifies
+    def _recordable(self, batch: SchedulerOutput, prefills: list[ScheduledSeq], decode_rows: list[_DecodeRow]) -> bool:
+        """Decode rows only (plain or verifying), at most MAX_ROWS, each wanting logits and nothing else (no
+        pooling, no prompt logprobs), where a step of that size has not been found to run PyTorch ops."""
+        return (self.records_decode_steps and not prefills and 0 < len(decode_rows) <= MAX_ROWS
+                and self.decode_graphs.get(len(decode_rows), True) is not None
+                and all(item.completes and item.seq.pooler is None and not wants_prompt_logits(item.seq)
+                        for item in batch.scheduled))
+
+    def _recorded_step(self, hidden: torch.Tensor, positions: list[int], slots: list[int],
+                       block_tables: list[list[int]]) -> torch.Tensor:
+        """Logits of the decode rows: the step's recorded kernel calls replayed, or recorded now (first of its size)."""
+        rows = len(positions)
+        if (graph := self.decode_graphs.get(rows)) is not None:
+            return graph.replay(hidden, positions, slots, block_tables)
+        max_blocks = self.kv_cache.shape[2]  # no table is longer than the pool
+        graph, logits, why_not = DecodeGraph.capture(self.model, max_blocks, hidden, positions, slots, block_tables)
+        self.decode_graphs[rows] = graph
+        if why_not:
+            log.info(f"decode steps of {rows} row(s) run the modules (not recorded): {why_not}")
+        return logits
 
     def _pool(self, hidden: torch.Tensor, pooled: list[tuple[ScheduledSeq, list[int]]]) -> None:
         """Hand embedding sequences their rows' final hidden states (after the final norm, no LM head)."""

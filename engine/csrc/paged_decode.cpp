@@ -201,7 +201,8 @@ inline void widen_rows(const std::vector<const uint16_t*>& rows, std::vector<flo
 template <typename Cache>
 void paged_decode(
     float* out,                   // (rows, heads, head_dim)
-    const float* q,               // (rows, heads, head_dim)
+    const float* q,               // (rows, heads, head_dim), rows q_row_stride floats apart
+    int64_t q_row_stride,         // (a view of the rotary's q and k side by side is read in place)
     const Cache* k_cache,         // (blocks, block_size, kv_heads, head_dim)
     const Cache* v_cache,         // the same
     const int32_t* block_tables,  // (rows, max_blocks); a negative entry is a block given back: its keys are skipped
@@ -254,7 +255,7 @@ void paged_decode(
         pos += count;
       }
       const int64_t keys = static_cast<int64_t>(k_rows.size());
-      const float* q_heads = q + (row * heads + kv_head * group) * head_dim;
+      const float* q_heads = q + row * q_row_stride + kv_head * group * head_dim;
       float* out_heads = out + (row * heads + kv_head * group) * head_dim;
       if constexpr (sizeof(Cache) == 2) {
         if (group > 1) {
@@ -275,11 +276,11 @@ void paged_decode(
 }  // namespace
 
 #define KVSERVE_PAGED_DECODE(NAME, CACHE)                                                                        \
-  extern "C" void NAME(float* out, const float* q, const CACHE* k_cache, const CACHE* v_cache,                  \
+  extern "C" void NAME(float* out, const float* q, int64_t q_row_stride, const CACHE* k_cache, const CACHE* v_cache, \
                        const int32_t* block_tables, const int32_t* context_lens, int64_t rows, int64_t heads,    \
                        int64_t kv_heads, int64_t head_dim, int64_t block_size, int64_t max_blocks, float scale,  \
                        int64_t window, float softcap) {                                                          \
-    paged_decode(out, q, k_cache, v_cache, block_tables, context_lens, rows, heads, kv_heads, head_dim,          \
+    paged_decode(out, q, q_row_stride, k_cache, v_cache, block_tables, context_lens, rows, heads, kv_heads, head_dim, \
                  block_size, max_blocks, scale, window, softcap);                                                \
   }
 

@@ -1,4 +1,4 @@
-"""One-row decode steps replayed as recorded kernel calls (engine/decode_graph.py) against the modules' steps."""
+"""Small decode steps replayed as recorded kernel calls (engine/decode_graph.py) against the modules' steps."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import torch
 from helpers.tiny_engine import make_tiny_model_dir
 from test_engine import make_engine
 
-from engine import EngineConfig, LLMEngine, SamplingParams
-from engine.decode_graph import DecodeGraph, _recording_kernel_calls
+from engine import EngineConfig, LLMEngine, SamplingParams, native
+from engine.decode_graph import DecodeGraph
 from engine.models.layers import silu_and_mul
 from engine.models.q8_matmul import q8_kernel_runs
 from engine.models.w4a16_matmul import w4a16_kind
@@ -25,61 +25,89 @@ def engine(smollm2_gguf_path: Path) -> LLMEngine:
     return LLMEngine(str(smollm2_gguf_path), EngineConfig(speculative=None, max_model_len=512), progress=False)
 
 
-def generate(engine: LLMEngine, prompts: list[list[int]], tag: str) -> list[tuple[list[int], list]]:
-    """Greedy continuations with the top-3 logprobs of every token, one request at a time."""
-    results = []
-    for i, ids in enumerate(prompts):
-        engine.add_request(f"{tag}{i}", ids, SamplingParams(max_tokens=40, temperature=0, ignore_eos=True, logprobs=3))
-        final = None
+def generate(engine: LLMEngine, prompts: list[list[int]], tag: str, together: int = 1) -> list[tuple[list[int], list]]:
+    """Greedy continuations with the top-3 logprobs of every token, `together` requests at a time."""
+    finals = {}
+    for first in range(0, len(prompts), together):
+        for i in range(first, min(first + together, len(prompts))):
+            params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True, logprobs=3)
+            engine.add_request(f"{tag}{i}", prompts[i], params)
         while engine.has_unfinished():
             for output in engine.step():
-                final = output
-        results.append((final.outputs[0].token_ids, final.outputs[0].logprobs))
-    return results
+                finals[output.request_id] = output
+    return [(finals[f"{tag}{i}"].outputs[0].token_ids, finals[f"{tag}{i}"].outputs[0].logprobs)
+            for i in range(len(prompts))]
 
 
-def test_captured_where_the_step_is_kernel_calls_only(engine: LLMEngine) -> None:
-    graph = engine.runner.decode_graph
+def compare_with_the_modules(engine: LLMEngine, prompts: list[list[int]], monkeypatch, together: int = 1) -> list[int]:
+    """Asserts the same tokens and logprobs with the graphs as without; returns the rows of each replayed step."""
+    generate(engine, prompts, "warm", together)  # fills the prefix cache, so both passes below find the same blocks
+    rows = []
+    replay = DecodeGraph.replay
+    monkeypatch.setattr(DecodeGraph, "replay", lambda self, hidden, *a: rows.append(len(hidden)) or replay(self, hidden, *a))
+    recorded = generate(engine, prompts, "graph", together)
+    engine.runner.records_decode_steps = False
+    try:
+        modules = generate(engine, prompts, "modules", together)
+    finally:
+        engine.runner.records_decode_steps = True
+    assert recorded == modules
+    return rows
+
+
+def random_prompts(engine: LLMEngine, lengths: tuple[int, ...]) -> list[list[int]]:
+    generator = torch.Generator().manual_seed(len(lengths))
+    return [torch.randint(2, engine.model_config.vocab_size, (n,), generator=generator).tolist() for n in lengths]
+
+
+def test_recorded_where_the_step_is_kernel_calls_only(engine: LLMEngine) -> None:
+    generate(engine, [[5, 6, 7]], "first")
+    graph = engine.runner.decode_graphs[1]  # recorded at the first one-row decode step, or found not recordable
     assert (graph is not None) == INTEGER_KERNELS
     if graph is not None:  # every layer's ~11 calls and the LM head's
         assert len(graph.calls) > 10 * engine.model_config.num_layers
 
 
-@pytest.mark.skipif(not INTEGER_KERNELS, reason="no AVX-512 VNNI here: the step runs PyTorch ops, nothing is captured")
-def test_replayed_steps_give_the_modules_tokens_and_logprobs(engine: LLMEngine, monkeypatch) -> None:
-    vocab = engine.model_config.vocab_size
-    generator = torch.Generator().manual_seed(0)
-    # Prompts of 3 to 70 tokens, so decodes cross block boundaries (16) at different points. A first pass fills
-    # the prefix cache, so both compared passes find the same cached blocks (a cached prompt's last token is
-    # computed as a one-row step, which the graph replays too).
-    prompts = [torch.randint(2, vocab, (n,), generator=generator).tolist() for n in (3, 15, 16, 33, 70)]
-    generate(engine, prompts, "warm")
-    replays = []
-    replay = DecodeGraph.replay
-    monkeypatch.setattr(DecodeGraph, "replay", lambda self, *a: replays.append(1) or replay(self, *a))
-    recorded = generate(engine, prompts, "graph")
-    assert len(replays) >= 39 * len(prompts)  # every decode step
-    graph, engine.runner.decode_graph = engine.runner.decode_graph, None
-    try:
-        modules = generate(engine, prompts, "modules")
-    finally:
-        engine.runner.decode_graph = graph
-    assert recorded == modules
+NO_GRAPHS = pytest.mark.skipif(not INTEGER_KERNELS, reason="no AVX-512 VNNI: the step runs PyTorch ops, none captured")
 
 
-def test_a_step_with_pytorch_ops_is_not_captured(tmp_path) -> None:
+@NO_GRAPHS
+def test_one_row_steps_give_the_modules_tokens_and_logprobs(engine: LLMEngine, monkeypatch) -> None:
+    # Prompts of 3 to 70 tokens, so decodes cross block boundaries (16) at different points.
+    prompts = random_prompts(engine, (3, 15, 16, 33, 70))
+    rows = compare_with_the_modules(engine, prompts, monkeypatch)
+    assert rows.count(1) >= 39 * len(prompts)  # every decode step
+
+
+@NO_GRAPHS
+def test_steps_of_two_to_four_sequences_give_the_modules_tokens_and_logprobs(engine: LLMEngine, monkeypatch) -> None:
+    prompts = random_prompts(engine, (5, 17, 40, 9, 31, 64, 2))
+    rows = compare_with_the_modules(engine, prompts, monkeypatch, together=4)
+    assert {3, 4} <= set(rows)  # 4 together, then the last 3
+    rows = compare_with_the_modules(engine, prompts[:2], monkeypatch, together=2)
+    assert 2 in rows
+
+
+@NO_GRAPHS
+def test_speculative_verify_steps_give_the_modules_tokens_and_logprobs(smollm2_gguf_path: Path, monkeypatch) -> None:
+    engine = LLMEngine(str(smollm2_gguf_path), EngineConfig(max_model_len=512), progress=False)  # speculation on
+    phrase = random_prompts(engine, (12,))[0]
+    prompts = [phrase * 3, [7] + phrase * 2]  # repeats: the n-gram drafts are often kept
+    rows = compare_with_the_modules(engine, prompts, monkeypatch, together=2)
+    assert engine.stats().spec_accepted_tokens > 0 and max(rows) > 2  # verify rows were replayed
+
+
+def test_a_step_with_pytorch_ops_is_not_recorded_and_runs_the_modules(tmp_path) -> None:
     engine = make_engine(make_tiny_model_dir(tmp_path), quantization="none")  # fp32 matmuls: PyTorch's
-    assert engine.runner.decode_graph is None
-    graph, why_not = DecodeGraph.capture(engine.model, max_blocks=4)
-    assert graph is None and "PyTorch ops" in why_not
-    engine.add_request("r", [5, 6, 7], SamplingParams(max_tokens=5, temperature=0, ignore_eos=True))
-    while engine.has_unfinished():
-        engine.step()
+    plain = generate(engine, [[5, 6, 7]], "a")
+    assert 1 in engine.runner.decode_graphs and set(engine.runner.decode_graphs.values()) == {None}
+    assert generate(engine, [[5, 6, 7]], "b") == plain  # the first step (the refused recording's) was right too
+    engine.runner.records_decode_steps = False
+    assert generate(engine, [[5, 6, 7]], "c") == plain
 
 
-def test_only_the_capturing_threads_calls_are_recorded() -> None:
+def test_only_the_recording_threads_calls_are_recorded() -> None:
     gate_up = torch.randn(1, 64)
-    silu_and_mul(gate_up)  # the kernel's function made before the recording hooks it
     started, stop = threading.Event(), threading.Event()
 
     def other_thread() -> None:
@@ -91,7 +119,7 @@ def test_only_the_capturing_threads_calls_are_recorded() -> None:
     worker.start()
     started.wait()
     try:
-        with _recording_kernel_calls() as calls:
+        with native.recording_calls() as calls:
             for _ in range(3):
                 silu_and_mul(gate_up)
     finally:
