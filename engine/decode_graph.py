@@ -6,14 +6,15 @@ calls, views, output allocations, argument checks) took about as long as the ker
 2-core Zen 4: 40-45% of a step's main thread).
 
 So, like a CUDA graph: the first decode step of each size runs the model's layers and LM head over static
-input tensors (holding that step's inputs) with every
-native call recorded (engine.native.recording_calls: its ctypes function and the arguments it was given: pointers into the static inputs, the
-weights, the KV cache and the outputs allocated on the way, which are kept alive here), while a
-TorchFunctionMode checks that no PyTorch op but allocations, metadata reads and views ran in between. If so, the recorded calls
-compute exactly what the modules compute (the same kernels on the same buffers, in the same order: the same
-bits), and later steps of that size only copy their inputs into the static tensors and replay them. A model whose step runs any
-other op (GPT-2's LayerNorm, PyTorch's matmuls where kvserve's integer kernels do not run, ...) is not
-captured, and its modules run as before. Only the embedding lookup stays a PyTorch op, before the replay.
+input tensors (holding that step's inputs) with every native call recorded (engine.native.recording_calls:
+its ctypes function and the arguments it was given, pointers into the static inputs, the weights, the KV
+cache and the outputs allocated on the way, which are kept alive here), while a TorchFunctionMode checks that
+no PyTorch op but allocations, metadata reads and views ran in between. If so, the recorded calls compute
+exactly what the modules compute (the same kernels on the same buffers, in the same order: the same bits),
+and later steps of that size only copy their inputs into the static tensors and replay them. A model whose
+step runs any other op (GPT-2's LayerNorm, PyTorch's matmuls where kvserve's integer kernels do not run, ...)
+is not recorded, and its modules run as before. Only the embedding lookup stays a PyTorch op, before the replay.
+
 A graph is recorded for each number of decode rows from 1 to MAX_ROWS (batch 1, its speculative verify steps
 of 2-4 rows, and 2-4 sequences); larger steps run the modules, where the Python is a small share of the step.
 """
@@ -69,7 +70,8 @@ def _tensors_in(out) -> list[torch.Tensor]:
 def _views_of(out, source) -> bool:
     """Whether `out` is tensors only, every one sharing `source`'s memory."""
     tensors = _tensors_in(out)
-    if not isinstance(source, torch.Tensor) or not tensors or len(tensors) != len(out if isinstance(out, (list, tuple)) else [out]):
+    count = len(out) if isinstance(out, (list, tuple)) else 1
+    if not isinstance(source, torch.Tensor) or not tensors or len(tensors) != count:
         return False
     base = source.untyped_storage().data_ptr()
     return all(t.untyped_storage().data_ptr() == base for t in tensors)
