@@ -85,7 +85,7 @@ class DecodeGraph:
     hidden: torch.Tensor  # (rows, hidden) the embedded tokens, copied in before a replay
     positions: torch.Tensor  # (rows,) long
     slot_mapping: torch.Tensor  # (rows,) long
-    block_tables: torch.Tensor  # (rows, max_blocks) int32: each row's table, then whatever a longer one left
+    block_tables: torch.Tensor  # (rows, max_blocks) int32: each row's table, then zeros
     context_lens: torch.Tensor  # (rows,) int32
     logits: torch.Tensor  # (rows, vocab) the LM head's output, rewritten by every replay
     keep_alive: list  # every tensor the capture allocated: the recorded calls hold their addresses
@@ -132,6 +132,7 @@ class DecodeGraph:
         length_view[:] = [p + 1 for p in positions]
         for row, table in enumerate(block_tables):
             self._tables[row, :len(table)] = table
+            self._tables[row, len(table):] = 0  # so rows with one table compare equal (the kernel shares their reads)
 
     def replay(self, hidden: torch.Tensor, positions: list[int], slots: list[int],
                block_tables: list[list[int]]) -> torch.Tensor:

@@ -205,7 +205,8 @@ class ModelRunner:
         rows = len(positions)
         if (graph := self.decode_graphs.get(rows)) is not None:
             return graph.replay(hidden, positions, slots, block_tables)
-        max_blocks = self.kv_cache.shape[2]  # no table is longer than the pool
+        # No table is longer than the model's context or the pool.
+        max_blocks = min(self.kv_cache.shape[2], -(-self.cfg.max_position_embeddings // self.block_size))
         graph, logits, why_not = DecodeGraph.capture(self.model, max_blocks, hidden, positions, slots, block_tables)
         self.decode_graphs[rows] = graph
         if why_not:
