@@ -115,7 +115,8 @@ class DecodeGraph:
             return None, logits, why
         if not calls or logits.data_ptr() != _last_output(calls):
             return None, logits, "its logits do not come straight from a kernel"
-        graph.calls = [(native.without_recording(function), arguments) for function, arguments in calls]
+        graph.calls = [(native.without_recording(function.__name__, *function.argtypes), arguments)
+                       for function, arguments in calls]
         graph.logits, graph.keep_alive = logits, guard.allocated
         return graph, logits, None
 

@@ -140,15 +140,11 @@ def recording_calls() -> Iterator[list[tuple[ctypes._CFuncPtr, tuple]]]:
         _recording.calls = None
 
 
-def without_recording(fn: ctypes._CFuncPtr) -> ctypes._CFuncPtr:
-    """The same C function as a ctypes object of its own that records nothing (a replay's calls)."""
-    return _twin(fn.__name__, tuple(fn.argtypes))
-
-
 @functools.cache
-def _twin(symbol: str, argtypes: tuple[type, ...]) -> ctypes._CFuncPtr:
-    fn = getattr(load(), symbol)
-    twin = ctypes.CFUNCTYPE(None, *argtypes)(ctypes.cast(fn, ctypes.c_void_p).value)
+def without_recording(symbol: str, *argtypes: type) -> ctypes._CFuncPtr:
+    """The C function function(symbol, *argtypes) gives, as a ctypes object of its own that records nothing (a
+    replay's calls)."""
+    twin = ctypes.CFUNCTYPE(None, *argtypes)(ctypes.cast(function(symbol, *argtypes), ctypes.c_void_p).value)
     twin.__name__ = symbol
     return twin
 

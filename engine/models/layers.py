@@ -235,15 +235,9 @@ class RotaryEmbedding(DirectCall, nn.Module):
         return _rotary_function()
 
 
-@functools.cache
 def _rotary_function() -> Callable[..., None] | None:
-    from engine import native
-
-    try:
-        return native.function("kvserve_rotary_f32", *[ctypes.c_void_p] * 2, ctypes.c_int64, *[ctypes.c_void_p] * 3,
-                               *[ctypes.c_int64] * 3)
-    except native.KernelUnavailable:  # no compiler here: engine/paged_decode.py's fallback warns about it
-        return None
+    return _native_function("kvserve_rotary_f32", *[ctypes.c_void_p] * 2, ctypes.c_int64, *[ctypes.c_void_p] * 3,
+                            *[ctypes.c_int64] * 3)
 
 
 def set_param(module: nn.Module, name: str, value: torch.Tensor) -> None:
