@@ -65,5 +65,5 @@ def report(features: CpuFeatures | None = None) -> str:
                                              if why is None else f"PyTorch's kernel ({why})"))
         kind = q8_kernel_kind()
         lines.append("a Q8_0 LM head (auto): " + (f"kvserve's 8-bit kernel ({kind})" if kind
-                                                  else "the float format (kvserve's 8-bit kernel needs AVX-512 VNNI)"))
+                                                  else "the float format (kvserve's 8-bit kernel needs AVX-512 VNNI or AVX2)"))
     return "\n".join(lines)

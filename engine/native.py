@@ -11,7 +11,10 @@ keeps its PyTorch path. Each kernel's module declares its functions' C signature
 - csrc/elementwise.cpp: SwiGLU's silu(gate) * up and the residual add (engine/models/layers.py)
 - csrc/rotary.cpp: rotary position embedding, PyTorch's bits in one call (engine/models/layers.py)
 - csrc/int4_gemv.cpp: int4 matmuls over PyTorch's packed weights (engine/models/int4_matmul.py)
+- csrc/w4a16_matmul.cpp: 4-bit layers' matmul in integers, on VNNI or AMX (engine/models/w4a16_matmul.py)
 - csrc/q8_matmul.cpp: a Q8_0 LM head's matmul, llama.cpp's arithmetic on VNNI or AMX (engine/models/q8_matmul.py)
+- csrc/integer_avx2.cpp: those two for CPUs with AVX2 but not AVX-512 VNNI, the same bits
+- csrc/int8_rows.h: what the integer matmuls share
 - csrc/vec.h: the vector types and helpers they share
 """
 
@@ -149,16 +152,34 @@ def without_recording(symbol: str, *argtypes: type) -> ctypes._CFuncPtr:
     return twin
 
 
-# What the integer kernels' `<symbol>_supported()` answers (csrc/int8_rows.h): how they multiply here.
-INTEGER_KERNEL_KINDS = {1: "VNNI", 2: "VNNI, AMX from 8 rows"}
+# What the integer kernels' `<symbol>_supported()` answers (csrc/int8_rows.h, csrc/integer_avx2.cpp): how they
+# multiply here.
+INTEGER_KERNEL_KINDS = {1: "VNNI", 2: "VNNI, AMX from 8 rows", 3: "AVX2"}
+# The integer kernels' instruction sets, best first: each kernel has a VNNI build (`symbol`) and an AVX2 one
+# (`symbol_avx2`) giving the same bits. KVSERVE_INTEGER_ISA=avx2 runs the AVX2 ones where VNNI would, to compare.
+INTEGER_ISAS = ("vnni", "avx2")
+
+
+def integer_isa_asked() -> str | None:
+    """KVSERVE_INTEGER_ISA, checked: the instruction set the integer kernels should use, None for the best here."""
+    asked = os.environ.get("KVSERVE_INTEGER_ISA", "").strip().lower() or None
+    if asked is not None and asked not in INTEGER_ISAS:
+        raise ValueError(f"KVSERVE_INTEGER_ISA={asked!r}: expected one of {', '.join(INTEGER_ISAS)}")
+    return asked
 
 
 @functools.cache
-def integer_kernel(symbol: str, *argtypes: type) -> tuple[ctypes._CFuncPtr | None, str | None]:
-    """An integer kernel's C function and how it multiplies here, or (None, None) where it does not run (no
-    AVX-512 VNNI, or the kernels cannot be built)."""
+def integer_kernel(symbol: str, *argtypes: type, isa: str | None = None) -> tuple[ctypes._CFuncPtr | None, str | None]:
+    """An integer kernel's C function and how it multiplies here, or (None, None) where it does not run (neither
+    AVX-512 VNNI nor AVX2, or the kernels cannot be built). `isa` ("vnni" or "avx2") asks for one build, else the
+    best one here runs, or the one KVSERVE_INTEGER_ISA names where this CPU has it."""
+    isa = isa or integer_isa_asked()
     try:
-        kind = INTEGER_KERNEL_KINDS.get(getattr(load(), f"{symbol}_supported")())
-        return (function(symbol, *argtypes), kind) if kind else (None, None)
+        for name in (isa,) if isa else INTEGER_ISAS:
+            build = symbol if name == "vnni" else f"{symbol}_{name}"
+            kind = INTEGER_KERNEL_KINDS.get(getattr(load(), f"{build}_supported")())
+            if kind:
+                return function(build, *argtypes), kind
+        return None, None
     except KernelUnavailable:
         return None, None

@@ -15,6 +15,50 @@
 #include <type_traits>
 #include <vector>
 
+namespace kvserve {
+
+constexpr int kGroup = 32;  // inputs per scale, for weights and rows alike
+constexpr int kBlock = 16;  // outputs per block of the packed weights: one AVX-512 vector
+
+// How many blocks of outputs a tile of 1, 2, 3 and 4 rows takes (see run_row_tiles).
+template <int OneRow, int TwoRows, int ThreeRows, int FourRows>
+struct TileBlocks {};
+
+// Work items of (up to 4 rows, a run of ~8 blocks), on PyTorch's threads, so one row still splits across threads
+// by blocks: tile(ROWS, BLOCKS, first, from, to) runs tiles of ROWS rows x BLOCKS blocks over blocks [from, to),
+// ROWS and BLOCKS as std::integral_constant, BLOCKS from the kernel's TileBlocks for 1 to 4 rows.
+//
+// Each kernel gives its own tile widths, measured: a tile's accumulators, its broadcast inputs and its weights
+// must fit in the vector registers, or the compiler spills them in the inner loop (4 rows x 2 blocks of the
+// int4 kernel spilled ~20 a step of eight inputs). Tiles alternated in one process on a 2-core Zen 4 over
+// SmolLM2's shapes: 4 x 1 instead of 4 x 2 took 4 to 64 rows 9% faster (int4) and 8-18% (Q8_0 head); the
+// Q8_0 head's 2 x 2 and 3 x 1 beat 2 x 4 and 3 x 2 by 13% and 6%.
+template <int B1, int B2, int B3, int B4, typename Tile>
+void run_row_tiles(TileBlocks<B1, B2, B3, B4>, int64_t rows, int64_t n, Tile tile) {
+  const int64_t blocks = n / kBlock;
+  // Runs of about 8 blocks, as many as a multiple of the thread count, of sizes differing by at most one block:
+  // with fixed runs of 8, a 576-output matmul at one row (36 blocks: 8, 8, 8 | 8, 4) kept one thread busy
+  // twice as long as the other.
+  const int64_t threads = at::get_num_threads();
+  const int64_t chunks = (rows + 3) / 4;
+  const int64_t runs = std::max<int64_t>(1, std::min(blocks, ((blocks + 7) / 8 + threads - 1) / threads * threads));
+  at::parallel_for(0, chunks * runs, 1, [&](int64_t begin, int64_t end) {
+    using std::integral_constant;
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t first = item / runs * 4, run = item % runs;
+      const int64_t from = run * blocks / runs, to = (run + 1) * blocks / runs;
+      switch (std::min<int64_t>(4, rows - first)) {
+        case 1: tile(integral_constant<int, 1>{}, integral_constant<int, B1>{}, first, from, to); break;
+        case 2: tile(integral_constant<int, 2>{}, integral_constant<int, B2>{}, first, from, to); break;
+        case 3: tile(integral_constant<int, 3>{}, integral_constant<int, B3>{}, first, from, to); break;
+        default: tile(integral_constant<int, 4>{}, integral_constant<int, B4>{}, first, from, to); break;
+      }
+    }
+  });
+}
+
+}  // namespace kvserve
+
 #if defined(__AVX512F__) && defined(__AVX512VNNI__)
 #include <immintrin.h>
 #include <sys/syscall.h>
@@ -22,8 +66,6 @@
 
 namespace kvserve {
 
-constexpr int kGroup = 32;       // inputs per scale, for weights and rows alike
-constexpr int kBlock = 16;       // outputs per block of the packed weights: one vector
 constexpr int64_t kAmxRows = 8;  // from this many rows AMX tiles multiply (the same exact sums, less work)
 
 struct QuantizedRows {
@@ -106,24 +148,13 @@ inline int integer_kernel_kind() {
 // - AMX (from kAmxRows rows, where permitted): each thread takes a range of blocks; full 16-row chunks go in one
 //   pass over its blocks and the rest in a second, so the tiles are configured twice a call, not twice a block.
 //   on_block(block) prepares a block once a pass, on_chunk(block, first, m) multiplies rows [first, first + m).
-// - VNNI: work items of (up to 4 rows, a run of ~8 blocks), so one row still splits across threads by blocks;
-//   vnni(ROWS, BLOCKS, first, from, to) runs tiles of ROWS rows x BLOCKS blocks over blocks [from, to), ROWS and
-//   BLOCKS as std::integral_constant. Tiles: the kernel's TileBlocks gives BLOCKS for 1 to 4 rows.
-//
-// Each kernel gives its own tile widths, measured: a tile's accumulators (two int32 and one fp32 per row and
-// block), its broadcast inputs and its weights must fit in 32 vector registers, or the compiler spills them in
-// the inner loop (4 rows x 2 blocks of the int4 kernel spilled ~20 a step of eight inputs). Tiles alternated in
-// one process on a 2-core Zen 4 over SmolLM2's shapes: 4 x 1 instead of 4 x 2 took 4 to 64 rows 9% faster
-// (int4) and 8-18% (Q8_0 head); the Q8_0 head's 2 x 2 and 3 x 1 beat 2 x 4 and 3 x 2 by 13% and 6%.
-template <int OneRow, int TwoRows, int ThreeRows, int FourRows>
-struct TileBlocks {};
-
+// - VNNI: run_row_tiles with the kernel's tile widths.
 template <int B1, int B2, int B3, int B4, typename Vnni, typename OnBlock, typename OnChunk>
-void run_integer_kernel(TileBlocks<B1, B2, B3, B4>, int64_t rows, int64_t n, Vnni vnni,
+void run_integer_kernel(TileBlocks<B1, B2, B3, B4> widths, int64_t rows, int64_t n, Vnni vnni,
                         [[maybe_unused]] OnBlock on_block, [[maybe_unused]] OnChunk on_chunk) {
-  const int64_t blocks = n / kBlock;
 #if defined(KVSERVE_AMX_INT8)
   if (rows >= kAmxRows && amx_permitted()) {
+    const int64_t blocks = n / kBlock;
     at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
       const int64_t full = rows / 16 * 16;
       const int64_t passes[2][2] = {{0, full}, {full, rows}};
@@ -141,25 +172,7 @@ void run_integer_kernel(TileBlocks<B1, B2, B3, B4>, int64_t rows, int64_t n, Vnn
     return;
   }
 #endif
-  // Runs of about 8 blocks, as many as a multiple of the thread count, of sizes differing by at most one block:
-  // with fixed runs of 8, a 576-output matmul at one row (36 blocks: 8, 8, 8 | 8, 4) kept one thread busy
-  // twice as long as the other.
-  const int64_t threads = at::get_num_threads();
-  const int64_t chunks = (rows + 3) / 4;
-  const int64_t runs = std::max<int64_t>(1, std::min(blocks, ((blocks + 7) / 8 + threads - 1) / threads * threads));
-  at::parallel_for(0, chunks * runs, 1, [&](int64_t begin, int64_t end) {
-    using std::integral_constant;
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t first = item / runs * 4, run = item % runs;
-      const int64_t from = run * blocks / runs, to = (run + 1) * blocks / runs;
-      switch (std::min<int64_t>(4, rows - first)) {
-        case 1: vnni(integral_constant<int, 1>{}, integral_constant<int, B1>{}, first, from, to); break;
-        case 2: vnni(integral_constant<int, 2>{}, integral_constant<int, B2>{}, first, from, to); break;
-        case 3: vnni(integral_constant<int, 3>{}, integral_constant<int, B3>{}, first, from, to); break;
-        default: vnni(integral_constant<int, 4>{}, integral_constant<int, B4>{}, first, from, to); break;
-      }
-    }
-  });
+  run_row_tiles(widths, rows, n, vnni);
 }
 
 }  // namespace kvserve

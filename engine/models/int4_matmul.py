@@ -8,8 +8,8 @@ that is not on such a grid (an fp16/bf16 checkpoint, Q8_0 or Q6_K tensors) stays
 unless `--quantization int4` asks for it: then it is rounded to the nearest grid as llama.cpp's Q4_1
 quantizer does (lossy).
 
-Where the CPU has AVX-512 VNNI, kvserve's integer kernel multiplies them (w4a16_matmul.py: rows quantized
-to 16 bits, exact int32 sums, closer to fp32 than what follows). Elsewhere, or with
+Where the CPU has AVX-512 VNNI or AVX2, kvserve's integer kernel multiplies them (w4a16_matmul.py: rows
+quantized to 16 bits, exact int32 sums, closer to fp32 than what follows). Elsewhere, or with
 `KVSERVE_INT4_KERNEL=bf16`, PyTorch's arithmetic: its kernel, `_weight_int4pack_mm_for_cpu`, computes with
 bf16 activations (it is fast only in bf16; fp16 and fp32 inputs run a scalar path ~50x slower): each row
 rounded to bf16 on the way in, its sums in fp32, the result rounded to bf16. Scales and offsets are bf16
@@ -131,7 +131,7 @@ INT4_KERNELS = ("auto", "bf16", "pytorch")
 
 
 def int4_kernel_choice() -> str:
-    """KVSERVE_INT4_KERNEL: auto (the integer kernel where the CPU has VNNI), bf16 (PyTorch's arithmetic on
+    """KVSERVE_INT4_KERNEL: auto (the integer kernel where the CPU has VNNI or AVX2), bf16 (PyTorch's arithmetic on
     kvserve's kernel where it runs) or pytorch (PyTorch's kernel): to compare them, or keep bf16 activations."""
     choice = os.environ.get("KVSERVE_INT4_KERNEL", "auto")
     if choice not in INT4_KERNELS:

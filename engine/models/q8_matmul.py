@@ -56,20 +56,22 @@ def _grid_of(weight: torch.Tensor) -> EightBitGroups | None:
 
 
 def q8_kernel_runs() -> bool:
-    """Whether csrc/q8_matmul.cpp runs here (AVX-512 VNNI, the kernels built)."""
+    """Whether csrc/q8_matmul.cpp runs here (AVX-512 VNNI, else its AVX2 build; the kernels built)."""
     return _kernel()[0] is not None
 
 
 def q8_kernel_kind() -> str | None:
-    """How the kernel multiplies here ("VNNI", or "VNNI, AMX from 8 rows"), or None where it does not run."""
+    """How the kernel multiplies here ("VNNI", "VNNI, AMX from 8 rows" or "AVX2"), or None where it does not run."""
     return _kernel()[1]
 
 
-def q8_linear(groups: EightBitGroups):
-    """x (rows, in) fp32 -> x @ w.T (fp32) through csrc/q8_matmul.cpp (check q8_kernel_runs() first)."""
-    kernel = _kernel()[0]
+def q8_linear(groups: EightBitGroups, isa: str | None = None):
+    """x (rows, in) fp32 -> x @ w.T (fp32) through csrc/q8_matmul.cpp (check q8_kernel_runs() first); `isa`
+    ("vnni", "avx2") asks for one build of the kernel (native.integer_kernel)."""
+    kernel = _kernel(isa)[0]
     if kernel is None:
-        raise RuntimeError("the 8-bit kernel does not run here (no AVX-512 VNNI, or the kernels did not build)")
+        raise RuntimeError("the 8-bit kernel does not run here (neither AVX-512 VNNI nor AVX2, or the kernels did "
+                           "not build)")
     out_features, in_features = groups.q.shape
     blocks = out_features // _BLOCK
     # codes (blocks, in / 4, 16, 4): each lane four consecutive inputs of one output, as VNNI multiplies them;
@@ -100,7 +102,7 @@ def _packer():
     return native.function("kvserve_q8_pack", *[ctypes.c_void_p] * 3, *[ctypes.c_int64] * 2)
 
 
-def _kernel():
+def _kernel(isa: str | None = None):
     from engine import native
 
-    return native.integer_kernel("kvserve_q8_matmul", *[ctypes.c_void_p] * 5, *[ctypes.c_int64] * 3)
+    return native.integer_kernel("kvserve_q8_matmul", *[ctypes.c_void_p] * 5, *[ctypes.c_int64] * 3, isa=isa)

@@ -1,5 +1,5 @@
 """4-bit weights times 16-bit integer activations (csrc/w4a16_matmul.cpp): the int4 layers' kernel where the CPU
-has AVX-512 VNNI.
+has AVX-512 VNNI, or AVX2 (csrc/integer_avx2.cpp: the same bits).
 
 Each row entering the matmul is quantized to 16 bits per group of 32 inputs (scale = the group's largest
 magnitude / 32767, so within 1/65534 of it; PyTorch's int4 kernel rounds each input to bf16, 1/256 of
@@ -25,13 +25,14 @@ _BLOCK = 16  # outputs per block of the packed layout
 
 
 def w4a16_kind() -> str | None:
-    """How the kernel multiplies here ("VNNI", or "VNNI, AMX from 8 rows"), or None where it does not run."""
+    """How the kernel multiplies here ("VNNI", "VNNI, AMX from 8 rows" or "AVX2"), or None where it does not run."""
     return _kernel()[1]
 
 
-def w4a16_linear(groups: FourBitGroups, bias: torch.Tensor | None):
-    """x (rows, in) fp32 -> x @ w.T + bias (fp32), or None where the kernel does not run or take this shape."""
-    kernel = _kernel()[0]
+def w4a16_linear(groups: FourBitGroups, bias: torch.Tensor | None, isa: str | None = None):
+    """x (rows, in) fp32 -> x @ w.T + bias (fp32), or None where the kernel does not run or take this shape; `isa`
+    ("vnni", "avx2") asks for one build of the kernel (native.integer_kernel)."""
+    kernel = _kernel(isa)[0]
     out_features, in_features = groups.q.shape
     if kernel is None or out_features % _BLOCK:
         return None
@@ -75,7 +76,7 @@ def _packer():
     return native.function("kvserve_w4a16_pack", *[ctypes.c_void_p] * 2, *[ctypes.c_int64] * 2)
 
 
-def _kernel():
+def _kernel(isa: str | None = None):
     from engine import native
 
-    return native.integer_kernel("kvserve_w4a16_matmul", *[ctypes.c_void_p] * 6, *[ctypes.c_int64] * 3)
+    return native.integer_kernel("kvserve_w4a16_matmul", *[ctypes.c_void_p] * 6, *[ctypes.c_int64] * 3, isa=isa)

@@ -1,5 +1,5 @@
 """What the integer matmul tests share (test_q8_matmul.py, test_w4a16_matmul.py): the CPU flags the kernels are
-built for, rows of mixed scales, and the rows' 16-bit quantization the kernels apply."""
+built for (AVX-512 VNNI, else AVX2), rows of mixed scales, and the rows' 16-bit quantization the kernels apply."""
 
 from __future__ import annotations
 
@@ -18,6 +18,11 @@ def _cpu_flags() -> set[str]:
 FLAGS = _cpu_flags()
 VNNI = {"avx512f", "avx512_vnni"} <= FLAGS  # what the kernels are built for (-march=native)
 AMX = {"amx_tile", "amx_int8"} <= FLAGS
+AVX2 = {"avx2", "fma", "f16c"} <= FLAGS  # csrc/integer_avx2.cpp: the same kernels without VNNI
+# The builds of the integer kernels this CPU runs (native.integer_kernel's isa), each tested on its own
+ISAS = [isa for isa, present in (("vnni", VNNI), ("avx2", AVX2)) if present]
+# How the kernel picked by default multiplies here
+KIND = ("VNNI, AMX from 8 rows" if AMX else "VNNI") if VNNI else "AVX2" if AVX2 else None
 
 
 def rows(count: int, in_features: int, seed: int = 1) -> torch.Tensor:

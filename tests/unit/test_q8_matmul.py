@@ -1,16 +1,19 @@
 """kvserve's 8-bit kernel (csrc/q8_matmul.cpp) for a Q8_0 LM head: the file's codes found again, rows quantized
-to 16 bits per group of 32, and a row's result independent of its batch (VNNI and AMX tiles giving the same bits)."""
+to 16 bits per group of 32, and a row's result independent of its batch (VNNI and AMX tiles giving the same bits, and
+its AVX2 build, csrc/integer_avx2.cpp, the same bits again)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from helpers.integer_kernels import AMX, VNNI, rows, sixteen_bit_rows
+from helpers.integer_kernels import ISAS, KIND, VNNI, rows, sixteen_bit_rows
 
 from engine import native
 from engine.models.q8_matmul import GROUP, EightBitGroups, eight_bit_groups, q8_kernel_kind, q8_linear
 
-needs_kernel = pytest.mark.skipif(not VNNI, reason="the 8-bit kernel needs AVX-512 VNNI; tested to stand aside below")
+needs_kernel = pytest.mark.skipif(not ISAS, reason="the 8-bit kernel needs AVX-512 VNNI or AVX2; tested to stand "
+                                                  "aside below")
+each_build = pytest.mark.parametrize("isa", ISAS)
 
 
 def q8_0(out_features: int, in_features: int, seed: int = 0) -> tuple[torch.Tensor, EightBitGroups]:
@@ -38,38 +41,48 @@ def test_turns_down_weights_not_on_an_8_bit_grid_or_of_other_shapes(weight: torc
     assert eight_bit_groups(weight) is None
 
 
-def test_runs_where_the_cpu_has_avx512_vnni_and_says_how() -> None:
+def test_runs_where_the_cpu_has_avx512_vnni_or_avx2_and_says_how() -> None:
     if reason := native.unavailable_reason():
         pytest.fail(f"the kernels should build on the test machines (they have g++): {reason}")
-    expected = ("VNNI, AMX from 8 rows" if AMX else "VNNI") if VNNI else None
-    assert q8_kernel_kind() == expected
+    assert q8_kernel_kind() == KIND
     if not VNNI:
         with pytest.raises(RuntimeError, match="VNNI"):
-            q8_linear(q8_0(16, 32)[1])
+            q8_linear(q8_0(16, 32)[1], isa="vnni")
 
 
-@needs_kernel
+@each_build
 @pytest.mark.parametrize(("out_features", "in_features"), [(64, 96), (256, 576), (48, 1536)])
 @pytest.mark.parametrize("count", [1, 3, 8, 20, 64])
-def test_computes_the_product_with_16_bit_rows(out_features: int, in_features: int, count: int) -> None:
+def test_computes_the_product_with_16_bit_rows(out_features: int, in_features: int, count: int, isa: str) -> None:
     w, groups = q8_0(out_features, in_features)
     x = rows(count, in_features)
-    got = q8_linear(groups)(x).double()
+    got = q8_linear(groups, isa)(x).double()
     want = sixteen_bit_rows(x) @ w.double().T
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
     exact = x.double() @ w.double().T  # and the rows' rounding is far below bf16's (~4e-3 of a value)
     assert ((got - exact).abs().max() / exact.abs().max()).item() < 2e-4
 
 
-@needs_kernel
-def test_a_row_is_the_same_bits_alone_and_in_any_batch() -> None:
+@each_build
+def test_a_row_is_the_same_bits_alone_and_in_any_batch(isa: str) -> None:
     w, groups = q8_0(256, 576)
-    linear = q8_linear(groups)
+    linear = q8_linear(groups, isa)
     x = rows(70, 576)
     alone = torch.cat([linear(row) for row in x.split(1)])
     for count in (2, 3, 5, 7, 8, 9, 16, 17, 40, 70):  # VNNI tiles below 8 rows, AMX tiles (where present) from 8
         batched = torch.cat([linear(part) for part in x.split(count)])
         assert torch.equal(batched, alone), count
+
+
+@pytest.mark.skipif(not VNNI, reason="needs both builds of the kernel: AVX-512 VNNI (and so AVX2)")
+def test_the_avx2_build_gives_the_vnni_builds_bits() -> None:
+    _, groups = q8_0(256, 576)
+    groups.q[1, :32] = -128  # the extreme code (Q8_0 files stop at -127) and the extreme row codes below
+    vnni, avx2 = q8_linear(groups, "vnni"), q8_linear(groups, "avx2")
+    for count in (1, 2, 3, 4, 5, 9, 33):
+        x = rows(count, 576, seed=count)
+        x[0, 32:64] = -x[0, 32:64].abs().max()  # every code of the group -32767
+        assert torch.equal(avx2(x), vnni(x)), count
 
 
 @needs_kernel

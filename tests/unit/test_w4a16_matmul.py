@@ -1,17 +1,20 @@
-"""kvserve's integer int4 kernel (csrc/w4a16_matmul.cpp): 4-bit codes times rows quantized to 16 bits per group of
-32, a row's result independent of its batch (VNNI and AMX tiles giving the same bits), and where it runs."""
+"""kvserve's integer int4 kernel (csrc/w4a16_matmul.cpp, csrc/integer_avx2.cpp): 4-bit codes times rows quantized to
+16 bits per group of 32, a row's result independent of its batch (VNNI and AMX tiles giving the same bits, and its
+AVX2 build the same bits again), and where it runs."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from helpers.integer_kernels import AMX, VNNI, rows, sixteen_bit_rows
+from helpers.integer_kernels import ISAS, KIND, VNNI, rows, sixteen_bit_rows
 
 from engine import native
 from engine.models.int4_matmul import FourBitGroups, int4_linear, round_to_four_bits
 from engine.models.w4a16_matmul import w4a16_kind, w4a16_linear
 
-needs_kernel = pytest.mark.skipif(not VNNI, reason="the integer kernel needs AVX-512 VNNI; tested to stand aside below")
+needs_kernel = pytest.mark.skipif(not ISAS, reason="the integer kernel needs AVX-512 VNNI or AVX2; tested to stand "
+                                                  "aside below")
+each_build = pytest.mark.parametrize("isa", ISAS)
 
 
 def fp16_grid(out_features: int, in_features: int, seed: int = 0) -> FourBitGroups:
@@ -24,23 +27,24 @@ def weight_of(groups: FourBitGroups) -> torch.Tensor:
     return (groups.low.repeat_interleave(32, 1) + groups.q.double() * groups.step.repeat_interleave(32, 1)).double()
 
 
-def test_runs_where_the_cpu_has_avx512_vnni_and_says_how() -> None:
+def test_runs_where_the_cpu_has_avx512_vnni_or_avx2_and_says_how() -> None:
     if reason := native.unavailable_reason():
         pytest.fail(f"the kernels should build on the test machines (they have g++): {reason}")
-    assert w4a16_kind() == (("VNNI, AMX from 8 rows" if AMX else "VNNI") if VNNI else None)
-    assert (w4a16_linear(fp16_grid(32, 64), None) is not None) == VNNI
+    assert w4a16_kind() == KIND
+    assert (w4a16_linear(fp16_grid(32, 64), None) is not None) == bool(ISAS)
+    assert (w4a16_linear(fp16_grid(32, 64), None, isa="vnni") is not None) == VNNI
 
 
-@needs_kernel
+@each_build
 @pytest.mark.parametrize(("out_features", "in_features"), [(960, 576), (48, 64), (576, 1536)])
 @pytest.mark.parametrize("count", [1, 2, 5, 8, 20, 64])
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_computes_the_product_with_16_bit_rows(out_features: int, in_features: int, count: int,
-                                                with_bias: bool) -> None:
+                                                with_bias: bool, isa: str) -> None:
     groups = fp16_grid(out_features, in_features)
     bias = torch.randn(out_features, generator=torch.Generator().manual_seed(3)) if with_bias else None
     x = rows(count, in_features)
-    got = w4a16_linear(groups, bias)(x).double()
+    got = w4a16_linear(groups, bias, isa)(x).double()
     w = weight_of(groups)
     # the offsets meet the row's exact sum; the codes its 16-bit rounding
     low = groups.low.repeat_interleave(32, 1).double()
@@ -50,9 +54,9 @@ def test_computes_the_product_with_16_bit_rows(out_features: int, in_features: i
     assert ((got - exact).abs().max() / exact.abs().max()).item() < 2e-4  # bf16 rows: ~4e-3
 
 
-@needs_kernel
-def test_a_row_is_the_same_bits_alone_and_in_any_batch() -> None:
-    linear = w4a16_linear(fp16_grid(192, 1536), torch.randn(192))
+@each_build
+def test_a_row_is_the_same_bits_alone_and_in_any_batch(isa: str) -> None:
+    linear = w4a16_linear(fp16_grid(192, 1536), torch.randn(192), isa)
     x = rows(200, 1536)
     alone = torch.cat([linear(row) for row in x.split(1)])
     # VNNI tiles below 8 rows, AMX tiles (where present) from 8; prefill chunks of hundreds of rows in one call
@@ -60,6 +64,19 @@ def test_a_row_is_the_same_bits_alone_and_in_any_batch() -> None:
     assert linear.batch_invariant
     for count in (2, 3, 4, 5, 7, 8, 9, 16, 17, 40, 70, 129, 200):
         assert torch.equal(torch.cat([linear(part) for part in x.split(count)]), alone), count
+
+
+@pytest.mark.skipif(not VNNI, reason="needs both builds of the kernel: AVX-512 VNNI (and so AVX2)")
+@pytest.mark.parametrize(("out_features", "in_features"), [(960, 576), (48, 64), (576, 1536)])
+def test_the_avx2_build_gives_the_vnni_builds_bits(out_features: int, in_features: int) -> None:
+    # the same exact integer sums, then the same fp32 steps: what an AVX2-only CPU serves is what VNNI serves
+    groups = fp16_grid(out_features, in_features)
+    bias = torch.randn(out_features)
+    vnni, avx2 = w4a16_linear(groups, bias, "vnni"), w4a16_linear(groups, bias, "avx2")
+    for count in (1, 2, 3, 4, 5, 9, 33, 70):  # every tile shape of both, AMX's from 8 rows where present
+        x = rows(count, in_features, seed=count)
+        x[0, :32] = 0.0  # a group of zeros: scale 0
+        assert torch.equal(avx2(x), vnni(x)), count
 
 
 @needs_kernel
@@ -72,6 +89,16 @@ def test_the_int4_layers_take_it_unless_told_otherwise(monkeypatch: pytest.Monke
     monkeypatch.setenv("KVSERVE_INT4_KERNEL", "fast")
     with pytest.raises(ValueError, match="KVSERVE_INT4_KERNEL"):
         int4_linear(groups, None)
+
+
+def test_kvserve_integer_isa_names_a_build(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KVSERVE_INTEGER_ISA", " AVX2 ")
+    assert native.integer_isa_asked() == "avx2"
+    monkeypatch.setenv("KVSERVE_INTEGER_ISA", "avx512")
+    with pytest.raises(ValueError, match="KVSERVE_INTEGER_ISA='avx512': expected one of vnni, avx2"):
+        native.integer_isa_asked()
+    monkeypatch.delenv("KVSERVE_INTEGER_ISA")
+    assert native.integer_isa_asked() is None
 
 
 @needs_kernel

@@ -1,0 +1,267 @@
+// The integer matmuls of csrc/w4a16_matmul.cpp (4-bit layers) and csrc/q8_matmul.cpp (a Q8_0 LM head) for CPUs
+// with AVX2 but not AVX-512 VNNI (AMD Zen 2/3, Intel before Ice Lake): the same weight layouts, the same rows
+// quantized to 16 bits per group of 32, the same exact int32 sums and the same fp32 steps after them, so the
+// same bits as the VNNI kernels (tests/unit/test_integer_avx2.py compares them where both run).
+//
+// Sums without VNNI's byte dot product:
+// - 4-bit codes: _mm256_maddubs_epi16 (unsigned x signed bytes, pairs summed into int16) cannot saturate here:
+//   codes are 0..15, so a pair is at most 2 * 15 * 128 with the high bytes and 2 * 15 * 255 with the low ones.
+//   High pairs gather in int16 over a whole group (8 pairs of pairs: 30720 at most), low ones over half a group
+//   (30600), and _mm256_madd_epi16 widens them to int32 (times 256 for the high half), exactly.
+// - 8-bit codes: maddubs would saturate (2 * 255 * 127), so the 16-bit row codes meet the codes sign-extended
+//   to 16 bits in _mm256_madd_epi16 (int16 x int16, pairs summed into int32): exact, below 2^27 a group.
+// A block's 16 outputs are two 8-lane halves here; the tiles (TileBlocks, run_row_tiles) are csrc/int8_rows.h's,
+// one block wide for any row count: with 16 vector registers, not 32, wider tiles spilled (2 blocks at one row
+// took SmolLM2's four int4 layer shapes 0.091 ms against 0.080 on a 2-core Zen 4; 4 x 2 at 1-4 rows was slower
+// still, and so were wider tiles of the 8-bit head).
+// Built with the other kernels by engine/native.py (-march=native: where the CPU lacks AVX2, stubs say so).
+#include "int8_rows.h"
+
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include <immintrin.h>
+
+#include <cstring>
+
+namespace {
+
+using namespace kvserve;
+
+struct Rows16 {
+  std::vector<int16_t> codes;  // (rows, k_dim): round(x / scale)
+  std::vector<uint8_t> low;    // (rows, k_dim): their low bytes (unsigned)
+  std::vector<int8_t> high;    // (rows, k_dim): their high bytes (signed)
+  std::vector<float> scales;   // (rows, k_dim / 32)
+  std::vector<float> sums;     // (rows, k_dim / 32): the group's fp32 sum of x
+};
+
+inline __m256 abs8(__m256 v) { return _mm256_andnot_ps(_mm256_set1_ps(-0.0f), v); }
+
+inline float max8(__m256 v) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  return std::max(_mm_cvtss_f32(m), _mm_cvtss_f32(_mm_shuffle_ps(m, m, 1)));
+}
+
+// The sum of 16 values, lanes 0-7 in lo and 8-15 in hi, in the order of GCC's _mm512_reduce_add_ps (halves, then
+// quarters, then lanes 0 + 2 and 1 + 3, then those two), which the VNNI kernels' rows use.
+inline float sum16(__m256 lo, __m256 hi) {
+  const __m256 eight = _mm256_add_ps(hi, lo);
+  const __m128 four = _mm_add_ps(_mm256_extractf128_ps(eight, 1), _mm256_castps256_ps128(eight));
+  const __m128 two = _mm_add_ps(four, _mm_shuffle_ps(four, four, _MM_SHUFFLE(1, 0, 3, 2)));
+  return _mm_cvtss_f32(two) + _mm_cvtss_f32(_mm_shuffle_ps(two, two, 1));
+}
+
+// csrc/int8_rows.h's quantize_rows, with 8-lane vectors: the same scales, sums and codes.
+void quantize_rows(const float* x, int64_t rows, int64_t k_dim, Rows16& q) {
+  const int64_t groups = k_dim / kGroup;
+  q.codes.resize(rows * k_dim);
+  q.low.resize(rows * k_dim);
+  q.high.resize(rows * k_dim);
+  q.scales.resize(rows * groups);
+  q.sums.resize(rows * groups);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t g = 0; g < groups; ++g) {
+      const int64_t at = r * k_dim + g * kGroup;
+      __m256 v[4];
+      for (int i = 0; i < 4; ++i) v[i] = _mm256_loadu_ps(x + at + 8 * i);
+      const float top = max8(_mm256_max_ps(_mm256_max_ps(abs8(v[0]), abs8(v[1])), _mm256_max_ps(abs8(v[2]), abs8(v[3]))));
+      const float scale = top / 32767.0f;
+      q.scales[r * groups + g] = scale;
+      // the VNNI kernels add x[i] + x[i + 16] first, then reduce those 16 lanes
+      q.sums[r * groups + g] = sum16(_mm256_add_ps(v[0], v[2]), _mm256_add_ps(v[1], v[3]));
+      const __m256 divisor = _mm256_set1_ps(scale > 0.0f ? scale : 1.0f);
+      for (int i = 0; i < 4; ++i) {  // round to nearest even (the default rounding mode); |code| <= 32767
+        alignas(32) int32_t code[8];
+        _mm256_store_si256(reinterpret_cast<__m256i*>(code), _mm256_cvtps_epi32(_mm256_div_ps(v[i], divisor)));
+        for (int j = 0; j < 8; ++j) {
+          q.codes[at + 8 * i + j] = static_cast<int16_t>(code[j]);
+          q.low[at + 8 * i + j] = static_cast<uint8_t>(code[j] & 0xFF);
+          q.high[at + 8 * i + j] = static_cast<int8_t>(code[j] >> 8);
+        }
+      }
+    }
+}
+
+inline __m256i broadcast4(const void* bytes) {  // 4 bytes (one lane's inputs) into every 32-bit lane
+  int32_t four;
+  std::memcpy(&four, bytes, 4);
+  return _mm256_set1_epi32(four);
+}
+
+inline __m256i broadcast8(const void* bytes) {  // 8 bytes (four 16-bit codes) into every 64-bit lane
+  int64_t eight;
+  std::memcpy(&eight, bytes, 8);
+  return _mm256_set1_epi64x(eight);
+}
+
+inline __m256 load_halves(const uint16_t* p) {  // 8 fp16 values as fp32 (exact)
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+
+// ---- 4-bit weights (csrc/w4a16_matmul.cpp's layout and fp32 steps) ----
+
+struct FourBitWeights {
+  const uint8_t* codes;
+  const uint16_t* steps;  // fp16
+  const uint16_t* lows;   // fp16
+  const float* bias;
+};
+
+// ROWS rows against BLOCKS adjacent blocks of 16 outputs, HALVES = 2 * BLOCKS vectors of 8.
+template <int ROWS, int BLOCKS>
+void four_bit_tile(float* out, const Rows16& x, int64_t first_row, const FourBitWeights& w, int64_t first_block,
+                   int64_t n, int64_t k_dim) {
+  constexpr int HALVES = 2 * BLOCKS;
+  const int64_t groups = k_dim / kGroup;
+  const __m256i nibble = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1), times256 = _mm256_set1_epi16(256);
+  __m256 acc[ROWS][HALVES];
+  for (int r = 0; r < ROWS; ++r)
+    for (int h = 0; h < HALVES; ++h) acc[r][h] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    __m256i sums[ROWS][HALVES], high[ROWS][HALVES], low[ROWS][HALVES];
+    for (int r = 0; r < ROWS; ++r)
+      for (int h = 0; h < HALVES; ++h) sums[r][h] = high[r][h] = low[r][h] = _mm256_setzero_si256();
+    for (int eight = 0; eight < kGroup / 8; ++eight) {
+      const int64_t k = g * kGroup + 8 * eight;
+      for (int h = 0; h < HALVES; ++h) {
+        const uint8_t* bytes = w.codes + (first_block + h / 2) * k_dim * (kBlock / 2) + k * (kBlock / 2) + 32 * (h % 2);
+        _mm_prefetch(reinterpret_cast<const char*>(bytes) + BLOCKS * k_dim * (kBlock / 2), _MM_HINT_T1);
+        const __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bytes));
+        const __m256i first4 = _mm256_and_si256(packed, nibble);                         // inputs k..k+3
+        const __m256i next4 = _mm256_and_si256(_mm256_srli_epi16(packed, 4), nibble);  // k+4..k+7
+        for (int r = 0; r < ROWS; ++r) {
+          const int64_t at = (first_row + r) * k_dim + k;
+          high[r][h] = _mm256_add_epi16(high[r][h], _mm256_maddubs_epi16(first4, broadcast4(x.high.data() + at)));
+          high[r][h] = _mm256_add_epi16(high[r][h], _mm256_maddubs_epi16(next4, broadcast4(x.high.data() + at + 4)));
+          low[r][h] = _mm256_add_epi16(low[r][h], _mm256_maddubs_epi16(broadcast4(x.low.data() + at), first4));
+          low[r][h] = _mm256_add_epi16(low[r][h], _mm256_maddubs_epi16(broadcast4(x.low.data() + at + 4), next4));
+          if (eight % 2 == 1) {  // half a group of low pairs: widen before int16 could overflow
+            sums[r][h] = _mm256_add_epi32(sums[r][h], _mm256_madd_epi16(low[r][h], ones));
+            low[r][h] = _mm256_setzero_si256();
+          }
+        }
+      }
+    }
+    for (int h = 0; h < HALVES; ++h) {
+      const int64_t at = ((first_block + h / 2) * groups + g) * kBlock + 8 * (h % 2);
+      const __m256 step = load_halves(w.steps + at), offset = load_halves(w.lows + at);
+      for (int r = 0; r < ROWS; ++r) {
+        const int64_t i = (first_row + r) * groups + g;
+        const __m256i sum = _mm256_add_epi32(sums[r][h], _mm256_madd_epi16(high[r][h], times256));
+        // acc = fma(float(sum), row_scale * step, acc); acc = fma(row_sum, low, acc), as the VNNI kernel
+        acc[r][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_mul_ps(_mm256_set1_ps(x.scales[i]), step), acc[r][h]);
+        acc[r][h] = _mm256_fmadd_ps(_mm256_set1_ps(x.sums[i]), offset, acc[r][h]);
+      }
+    }
+  }
+  for (int r = 0; r < ROWS; ++r)
+    for (int h = 0; h < HALVES; ++h) {
+      const int64_t col = first_block * kBlock + 8 * h;
+      __m256 result = acc[r][h];
+      if (w.bias != nullptr) result = _mm256_add_ps(result, _mm256_loadu_ps(w.bias + col));
+      _mm256_storeu_ps(out + (first_row + r) * n + col, result);
+    }
+}
+
+// ---- 8-bit weights (csrc/q8_matmul.cpp's layout and fp32 steps) ----
+
+// ROWS rows against BLOCKS adjacent blocks of 16 outputs.
+template <int ROWS, int BLOCKS>
+void eight_bit_tile(float* out, const Rows16& x, int64_t first_row, const int8_t* codes, const float* scales,
+                    int64_t first_block, int64_t n, int64_t k_dim) {
+  constexpr int QUARTERS = 4 * BLOCKS;  // 4 outputs x 4 inputs of 16-bit codes fill a vector
+  const int64_t groups = k_dim / kGroup;
+  __m256 acc[ROWS][2 * BLOCKS];
+  for (int r = 0; r < ROWS; ++r)
+    for (int h = 0; h < 2 * BLOCKS; ++h) acc[r][h] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    // pairs[r][c]: outputs 4c..4c+3 of the tile, two int32 per output (inputs 0-1 and 2-3 of each quad)
+    __m256i pairs[ROWS][QUARTERS];
+    for (int r = 0; r < ROWS; ++r)
+      for (int c = 0; c < QUARTERS; ++c) pairs[r][c] = _mm256_setzero_si256();
+    for (int quad = 0; quad < kGroup / 4; ++quad) {
+      const int64_t k = g * kGroup + 4 * quad;
+      for (int b = 0; b < BLOCKS; ++b) {
+        const int8_t* wb = codes + (first_block + b) * k_dim * kBlock + k * kBlock;  // 16 lanes of 4 codes
+        _mm_prefetch(reinterpret_cast<const char*>(wb) + BLOCKS * k_dim * kBlock, _MM_HINT_T1);
+        for (int c = 0; c < 4; ++c) {
+          const __m256i wide = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wb + 16 * c)));
+          for (int r = 0; r < ROWS; ++r) {
+            const __m256i row = broadcast8(x.codes.data() + (first_row + r) * k_dim + k);
+            pairs[r][4 * b + c] = _mm256_add_epi32(pairs[r][4 * b + c], _mm256_madd_epi16(wide, row));
+          }
+        }
+      }
+    }
+    for (int h = 0; h < 2 * BLOCKS; ++h) {
+      const __m256 weight_scale = _mm256_loadu_ps(scales + ((first_block + h / 2) * groups + g) * kBlock + 8 * (h % 2));
+      for (int r = 0; r < ROWS; ++r) {
+        // hadd within 128-bit lanes gives outputs 0, 1, 4, 5 | 2, 3, 6, 7: put them in order
+        const __m256i mixed = _mm256_hadd_epi32(pairs[r][2 * h], pairs[r][2 * h + 1]);
+        const __m256i sum = _mm256_permutevar8x32_epi32(mixed, _mm256_setr_epi32(0, 1, 4, 5, 2, 3, 6, 7));
+        const __m256 scale = _mm256_mul_ps(_mm256_set1_ps(x.scales[(first_row + r) * groups + g]), weight_scale);
+        acc[r][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), scale, acc[r][h]);
+      }
+    }
+  }
+  for (int r = 0; r < ROWS; ++r)
+    for (int h = 0; h < 2 * BLOCKS; ++h) _mm256_storeu_ps(out + (first_row + r) * n + first_block * kBlock + 8 * h, acc[r][h]);
+}
+
+// ROWS rows against blocks [begin, end), BLOCKS at a time, then the rest by halves.
+template <int ROWS, int BLOCKS, typename Tile>
+void blocks_of(Tile tile, int64_t first_row, int64_t begin, int64_t end) {
+  int64_t block = begin;
+  for (; block + BLOCKS <= end; block += BLOCKS) tile(std::integral_constant<int, BLOCKS>{}, first_row, block);
+  if constexpr (BLOCKS > 1) blocks_of<ROWS, BLOCKS / 2>(tile, first_row, block, end);
+}
+
+}  // namespace
+
+extern "C" int kvserve_w4a16_matmul_avx2_supported() { return 3; }
+extern "C" int kvserve_q8_matmul_avx2_supported() { return 3; }
+
+// kvserve_w4a16_matmul's arguments and results (csrc/w4a16_matmul.cpp).
+extern "C" void kvserve_w4a16_matmul_avx2(float* out, const float* x, const uint8_t* codes, const uint16_t* steps,
+                                         const uint16_t* lows, const float* bias, int64_t rows, int64_t n,
+                                         int64_t k_dim) {
+  thread_local Rows16 quantized;  // read by every thread below
+  quantize_rows(x, rows, k_dim, quantized);
+  const Rows16& q = quantized;
+  const FourBitWeights w{codes, steps, lows, bias};
+  run_row_tiles(TileBlocks<1, 1, 1, 1>{}, rows, n, [&](auto tile_rows, auto tile_blocks, int64_t first, int64_t from, int64_t to) {
+    constexpr int ROWS = decltype(tile_rows)::value;
+    blocks_of<ROWS, decltype(tile_blocks)::value>(
+        [&](auto blocks, int64_t first_row, int64_t block) {
+          four_bit_tile<ROWS, decltype(blocks)::value>(out, q, first_row, w, block, n, k_dim);
+        },
+        first, from, to);
+  });
+}
+
+// kvserve_q8_matmul's arguments and results (csrc/q8_matmul.cpp); the corrections are VNNI's, not needed here.
+extern "C" void kvserve_q8_matmul_avx2(float* out, const float* x, const int8_t* codes, const float* scales,
+                                      const int32_t* /* corrections */, int64_t rows, int64_t n, int64_t k_dim) {
+  thread_local Rows16 quantized;
+  quantize_rows(x, rows, k_dim, quantized);
+  const Rows16& q = quantized;
+  run_row_tiles(TileBlocks<1, 1, 1, 1>{}, rows, n, [&](auto tile_rows, auto tile_blocks, int64_t first, int64_t from, int64_t to) {
+    constexpr int ROWS = decltype(tile_rows)::value;
+    blocks_of<ROWS, decltype(tile_blocks)::value>(
+        [&](auto blocks, int64_t first_row, int64_t block) {
+          eight_bit_tile<ROWS, decltype(blocks)::value>(out, q, first_row, codes, scales, block, n, k_dim);
+        },
+        first, from, to);
+  });
+}
+
+#else
+
+extern "C" int kvserve_w4a16_matmul_avx2_supported() { return 0; }
+extern "C" int kvserve_q8_matmul_avx2_supported() { return 0; }
+extern "C" void kvserve_w4a16_matmul_avx2(float*, const float*, const uint8_t*, const uint16_t*, const uint16_t*,
+                                         const float*, int64_t, int64_t, int64_t) {}
+extern "C" void kvserve_q8_matmul_avx2(float*, const float*, const int8_t*, const float*, const int32_t*, int64_t,
+                                      int64_t, int64_t) {}
+
+#endif
