@@ -6,7 +6,7 @@ PORT ?= 8000
 MODEL ?= smollm2-135m
 PYTEST_ARGS ?=
 
-.PHONY: serve test test-fast test-soak lint venv dev-deps model bytecode cpu-features bench bench-peers profile clean
+.PHONY: serve test test-fast test-avx2 test-soak lint venv dev-deps model bytecode cpu-features bench bench-peers profile clean
 
 $(BIN)/kvserve: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -43,7 +43,17 @@ serve: model bytecode  ## serve the default model on http://127.0.0.1:$(PORT)
 test: dev-deps model  ## unit, integration and browser tests, plus the deployment checks
 	$(BIN)/ruff check engine service bench tests
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(MAKE) --no-print-directory test-avx2
 	PATH=$(CURDIR)/$(BIN):$$PATH scripts/check_deploy.sh
+
+# The kernel tests again, kvserve's kernels built for x86-64-v3 (AVX2, FMA, F16C) and PyTorch's ops on their AVX2
+# code: what an AVX2-only CPU (AMD Zen 2/3, Intel before Ice Lake) runs, checked on whatever CPU CI has.
+AVX2_TESTS = tests/unit/test_w4a16_matmul.py tests/unit/test_q8_matmul.py tests/unit/test_int4_gemv.py \
+	tests/unit/test_cpu_matmul.py tests/unit/test_paged_decode.py tests/unit/test_decode_graph.py
+test-avx2: dev-deps model  ## the kernel tests as an AVX2-only CPU builds and runs them (~1 minute)
+	@if grep -qw avx2 /proc/cpuinfo 2>/dev/null; then \
+		KVSERVE_KERNEL_MARCH=x86-64-v3 ATEN_CPU_CAPABILITY=avx2 $(BIN)/python -m pytest -q $(AVX2_TESTS); \
+	else echo "test-avx2: this CPU has no AVX2, nothing to emulate"; fi
 
 test-fast: dev-deps  ## the tests that need no real model
 	$(BIN)/python -m pytest -q -m 'not slow and not e2e' tests/unit

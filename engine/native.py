@@ -1,9 +1,9 @@
 """kvserve's C++ CPU kernels (engine/csrc/*.cpp): built on first use into one library, loaded through ctypes.
 
-The kernels are plain C++ with GCC vector types (AVX-512 and AMX intrinsics in the matmuls), compiled for this
-CPU (`-march=native`) by the system's g++ against the installed torch (for its thread pool) in about 3 s on
-2 cores, and cached in $KVSERVE_KERNEL_CACHE (default ~/.cache/kvserve/kernels), keyed by the sources,
-torch, the compiler and the CPU, so a second start only loads them. Where there is no compiler, or the build fails, `load()` says why and each caller
+The kernels are plain C++ with GCC vector types (AVX-512, AMX and AVX2 intrinsics in the matmuls), compiled for
+this CPU (`-march=native`, or KVSERVE_KERNEL_MARCH's) by the system's g++ against the installed torch (for its
+thread pool) in about 10 s on 2 cores, and cached in $KVSERVE_KERNEL_CACHE (default ~/.cache/kvserve/kernels),
+keyed by the sources, torch, the compiler, the CPU and the -march, so a second start only loads them. Where there is no compiler, or the build fails, `load()` says why and each caller
 keeps its PyTorch path. Each kernel's module declares its functions' C signatures with `function()`.
 
 - csrc/paged_decode.cpp: decode attention over the paged KV cache (engine/paged_decode.py)
@@ -54,10 +54,16 @@ def _compiler() -> str:
     return compiler
 
 
+def target_arch() -> str:
+    """The -march the kernels are built for: this CPU's (native), or KVSERVE_KERNEL_MARCH's, e.g. x86-64-v3 (AVX2,
+    FMA, F16C: what an AVX2-only CPU builds) to measure that CPU kind's kernels on a newer one."""
+    return os.environ.get("KVSERVE_KERNEL_MARCH", "").strip() or "native"
+
+
 def _build_command(compiler: str, output: Path) -> list[str]:
     torch_dir = Path(torch.__file__).parent
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
-    return [compiler, "-O3", "-march=native", "-std=c++17", "-fopenmp", "-fPIC", "-shared",
+    return [compiler, "-O3", f"-march={target_arch()}", "-std=c++17", "-fopenmp", "-fPIC", "-shared",
             f"-D_GLIBCXX_USE_CXX11_ABI={abi}", f"-I{torch_dir / 'include'}", *map(str, SOURCES), "-o", str(output),
             # torch's own libraries (its OpenMP runtime included), so the kernels share torch's thread pool
             f"-L{torch_dir / 'lib'}", "-ltorch_cpu", "-lc10", f"-Wl,-rpath,{torch_dir / 'lib'}"]
@@ -66,7 +72,8 @@ def _build_command(compiler: str, output: Path) -> list[str]:
 def _library_path(compiler: str) -> Path:
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=False).stdout
     key = hashlib.sha256("\0".join([*(source.read_text() for source in SOURCES + HEADERS), torch.__version__,
-                                    str(Path(torch.__file__).parent), version, cpu_signature()]).encode())
+                                    str(Path(torch.__file__).parent), version, cpu_signature(),
+                                    target_arch()]).encode())
     return cache_dir() / f"kvserve_kernels-{key.hexdigest()[:16]}.so"
 
 
@@ -155,25 +162,16 @@ def without_recording(symbol: str, *argtypes: type) -> ctypes._CFuncPtr:
 # What the integer kernels' `<symbol>_supported()` answers (csrc/int8_rows.h, csrc/integer_avx2.cpp): how they
 # multiply here.
 INTEGER_KERNEL_KINDS = {1: "VNNI", 2: "VNNI, AMX from 8 rows", 3: "AVX2"}
-# The integer kernels' instruction sets, best first: each kernel has a VNNI build (`symbol`) and an AVX2 one
-# (`symbol_avx2`) giving the same bits. KVSERVE_INTEGER_ISA=avx2 runs the AVX2 ones where VNNI would, to compare.
+# The integer kernels' builds, best first: each kernel has a VNNI one (`symbol`) and an AVX2 one (`symbol_avx2`)
+# giving the same bits.
 INTEGER_ISAS = ("vnni", "avx2")
-
-
-def integer_isa_asked() -> str | None:
-    """KVSERVE_INTEGER_ISA, checked: the instruction set the integer kernels should use, None for the best here."""
-    asked = os.environ.get("KVSERVE_INTEGER_ISA", "").strip().lower() or None
-    if asked is not None and asked not in INTEGER_ISAS:
-        raise ValueError(f"KVSERVE_INTEGER_ISA={asked!r}: expected one of {', '.join(INTEGER_ISAS)}")
-    return asked
 
 
 @functools.cache
 def integer_kernel(symbol: str, *argtypes: type, isa: str | None = None) -> tuple[ctypes._CFuncPtr | None, str | None]:
     """An integer kernel's C function and how it multiplies here, or (None, None) where it does not run (neither
-    AVX-512 VNNI nor AVX2, or the kernels cannot be built). `isa` ("vnni" or "avx2") asks for one build, else the
-    best one here runs, or the one KVSERVE_INTEGER_ISA names where this CPU has it."""
-    isa = isa or integer_isa_asked()
+    AVX-512 VNNI nor AVX2, or the kernels cannot be built). `isa` ("vnni" or "avx2") asks for that build, else the
+    best one here runs."""
     try:
         for name in (isa,) if isa else INTEGER_ISAS:
             build = symbol if name == "vnni" else f"{symbol}_{name}"

@@ -1,11 +1,16 @@
-"""What the integer matmul tests share (test_q8_matmul.py, test_w4a16_matmul.py): the CPU flags the kernels are
-built for (AVX-512 VNNI, else AVX2), rows of mixed scales, and the rows' 16-bit quantization the kernels apply."""
+"""What the integer matmul tests share (test_q8_matmul.py, test_w4a16_matmul.py): the instruction sets the kernels
+are built for (AVX-512 VNNI, else AVX2), rows of mixed scales, and the rows' 16-bit quantization they apply."""
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import torch
+
+from engine import native
 
 GROUP = 32
 
@@ -15,7 +20,19 @@ def _cpu_flags() -> set[str]:
     return {flag for line in text.splitlines() if line.startswith("flags") for flag in line.split(":", 1)[1].split()}
 
 
-FLAGS = _cpu_flags()
+def _built_flags() -> set[str]:
+    """This CPU's flags, or under KVSERVE_KERNEL_MARCH those its -march enables (as /proc/cpuinfo names them)."""
+    if native.target_arch() == "native":
+        return _cpu_flags()
+    compiler = os.environ.get("CXX") or shutil.which("g++") or "c++"
+    macros = subprocess.run([compiler, f"-march={native.target_arch()}", "-dM", "-E", "-x", "c++", "/dev/null"],
+                            capture_output=True, text=True, check=True).stdout
+    names = {"__AVX512F__": "avx512f", "__AVX512VNNI__": "avx512_vnni", "__AMX_TILE__": "amx_tile",
+             "__AMX_INT8__": "amx_int8", "__AVX2__": "avx2", "__FMA__": "fma", "__F16C__": "f16c"}
+    return {flag for macro, flag in names.items() if f"#define {macro} " in macros} & _cpu_flags()
+
+
+FLAGS = _built_flags()
 VNNI = {"avx512f", "avx512_vnni"} <= FLAGS  # what the kernels are built for (-march=native)
 AMX = {"amx_tile", "amx_int8"} <= FLAGS
 AVX2 = {"avx2", "fma", "f16c"} <= FLAGS  # csrc/integer_avx2.cpp: the same kernels without VNNI

@@ -91,16 +91,6 @@ def test_the_int4_layers_take_it_unless_told_otherwise(monkeypatch: pytest.Monke
         int4_linear(groups, None)
 
 
-def test_kvserve_integer_isa_names_a_build(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("KVSERVE_INTEGER_ISA", " AVX2 ")
-    assert native.integer_isa_asked() == "avx2"
-    monkeypatch.setenv("KVSERVE_INTEGER_ISA", "avx512")
-    with pytest.raises(ValueError, match="KVSERVE_INTEGER_ISA='avx512': expected one of vnni, avx2"):
-        native.integer_isa_asked()
-    monkeypatch.delenv("KVSERVE_INTEGER_ISA")
-    assert native.integer_isa_asked() is None
-
-
 @needs_kernel
 def test_no_rows_and_shapes_it_does_not_take() -> None:
     assert w4a16_linear(fp16_grid(32, 64), None)(torch.empty(0, 64)).shape == (0, 32)
