@@ -16,6 +16,7 @@
 // still, and so were wider tiles of the 8-bit head).
 // Built with the other kernels by engine/native.py (-march=native: where the CPU lacks AVX2, stubs say so).
 #include "int8_rows.h"
+#include "vec.h"
 
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
@@ -42,15 +43,6 @@ inline float max8(__m256 v) {
   return std::max(_mm_cvtss_f32(m), _mm_cvtss_f32(_mm_shuffle_ps(m, m, 1)));
 }
 
-// The sum of 16 values, lanes 0-7 in lo and 8-15 in hi, in the order of GCC's _mm512_reduce_add_ps (halves, then
-// quarters, then lanes 0 + 2 and 1 + 3, then those two), which the VNNI kernels' rows use.
-inline float sum16(__m256 lo, __m256 hi) {
-  const __m256 eight = _mm256_add_ps(hi, lo);
-  const __m128 four = _mm_add_ps(_mm256_extractf128_ps(eight, 1), _mm256_castps256_ps128(eight));
-  const __m128 two = _mm_add_ps(four, _mm_shuffle_ps(four, four, _MM_SHUFFLE(1, 0, 3, 2)));
-  return _mm_cvtss_f32(two) + _mm_cvtss_f32(_mm_shuffle_ps(two, two, 1));
-}
-
 // csrc/int8_rows.h's quantize_rows, with 8-lane vectors: the same scales, sums and codes.
 void quantize_rows(const float* x, int64_t rows, int64_t k_dim, Rows16& q) {
   const int64_t groups = k_dim / kGroup;
@@ -67,8 +59,9 @@ void quantize_rows(const float* x, int64_t rows, int64_t k_dim, Rows16& q) {
       const float top = max8(_mm256_max_ps(_mm256_max_ps(abs8(v[0]), abs8(v[1])), _mm256_max_ps(abs8(v[2]), abs8(v[3]))));
       const float scale = top / 32767.0f;
       q.scales[r * groups + g] = scale;
-      // the VNNI kernels add x[i] + x[i + 16] first, then reduce those 16 lanes
-      q.sums[r * groups + g] = sum16(_mm256_add_ps(v[0], v[2]), _mm256_add_ps(v[1], v[3]));
+      // the VNNI kernels add x[i] + x[i + 16] first, then reduce those 16 lanes with GCC's _mm512_reduce_add_ps,
+      // whose tree (halves, quarters, lanes 0 + 2 and 1 + 3, then those two) is vec.h's sum_halves
+      q.sums[r * groups + g] = sum_halves(_mm256_add_ps(v[0], v[2]), _mm256_add_ps(v[1], v[3]));
       const __m256 divisor = _mm256_set1_ps(scale > 0.0f ? scale : 1.0f);
       for (int i = 0; i < 4; ++i) {  // round to nearest even (the default rounding mode); |code| <= 32767
         alignas(32) int32_t code[8];

@@ -63,6 +63,7 @@ inline vec16 transpose_sum16(const vec16* a) {
 
 // scores[t] = q . keys[t] for `count` <= 16 keys, head_dim a multiple of 16: each key's products summed over
 // 16-float strides in order, then across lanes by transpose_sum16 (the same tree for every key).
+#if defined(__AVX512F__)
 template <typename Cache>
 inline void dot16(const float* q, const Cache* const* keys, int64_t count, int64_t head_dim, float* scores) {
   vec16 acc[16] = {};
@@ -78,8 +79,31 @@ inline void dot16(const float* q, const Cache* const* keys, int64_t count, int64
   const vec16 sums = transpose_sum16(acc);
   for (int64_t t = 0; t < count; ++t) scores[t] = sums[t];
 }
+#else
+// Without AVX-512 (vec.h: 16-lane vectors stay in memory there) the same sums on 8-lane halves, 4 keys at a
+// time in AVX2's 16 registers: each lane's chain of multiply-adds and the tree across lanes are the AVX-512
+// build's, so the same bits. (With 16-lane vectors a one-row decode call took 5x as long built for x86-64-v3.)
+template <typename Cache>
+inline void dot16(const float* q, const Cache* const* keys, int64_t count, int64_t head_dim, float* scores) {
+  auto tile = [&](int64_t first, auto keys_here) {
+    vec8 low[4] = {}, high[4] = {};  // lanes 0-7 and 8-15 of each key's 16-lane sums
+    for (int64_t d = 0; d < head_dim; d += 16) {
+      const vec8 q_low = load8(q + d), q_high = load8(q + d + 8);
+      for (int64_t t = 0; t < keys_here; ++t) {
+        low[t] += q_low * load8(keys[first + t] + d);
+        high[t] += q_high * load8(keys[first + t] + d + 8);
+      }
+    }
+    for (int64_t t = 0; t < keys_here; ++t) scores[first + t] = sum_halves(low[t], high[t]);
+  };
+  int64_t first = 0;
+  for (; first + 4 <= count; first += 4) tile(first, std::integral_constant<int64_t, 4>{});
+  if (first < count) tile(first, count - first);
+}
+#endif
 
 // out = sum_t p[t] * rows[t] * inv_sum over n floats, the keys in order.
+#if defined(__AVX512F__)
 template <typename Cache>
 inline void weighted_sum(const float* p, const Cache* const* rows, int64_t keys, int64_t n, float inv_sum,
                          float* out) {
@@ -125,6 +149,46 @@ inline void weighted_sum(const float* p, const Cache* const* rows, int64_t keys,
   }
 }
 
+#else
+// The same sums on 8-lane halves (see dot16): each output's chain, even and odd keys apart, then added, as above.
+template <typename Cache>
+inline void weighted_sum(const float* p, const Cache* const* rows, int64_t keys, int64_t n, float inv_sum,
+                         float* out) {
+  int64_t d = 0;
+  for (; d + 64 <= n; d += 64)
+    for (int64_t quarter = 0; quarter < 64; quarter += 32) {  // the outputs of a0, a1 (then a2, a3) above
+      vec8 a[4] = {}, b[4] = {};
+      int64_t t = 0;
+      for (; t + 2 <= keys; t += 2) {
+        const Cache* v = rows[t] + d + quarter;
+        const Cache* w = rows[t + 1] + d + quarter;
+        const vec8 pv = vec8{} + p[t], pw = vec8{} + p[t + 1];
+        for (int i = 0; i < 4; ++i) {
+          a[i] += pv * load8(v + 8 * i);
+          b[i] += pw * load8(w + 8 * i);
+        }
+      }
+      if (t < keys) {
+        const Cache* v = rows[t] + d + quarter;
+        const vec8 pv = vec8{} + p[t];
+        for (int i = 0; i < 4; ++i) a[i] += pv * load8(v + 8 * i);
+      }
+      for (int i = 0; i < 4; ++i) store8(out + d + quarter + 8 * i, (a[i] + b[i]) * inv_sum);
+    }
+  for (; d + 16 <= n; d += 16) {
+    vec8 a[2] = {};
+    for (int64_t t = 0; t < keys; ++t)
+      for (int i = 0; i < 2; ++i) a[i] += (vec8{} + p[t]) * load8(rows[t] + d + 8 * i);
+    for (int i = 0; i < 2; ++i) store8(out + d + 8 * i, a[i] * inv_sum);
+  }
+  for (; d < n; ++d) {
+    float a = 0.0f;
+    for (int64_t t = 0; t < keys; ++t) a += p[t] * to_float(rows[t][d]);
+    out[d] = a * inv_sum;
+  }
+}
+#endif
+
 // Ask for `count` (maybe <= 0) cache rows of head_dim values each to be brought into the cache.
 template <typename Cache>
 inline void prefetch_rows(const Cache* const* rows, int64_t count, int64_t head_dim) {
@@ -163,7 +227,7 @@ void attend(const float* q_heads, float* out_heads, const Cache* const* k_rows, 
     int64_t t = 0;
     for (; t + 16 <= keys; t += 16) {
       const vec16 chunk = load16(w + t);
-      tops = chunk > tops ? chunk : tops;
+      tops = max16(chunk, tops);
     }
     float top = -std::numeric_limits<float>::infinity();
     for (int64_t i = 0; i < 16; ++i) top = std::max(top, tops[i]);
@@ -171,14 +235,19 @@ void attend(const float* q_heads, float* out_heads, const Cache* const* k_rows, 
     // 16 weights at a time, the last few through a zero-padded vector (the same function for every
     // weight), summed lane-wise in key order, then across lanes.
     vec16 sums = {};
-    for (int64_t t = 0; t < keys; t += 16) {
-      const int64_t count = std::min<int64_t>(16, keys - t);
-      vec16 chunk = vec16{} - std::numeric_limits<float>::infinity();
-      std::memcpy(&chunk, w + t, count * sizeof(float));
+    int64_t full = keys / 16 * 16;
+    for (int64_t t = 0; t < full; t += 16) {
+      const vec16 e = exp16(load16(w + t) - top);
+      sums += e;
+      store16(w + t, e);
+    }
+    if (const int64_t count = keys - full; count > 0) {  // copied in and out: a vector's lanes written one by one
+      vec16 chunk = vec16{} - std::numeric_limits<float>::infinity();  // and read whole stall on the way
+      std::memcpy(&chunk, w + full, count * sizeof(float));
       vec16 e = exp16(chunk - top);
       for (int64_t i = count; i < 16; ++i) e[i] = 0.0f;
       sums += e;
-      std::memcpy(w + t, &e, count * sizeof(float));
+      std::memcpy(w + full, &e, count * sizeof(float));
     }
     weighted_sum(w, v_rows, keys, head_dim, 1.0f / sum16(sums), out_heads + g * head_dim);
   }
