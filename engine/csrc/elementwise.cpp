@@ -34,8 +34,15 @@ extern "C" void kvserve_silu_mul_f32(float* out, const float* gate_up, int64_t r
       float* o = out + row * width;
       int64_t i = 0;
       for (; i + 16 <= width; i += 16) {
+#if defined(__AVX512F__)
         const vec16 g = load16(gate + i);
         store16(o + i, g / (1.0f + exp16(-g)) * load16(up + i));
+#else  // in 8-lane halves, which stay in registers without AVX-512 (vec.h): the same operations on each lane
+        for (int64_t half = i; half < i + 16; half += 8) {
+          const vec8 g = load8(gate + half);
+          store8(o + half, g / (1.0f + exp_lanes(-g)) * load8(up + half));
+        }
+#endif
       }
       for (; i < width; ++i) o[i] = silu_times(gate[i], up[i]);
     }

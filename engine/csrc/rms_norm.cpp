@@ -42,15 +42,18 @@ void rms_norm(T* out, const T* x, const T* weight, int64_t rows, int64_t dim, fl
         }
         in = s;
       }
-      vec16 acc = {};
+      // 16 lanes of squares, each summed in order, then across lanes by sum16's tree; as two 8-lane halves,
+      // which stay in registers without AVX-512 too (vec.h), with the same sums
+      vec8 low = {}, high = {};
       int64_t i = 0;
       for (; i + 16 <= dim; i += 16) {
-        const vec16 v = load16(in + i);
-        acc += v * v;
+        const vec8 a = load8(in + i), b = load8(in + i + 8);
+        low += a * a;
+        high += b * b;
       }
       float tail = 0.0f;
       for (; i < dim; ++i) tail += to_float(in[i]) * to_float(in[i]);
-      const float inv = 1.0f / std::sqrt((sum16(acc) + tail) / static_cast<float>(dim) + eps);
+      const float inv = 1.0f / std::sqrt((sum_halves(low, high) + tail) / static_cast<float>(dim) + eps);
       for (int64_t k = 0; k < dim; ++k) {
         const float normed = to_float(in[k]) * inv;
         if constexpr (sizeof(T) == 2) {
