@@ -181,6 +181,24 @@ def test_engine_greedy_output_is_the_same_alone_and_batched_by_default(tmp_path:
     assert [[lp.logprob for lp in b.logprobs] for b in batched] == [[lp.logprob for lp in a.logprobs] for a in alone]
 
 
+def test_a_failing_build_names_the_source_and_the_compilers_words(monkeypatch: pytest.MonkeyPatch,
+                                                                   tmp_path: Path) -> None:
+    compiler = tmp_path / "failing-g++"
+    # compiles every source but one, as a broken or too old compiler might; then fails the link too
+    compiler.write_text('#!/bin/sh\ncase "$*" in *rotary.cpp*) echo "rotary: bad things" >&2; exit 1;; esac\n'
+                        'for a; do [ "$prev" = -o ] && : > "$a"; prev=$a; done\n')
+    compiler.chmod(0o755)
+    monkeypatch.setenv("KVSERVE_KERNEL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("CXX", str(compiler))
+    native.load.cache_clear()
+    try:
+        reason = native.unavailable_reason()
+        assert reason is not None and "building rotary.cpp failed" in reason and "rotary: bad things" in reason
+        assert not list((tmp_path / "cache").glob("*.so"))  # nothing half-built left to load
+    finally:
+        native.load.cache_clear()
+
+
 def test_no_compiler_falls_back_to_sdpa_with_a_reason(tiny_llama_dir: str, monkeypatch: pytest.MonkeyPatch,
                                                       tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     monkeypatch.setenv("KVSERVE_KERNEL_CACHE", str(tmp_path))  # nothing cached: it would have to build
