@@ -1,7 +1,8 @@
 // The integer matmuls of csrc/w4a16_matmul.cpp (4-bit layers) and csrc/q8_matmul.cpp (a Q8_0 LM head) for CPUs
 // with AVX2 but not AVX-512 VNNI (AMD Zen 2/3, Intel before Ice Lake): the same weight layouts, the same rows
 // quantized to 16 bits per group of 32, the same exact int32 sums and the same fp32 steps after them, so the
-// same bits as the VNNI kernels (tests/unit/test_integer_avx2.py compares them where both run).
+// same bits as the VNNI kernels (tests/unit/test_w4a16_matmul.py and test_q8_matmul.py compare the two builds
+// where both run).
 //
 // Sums without VNNI's byte dot product:
 // - 4-bit codes: _mm256_maddubs_epi16 (unsigned x signed bytes, pairs summed into int16) cannot saturate here:
