@@ -101,11 +101,11 @@ struct FourBitWeights {
   const float* bias;
 };
 
-// ROWS rows against BLOCKS adjacent blocks of 16 outputs, HALVES = 2 * BLOCKS vectors of 8.
-template <int ROWS, int BLOCKS>
-void four_bit_tile(float* out, const Rows16& x, int64_t first_row, const FourBitWeights& w, int64_t first_block,
+// ROWS rows against one block of 16 outputs, HALVES vectors of 8.
+template <int ROWS>
+void four_bit_tile(float* out, const Rows16& x, int64_t first_row, const FourBitWeights& w, int64_t block,
                    int64_t n, int64_t k_dim) {
-  constexpr int HALVES = 2 * BLOCKS;
+  constexpr int HALVES = 2;
   const int64_t groups = k_dim / kGroup;
   const __m256i nibble = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1), times256 = _mm256_set1_epi16(256);
   __m256 acc[ROWS][HALVES];
@@ -118,8 +118,8 @@ void four_bit_tile(float* out, const Rows16& x, int64_t first_row, const FourBit
     for (int eight = 0; eight < kGroup / 8; ++eight) {
       const int64_t k = g * kGroup + 8 * eight;
       for (int h = 0; h < HALVES; ++h) {
-        const uint8_t* bytes = w.codes + (first_block + h / 2) * k_dim * (kBlock / 2) + k * (kBlock / 2) + 32 * (h % 2);
-        _mm_prefetch(reinterpret_cast<const char*>(bytes) + BLOCKS * k_dim * (kBlock / 2), _MM_HINT_T1);
+        const uint8_t* bytes = w.codes + block * k_dim * (kBlock / 2) + k * (kBlock / 2) + 32 * h;
+        _mm_prefetch(reinterpret_cast<const char*>(bytes) + k_dim * (kBlock / 2), _MM_HINT_T1);  // the next block's
         const __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bytes));
         const __m256i first4 = _mm256_and_si256(packed, nibble);                         // inputs k..k+3
         const __m256i next4 = _mm256_and_si256(_mm256_srli_epi16(packed, 4), nibble);  // k+4..k+7
@@ -137,7 +137,7 @@ void four_bit_tile(float* out, const Rows16& x, int64_t first_row, const FourBit
       }
     }
     for (int h = 0; h < HALVES; ++h) {
-      const int64_t at = ((first_block + h / 2) * groups + g) * kBlock + 8 * (h % 2);
+      const int64_t at = (block * groups + g) * kBlock + 8 * h;
       const __m256 step = load_halves(w.steps + at), offset = load_halves(w.lows + at);
       for (int r = 0; r < ROWS; ++r) {
         const int64_t i = (first_row + r) * groups + g;
@@ -150,7 +150,7 @@ void four_bit_tile(float* out, const Rows16& x, int64_t first_row, const FourBit
   }
   for (int r = 0; r < ROWS; ++r)
     for (int h = 0; h < HALVES; ++h) {
-      const int64_t col = first_block * kBlock + 8 * h;
+      const int64_t col = block * kBlock + 8 * h;
       __m256 result = acc[r][h];
       if (w.bias != nullptr) result = _mm256_add_ps(result, _mm256_loadu_ps(w.bias + col));
       _mm256_storeu_ps(out + (first_row + r) * n + col, result);
@@ -159,36 +159,34 @@ void four_bit_tile(float* out, const Rows16& x, int64_t first_row, const FourBit
 
 // ---- 8-bit weights (csrc/q8_matmul.cpp's layout and fp32 steps) ----
 
-// ROWS rows against BLOCKS adjacent blocks of 16 outputs.
-template <int ROWS, int BLOCKS>
+// ROWS rows against one block of 16 outputs.
+template <int ROWS>
 void eight_bit_tile(float* out, const Rows16& x, int64_t first_row, const int8_t* codes, const float* scales,
-                    int64_t first_block, int64_t n, int64_t k_dim) {
-  constexpr int QUARTERS = 4 * BLOCKS;  // 4 outputs x 4 inputs of 16-bit codes fill a vector
+                    int64_t block, int64_t n, int64_t k_dim) {
+  constexpr int QUARTERS = 4;  // 4 outputs x 4 inputs of 16-bit codes fill a vector
   const int64_t groups = k_dim / kGroup;
-  __m256 acc[ROWS][2 * BLOCKS];
+  __m256 acc[ROWS][2];
   for (int r = 0; r < ROWS; ++r)
-    for (int h = 0; h < 2 * BLOCKS; ++h) acc[r][h] = _mm256_setzero_ps();
+    for (int h = 0; h < 2; ++h) acc[r][h] = _mm256_setzero_ps();
   for (int64_t g = 0; g < groups; ++g) {
-    // pairs[r][c]: outputs 4c..4c+3 of the tile, two int32 per output (inputs 0-1 and 2-3 of each quad)
+    // pairs[r][c]: outputs 4c..4c+3 of the block, two int32 per output (inputs 0-1 and 2-3 of each quad)
     __m256i pairs[ROWS][QUARTERS];
     for (int r = 0; r < ROWS; ++r)
       for (int c = 0; c < QUARTERS; ++c) pairs[r][c] = _mm256_setzero_si256();
     for (int quad = 0; quad < kGroup / 4; ++quad) {
       const int64_t k = g * kGroup + 4 * quad;
-      for (int b = 0; b < BLOCKS; ++b) {
-        const int8_t* wb = codes + (first_block + b) * k_dim * kBlock + k * kBlock;  // 16 lanes of 4 codes
-        _mm_prefetch(reinterpret_cast<const char*>(wb) + BLOCKS * k_dim * kBlock, _MM_HINT_T1);
-        for (int c = 0; c < 4; ++c) {
-          const __m256i wide = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wb + 16 * c)));
-          for (int r = 0; r < ROWS; ++r) {
-            const __m256i row = broadcast8(x.codes.data() + (first_row + r) * k_dim + k);
-            pairs[r][4 * b + c] = _mm256_add_epi32(pairs[r][4 * b + c], _mm256_madd_epi16(wide, row));
-          }
+      const int8_t* wb = codes + block * k_dim * kBlock + k * kBlock;  // 16 lanes of 4 codes
+      _mm_prefetch(reinterpret_cast<const char*>(wb) + k_dim * kBlock, _MM_HINT_T1);  // the next block's
+      for (int c = 0; c < QUARTERS; ++c) {
+        const __m256i wide = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wb + 16 * c)));
+        for (int r = 0; r < ROWS; ++r) {
+          const __m256i row = broadcast8(x.codes.data() + (first_row + r) * k_dim + k);
+          pairs[r][c] = _mm256_add_epi32(pairs[r][c], _mm256_madd_epi16(wide, row));
         }
       }
     }
-    for (int h = 0; h < 2 * BLOCKS; ++h) {
-      const __m256 weight_scale = _mm256_loadu_ps(scales + ((first_block + h / 2) * groups + g) * kBlock + 8 * (h % 2));
+    for (int h = 0; h < 2; ++h) {
+      const __m256 weight_scale = _mm256_loadu_ps(scales + (block * groups + g) * kBlock + 8 * h);
       for (int r = 0; r < ROWS; ++r) {
         // hadd within 128-bit lanes gives outputs 0, 1, 4, 5 | 2, 3, 6, 7: put them in order
         const __m256i mixed = _mm256_hadd_epi32(pairs[r][2 * h], pairs[r][2 * h + 1]);
@@ -199,15 +197,7 @@ void eight_bit_tile(float* out, const Rows16& x, int64_t first_row, const int8_t
     }
   }
   for (int r = 0; r < ROWS; ++r)
-    for (int h = 0; h < 2 * BLOCKS; ++h) _mm256_storeu_ps(out + (first_row + r) * n + first_block * kBlock + 8 * h, acc[r][h]);
-}
-
-// ROWS rows against blocks [begin, end), BLOCKS at a time, then the rest by halves.
-template <int ROWS, int BLOCKS, typename Tile>
-void blocks_of(Tile tile, int64_t first_row, int64_t begin, int64_t end) {
-  int64_t block = begin;
-  for (; block + BLOCKS <= end; block += BLOCKS) tile(std::integral_constant<int, BLOCKS>{}, first_row, block);
-  if constexpr (BLOCKS > 1) blocks_of<ROWS, BLOCKS / 2>(tile, first_row, block, end);
+    for (int h = 0; h < 2; ++h) _mm256_storeu_ps(out + (first_row + r) * n + block * kBlock + 8 * h, acc[r][h]);
 }
 
 }  // namespace
@@ -223,13 +213,9 @@ extern "C" void kvserve_w4a16_matmul_avx2(float* out, const float* x, const uint
   quantize_rows(x, rows, k_dim, quantized);
   const Rows16& q = quantized;
   const FourBitWeights w{codes, steps, lows, bias};
-  run_row_tiles(TileBlocks<1, 1, 1, 1>{}, rows, n, [&](auto tile_rows, auto tile_blocks, int64_t first, int64_t from, int64_t to) {
-    constexpr int ROWS = decltype(tile_rows)::value;
-    blocks_of<ROWS, decltype(tile_blocks)::value>(
-        [&](auto blocks, int64_t first_row, int64_t block) {
-          four_bit_tile<ROWS, decltype(blocks)::value>(out, q, first_row, w, block, n, k_dim);
-        },
-        first, from, to);
+  run_row_tiles(TileBlocks<1, 1, 1, 1>{}, rows, n, [&](auto tile_rows, auto, int64_t first, int64_t from, int64_t to) {
+    for (int64_t block = from; block < to; ++block)
+      four_bit_tile<decltype(tile_rows)::value>(out, q, first, w, block, n, k_dim);
   });
 }
 
@@ -239,13 +225,9 @@ extern "C" void kvserve_q8_matmul_avx2(float* out, const float* x, const int8_t*
   thread_local Rows16 quantized;
   quantize_rows(x, rows, k_dim, quantized);
   const Rows16& q = quantized;
-  run_row_tiles(TileBlocks<1, 1, 1, 1>{}, rows, n, [&](auto tile_rows, auto tile_blocks, int64_t first, int64_t from, int64_t to) {
-    constexpr int ROWS = decltype(tile_rows)::value;
-    blocks_of<ROWS, decltype(tile_blocks)::value>(
-        [&](auto blocks, int64_t first_row, int64_t block) {
-          eight_bit_tile<ROWS, decltype(blocks)::value>(out, q, first_row, codes, scales, block, n, k_dim);
-        },
-        first, from, to);
+  run_row_tiles(TileBlocks<1, 1, 1, 1>{}, rows, n, [&](auto tile_rows, auto, int64_t first, int64_t from, int64_t to) {
+    for (int64_t block = from; block < to; ++block)
+      eight_bit_tile<decltype(tile_rows)::value>(out, q, first, codes, scales, block, n, k_dim);
   });
 }
 
