@@ -64,14 +64,18 @@ void quantize_rows(const float* x, int64_t rows, int64_t k_dim, Rows16& q) {
       // whose tree (halves, quarters, lanes 0 + 2 and 1 + 3, then those two) is vec.h's sum_halves
       q.sums[r * groups + g] = sum_halves(_mm256_add_ps(v[0], v[2]), _mm256_add_ps(v[1], v[3]));
       const __m256 divisor = _mm256_set1_ps(scale > 0.0f ? scale : 1.0f);
-      for (int i = 0; i < 4; ++i) {  // round to nearest even (the default rounding mode); |code| <= 32767
-        alignas(32) int32_t code[8];
-        _mm256_store_si256(reinterpret_cast<__m256i*>(code), _mm256_cvtps_epi32(_mm256_div_ps(v[i], divisor)));
-        for (int j = 0; j < 8; ++j) {
-          q.codes[at + 8 * i + j] = static_cast<int16_t>(code[j]);
-          q.low[at + 8 * i + j] = static_cast<uint8_t>(code[j] & 0xFF);
-          q.high[at + 8 * i + j] = static_cast<int8_t>(code[j] >> 8);
-        }
+      for (int i = 0; i < 4; i += 2) {  // round to nearest even (the default rounding mode); |code| <= 32767
+        const __m256i first = _mm256_cvtps_epi32(_mm256_div_ps(v[i], divisor));
+        const __m256i second = _mm256_cvtps_epi32(_mm256_div_ps(v[i + 1], divisor));
+        // packs works within 128-bit lanes (first 0-3, second 0-3, first 4-7, second 4-7): put them in order
+        const __m256i codes = _mm256_permute4x64_epi64(_mm256_packs_epi32(first, second), 0xD8);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(q.codes.data() + at + 8 * i), codes);
+        // each code's low byte (unsigned) and high byte (signed: code >> 8): even and odd bytes, per 128-bit lane
+        const __m256i split = _mm256_shuffle_epi8(codes, _mm256_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15,
+                                                                          0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15));
+        const __m256i bytes = _mm256_permute4x64_epi64(split, 0xD8);  // 16 low bytes, then 16 high bytes
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(q.low.data() + at + 8 * i), _mm256_castsi256_si128(bytes));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(q.high.data() + at + 8 * i), _mm256_extracti128_si256(bytes, 1));
       }
     }
 }
