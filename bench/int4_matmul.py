@@ -14,6 +14,9 @@ medians. Kernels:
   bits, which is checked
 - int4-integer: kvserve's integer kernel (csrc/w4a16_matmul.cpp, the engine's where the CPU has AVX-512
   VNNI): rows quantized to 16 bits per group of 32, int32 sums (AMX tiles from 8 rows where present)
+- int4-integer-avx2: the same kernel's AVX2 build (csrc/integer_avx2.cpp, the engine's where the CPU has AVX2
+  but not VNNI), where the CPU has VNNI too: both builds' speed on one CPU; it must give int4-integer's bits,
+  which is checked
 - int4-fp32 / int4-fp16 (`--all-int4`): the same op with fp32 or fp16 activations, which takes a scalar
   fallback: 25-300x slower than fp16 on these shapes, so left out by default
 
@@ -36,6 +39,8 @@ from bench.common import fmt, machine_info, markdown_table, write_report
 SHAPES = [("o_proj", 576, 576), ("qkv_proj", 960, 576), ("gate_up_proj", 3072, 576),
           ("down_proj", 576, 1536), ("lm_head", 49152, 576)]
 GROUP = 32
+_SAME_BITS_AS = {"int4-kvserve": "int4-bf16", "int4-integer-avx2": "int4-integer"}  # checked, batch 16
+_INT4_OURS = ("int4-kvserve", "int4-integer", "int4-integer-avx2")  # kvserve's int4 kernels, each against int4-bf16
 
 
 def q4_1_weight(out_features: int, in_features: int, gen: torch.Generator):
@@ -74,6 +79,9 @@ def kernels_for(codes, d, m, dense, all_int4: bool = False) -> dict:
         kernels["int4-kvserve"] = _native_linear(*_pack(groups), None, *codes.shape)
     if w4a16_kind():
         kernels["int4-integer"] = w4a16_linear(groups, None)
+        avx2 = w4a16_linear(groups, None, isa="avx2") if w4a16_kind() != "AVX2" else None
+        if avx2 is not None:
+            kernels["int4-integer-avx2"] = avx2  # the build AVX2-only CPUs run, on this CPU: the same bits
     if all_int4:
         kernels |= {"int4-fp32": int4_kernel(codes, d, m, torch.float32),
                     "int4-fp16": int4_kernel(codes, d, m, torch.float16)}
@@ -130,8 +138,9 @@ def main(argv: list[str] | None = None) -> int:
         scale = reference.abs().max().item()
         for kernel in kernels:
             err = (kernels[kernel](x16) - reference).abs().max().item() / scale
-            same = "" if kernel != "int4-kvserve" else (
-                "yes" if torch.equal(kernels[kernel](x16), kernels["int4-bf16"](x16)) else "NO")
+            twin = _SAME_BITS_AS.get(kernel)
+            same = "" if twin is None else (
+                f"{twin}: " + ("yes" if torch.equal(kernels[kernel](x16), kernels[twin](x16)) else "NO"))
             exactness.append([name, kernel, f"{err:.1e}", "yes" if batch_invariant(kernels[kernel], x16) else "NO",
                               same])
         for batch in batch_sizes:
@@ -139,17 +148,17 @@ def main(argv: list[str] | None = None) -> int:
             times = time_interleaved(kernels, x, args.reps, args.calls)
             data[f"{name}/{batch}"] = times
             ratios = [fmt(times["fp16"] / times["int4-bf16"], 2) + "x"]
-            ratios += [fmt(times["int4-bf16"] / times[k], 2) + "x" for k in ("int4-kvserve", "int4-integer") if k in times]
+            ratios += [fmt(times["int4-bf16"] / times[k], 2) + "x" for k in _INT4_OURS if k in times]
             rows.append([f"{name} {out_features}x{in_features}", batch, *(fmt(times[k]) for k in kernels), *ratios])
             print(rows[-1], flush=True)
     headers = ["matmul", "batch", *(f"{k} µs" for k in kernels), "fp16/int4-bf16"]
-    headers += [f"int4-bf16/{k}" for k in ("int4-kvserve", "int4-integer") if k in kernels]
+    headers += [f"int4-bf16/{k}" for k in _INT4_OURS if k in kernels]
     info = machine_info()
     text = (f"Median µs per call, {args.threads} thread(s), {args.reps}x{args.calls} interleaved calls, "
             f"load average {info.get('loadavg_1m')}\n\n" + markdown_table(headers, rows)
             + "\n\nMax error vs the fp32 product of the same 4-bit weights (relative to max |y|), batch 16, "
               "and batch invariance (rows of 16 == rows alone)\n\n"
-            + markdown_table(["matmul", "kernel", "max rel error", "batch invariant", "int4-bf16's bits"], exactness))
+            + markdown_table(["matmul", "kernel", "max rel error", "batch invariant", "the same bits as"], exactness))
     write_report(args.output, {"machine": info, "threads": args.threads, "reps": args.reps, "calls": args.calls, "times_us": data,
                                "exactness": exactness}, text)
     return 0
