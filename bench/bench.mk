@@ -15,7 +15,7 @@ bench: dev-deps model bytecode  ## kvserve beside transformers, in-process: offl
 bench-peers: dev-deps model bytecode  ## kvserve, vLLM CPU and llama.cpp servers in turn, same prompts and client
 	@test -x $(PEERS)/vllm/bin/vllm -a -x $(PEERS)/llama.cpp/llama-server || \
 		{ echo "peers missing under $(PEERS): run ../shared/peers/setup.sh first"; exit 1; }
-	$(BIN)/python -m bench.peers --offline --vllm-bench --output $(BENCH_OUT)/peers.json \
+	$(BIN)/python -m bench.peers --offline --vllm-bench --repeats 3 --output $(BENCH_OUT)/peers.json \
 		--log-dir $(BENCH_OUT)/logs \
 		$(if $(wildcard $(BENCH_OUT)/offline.json),--offline-baseline $(BENCH_OUT)/offline.json) $(BENCH_PEERS_ARGS)
 

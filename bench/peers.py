@@ -167,7 +167,8 @@ def bench_one(name: str, args: argparse.Namespace, prompts: list, levels: list[t
     idle = process_memory(proc.pid)  # the server and its children (vLLM's engine core), loaded, no requests yet
     try:
         result: dict = {"serve": asyncio.run(serve_bench.run_bench(url, prompts, levels, args.max_tokens,
-                                                                    args.ignore_eos, api_key=args.api_key))}
+                                                                    args.ignore_eos, api_key=args.api_key,
+                                                                    repeats=args.repeats))}
         if args.offline:
             try:
                 result["offline"] = offline_throughput.run_openai(url, prompts, args.batch_sizes,

@@ -291,9 +291,12 @@ def test_run_level_respects_concurrency(fake_server) -> None:
 
 def test_run_bench_and_offline_mode_end_to_end(fake_server) -> None:
     url, handler = fake_server
-    run = asyncio.run(run_bench(url + "/v1", [[1, 2], [3]], [(1, 2), (4, 4)], max_tokens=6))
+    run = asyncio.run(run_bench(url + "/v1", [[1, 2], [3]], [(1, 2), (4, 4)], max_tokens=6, repeats=3))
     assert run["model"] == "fake-model"
     assert [lv["output_tokens"] for lv in run["levels"]] == [12, 24]
+    for level in run["levels"]:  # three runs a level, the median one reported
+        assert len(level["runs_tok_s"]) == 3 and level["runs_tok_s"] == sorted(level["runs_tok_s"])
+        assert level["output_tok_s"] == pytest.approx(level["runs_tok_s"][1], abs=0.06)
     offline = run_openai(url, [[1], [2], [3], [4]], [1, 4], max_tokens=7)
     assert {size: entry["tokens"] for size, entry in offline.items()} == {"1": 7, "4": 28}
     for entry in offline.values():  # three runs each, the median one reported
