@@ -77,10 +77,9 @@ def kernels_for(codes, d, m, dense, all_int4: bool = False) -> dict:
     groups = FourBitGroups(codes, d, m)
     if native_kernel_reason() is None:
         kernels["int4-kvserve"] = _native_linear(*_pack(groups), None, *codes.shape)
-    if w4a16_kind():
+    if kind := w4a16_kind():
         kernels["int4-integer"] = w4a16_linear(groups, None)
-        avx2 = w4a16_linear(groups, None, isa="avx2") if w4a16_kind() != "AVX2" else None
-        if avx2 is not None:
+        if kind != "AVX2" and (avx2 := w4a16_linear(groups, None, isa="avx2")) is not None:
             kernels["int4-integer-avx2"] = avx2  # the build AVX2-only CPUs run, on this CPU: the same bits
     if all_int4:
         kernels |= {"int4-fp32": int4_kernel(codes, d, m, torch.float32),

@@ -88,10 +88,12 @@ async def run_bench(url: str, prompts: list[Prompt], levels: list[tuple[int, int
             # A level takes 5-40 s, within which these VMs drift by 10-20%: the median of a few runs steadies it.
             runs = sorted([await run_level(client, endpoint, bodies, concurrency) for _ in range(repeats)],
                           key=lambda run: run["output_tok_s"])
-            level = {**runs[len(runs) // 2], "runs_tok_s": [round(run["output_tok_s"], 1) for run in runs]}
+            # every run's throughput and failures stay beside the median run's figures, so none goes unseen
+            level = {**runs[len(runs) // 2], "runs_tok_s": [round(run["output_tok_s"], 1) for run in runs],
+                     "runs_failed": [run["failed"] for run in runs]}
             median = f" (median of {repeats}: {level['runs_tok_s']})" if repeats > 1 else ""
             print(f"{url} c={concurrency}: {level['output_tok_s']:.1f} tok/s{median}, TTFT p50 "
-                  f"{level['ttft_ms']['p50']:.0f} ms, failed {sum(run['failed'] for run in runs)}", flush=True)
+                  f"{level['ttft_ms']['p50']:.0f} ms, failed {sum(level['runs_failed'])}", flush=True)
             out.append(level)
     return {"url": url, "model": model, "levels": out}
 
