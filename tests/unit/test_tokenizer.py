@@ -87,6 +87,27 @@ def test_gguf_chat_template_matches_transformers(
 
 
 @pytest.mark.slow
+def test_saved_state_loads_the_same_tokenizer_with_merges_as_strings(smollm: Tokenizer, tmp_path: Path) -> None:
+    smollm.save_state(tmp_path)
+    merges = json.loads((tmp_path / "tokenizer.json").read_text(encoding="utf-8"))["model"]["merges"]
+    assert merges and all(isinstance(merge, str) for merge in merges)  # the form `tokenizers` reads faster
+    loaded = Tokenizer.from_state(tmp_path)
+    for text in [*SAMPLES, TEXT_WITH_SPLIT_CHARACTERS]:
+        assert loaded.encode(text) == smollm.encode(text)
+    assert (loaded.bos_token_id, loaded.eos_token_ids, loaded.vocab_size, loaded.chat_template) == (
+        smollm.bos_token_id, smollm.eos_token_ids, smollm.vocab_size, smollm.chat_template)
+
+
+def test_saved_state_keeps_merges_with_a_space_as_pairs(tmp_path: Path) -> None:
+    vocab = {"a": 0, " ": 1, "b": 2, "a ": 3, "a b": 4}
+    backend = HFTokenizer(models.BPE(vocab=vocab, merges=[("a", " "), ("a ", "b")]))
+    Tokenizer(backend, None, None, set(), None).save_state(tmp_path)
+    merges = json.loads((tmp_path / "tokenizer.json").read_text(encoding="utf-8"))["model"]["merges"]
+    assert merges == [["a", " "], ["a ", "b"]]  # "a  b" could not say which space splits it
+    assert Tokenizer.from_state(tmp_path).encode("a a b", add_special_tokens=False) == [3, 4]  # "a ", "a b"
+
+
+@pytest.mark.slow
 def test_gguf_offsets_and_token_text(smollm: Tokenizer) -> None:
     text = "a 😀 café"
     triples = smollm.encode_with_offsets(text)
