@@ -167,11 +167,19 @@ void four_bit_tile(float* out, const Rows16& x, int64_t first_row, const FourBit
 // A group's products of a row's 16-bit codes (|code| <= 32768) and the 4-bit codes (0..15) are integers below
 // 2^19, and the 32 of a group sum below 2^24, where fp32 holds every integer: FMAs over the codes as floats add
 // them exactly, in any order, to the int32 sums four_bit_tile makes, and the same fp32 steps follow, so the same
-// bits. From kFmaRows rows that is the faster way here: an FMA takes 8 products, against ~9 integer instructions
-// for 64 above, and each block's codes are unpacked to floats once a call for every row to read. SmolLM2's four
-// int4 layer shapes, both ways alternated in one process at 2 threads (2-core Zen 4 running the x86-64-v3 build):
-// 1.2-1.45x faster at 64 rows, 1.1-1.2x at 16, about even at 8.
+// bits. From kFmaRows rows that is the faster way where the build has 16 vector registers (x86-64-v3, an
+// AVX2-only CPU's native build): an FMA takes 8 products, against ~9 integer instructions for 64 above, whose
+// tiles then spill; each block's codes are unpacked to floats once a call for every row to read. SmolLM2's four
+// int4 layer shapes, old and new code alternated 5x in separate processes at 2 threads (2-core Zen 4 running the
+// x86-64-v3 build): 1.1-1.15x faster at 48-128 rows (64: 3.10 -> 2.77 ms), even at 16-32. Where the compiler
+// has AVX-512VL (a native build on an AVX-512 CPU without VNNI, such as Skylake-SP), these 256-bit loops get 32
+// registers, the integer tiles stop spilling and beat the FMAs (64 rows: 2.43 against 3.21 ms, the same
+// alternation built for Zen 4), so there the integer path runs at every row count.
+#if defined(__AVX512VL__)
+constexpr int64_t kFmaRows = INT64_MAX;
+#else
 constexpr int64_t kFmaRows = 16;
+#endif
 constexpr int kFmaTileRows = 6;  // 12 accumulators, 2 weight vectors and a broadcast row code: 15 of 16 registers
 
 // A block's codes as floats, (k_dim, 16): input k's 16 outputs side by side.
