@@ -57,6 +57,11 @@ void run_row_tiles(TileBlocks<B1, B2, B3, B4>, int64_t rows, int64_t n, Tile til
   });
 }
 
+// Added to a group's scale: 0, or NaN where the group holds an inf or a NaN (`differences` sums x - x over the
+// group, 0 for finite values only). The scale multiplies every output of the row, so such a row's outputs are all
+// NaN in every build and path, whatever the codes its non-finite values round to (they differ between builds).
+inline float nonfinite_mark(float differences) { return differences == 0.0f ? 0.0f : NAN; }
+
 }  // namespace kvserve
 
 #if defined(__AVX512F__) && defined(__AVX512VNNI__)
@@ -87,7 +92,8 @@ inline void quantize_rows(const float* x, int64_t rows, int64_t k_dim, Quantized
       const int64_t at = r * k_dim + g * kGroup;
       const __m512 a = _mm512_loadu_ps(x + at), b = _mm512_loadu_ps(x + at + 16);
       const float top = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_andnot_ps(sign, a), _mm512_andnot_ps(sign, b)));
-      const float scale = top / 32767.0f;
+      const float scale = top / 32767.0f + nonfinite_mark(_mm512_reduce_add_ps(
+                                                 _mm512_add_ps(_mm512_sub_ps(a, a), _mm512_sub_ps(b, b))));
       q.scales[r * groups + g] = scale;
       q.sums[r * groups + g] = _mm512_reduce_add_ps(_mm512_add_ps(a, b));  // a fixed order, the same for every row
       // round(x / scale) to nearest even (the default rounding mode); |x| <= top, so |code| <= 32767

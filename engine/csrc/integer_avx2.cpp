@@ -59,7 +59,9 @@ void quantize_rows(const float* x, int64_t rows, int64_t k_dim, Rows16& q) {
       __m256 v[4];
       for (int i = 0; i < 4; ++i) v[i] = _mm256_loadu_ps(x + at + 8 * i);
       const float top = max8(_mm256_max_ps(_mm256_max_ps(abs8(v[0]), abs8(v[1])), _mm256_max_ps(abs8(v[2]), abs8(v[3]))));
-      const float scale = top / 32767.0f;
+      const __m256 differences = _mm256_add_ps(_mm256_add_ps(_mm256_sub_ps(v[0], v[0]), _mm256_sub_ps(v[1], v[1])),
+                                               _mm256_add_ps(_mm256_sub_ps(v[2], v[2]), _mm256_sub_ps(v[3], v[3])));
+      const float scale = top / 32767.0f + nonfinite_mark(sum_halves(differences, _mm256_setzero_ps()));
       q.scales[r * groups + g] = scale;
       // the VNNI kernels add x[i] + x[i + 16] first, then reduce those 16 lanes with GCC's _mm512_reduce_add_ps,
       // whose tree (halves, quarters, lanes 0 + 2 and 1 + 3, then those two) is vec.h's sum_halves

@@ -66,6 +66,22 @@ def test_a_row_is_the_same_bits_alone_and_in_any_batch(isa: str) -> None:
         assert torch.equal(torch.cat([linear(part) for part in x.split(count)]), alone), count
 
 
+@each_build
+@pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")])
+def test_a_row_holding_inf_or_nan_gives_nan_and_leaves_the_others_alone(isa: str, bad: float) -> None:
+    # the codes an inf or a NaN rounds to differ between builds; its group's scale is made NaN instead, so every
+    # output of its row is NaN (never finite values from garbage codes) and the other rows keep their bits
+    linear = w4a16_linear(fp16_grid(192, 576), torch.randn(192), isa)
+    for count in (1, 5, 20, 70):  # VNNI, AMX (from 8 rows where present), AVX2's FMA path (from 16 on x86-64-v3)
+        x = rows(count, 576, seed=count)
+        clean = linear(x)
+        x[count // 2, 100] = bad
+        got = linear(x)
+        assert got[count // 2].isnan().all(), count
+        keep = torch.arange(count) != count // 2
+        assert torch.equal(got[keep], clean[keep]), count
+
+
 @pytest.mark.skipif(not VNNI, reason="needs both builds of the kernel: AVX-512 VNNI (and so AVX2)")
 @pytest.mark.parametrize(("out_features", "in_features"), [(960, 576), (48, 64), (576, 1536)])
 def test_the_avx2_build_gives_the_vnni_builds_bits(out_features: int, in_features: int) -> None:
