@@ -54,3 +54,17 @@ def sixteen_bit_rows(x: torch.Tensor) -> torch.Tensor:
     scale = (groups.abs().amax(-1, keepdim=True).float() / 32767).double()
     q = torch.round(groups / torch.where(scale > 0, scale, 1.0)).clamp(-32767, 32767)
     return (q * scale).reshape(x.shape)
+
+
+def assert_non_finite_poisons_only_its_row(linear, in_features: int, counts: tuple[int, ...], column: int,
+                                           bad: float) -> None:
+    """For each batch size: `bad` (inf or NaN) put in the middle row's `column` makes that row's outputs all NaN,
+    and every other row keeps the bits it had without it."""
+    for count in counts:
+        x = rows(count, in_features, seed=count)
+        clean = linear(x)
+        x[count // 2, column] = bad
+        got = linear(x)
+        assert got[count // 2].isnan().all(), count
+        keep = torch.arange(count) != count // 2
+        assert torch.equal(got[keep], clean[keep]), count

@@ -6,7 +6,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers.integer_kernels import ISAS, KIND, VNNI, rows, sixteen_bit_rows
+from helpers.integer_kernels import (
+    ISAS,
+    KIND,
+    VNNI,
+    assert_non_finite_poisons_only_its_row,
+    rows,
+    sixteen_bit_rows,
+)
 
 from engine import native
 from engine.models.q8_matmul import GROUP, EightBitGroups, eight_bit_groups, q8_kernel_kind, q8_linear
@@ -79,15 +86,7 @@ def test_a_row_is_the_same_bits_alone_and_in_any_batch(isa: str) -> None:
 def test_a_row_holding_inf_or_nan_gives_nan_and_leaves_the_others_alone(isa: str, bad: float) -> None:
     # as the 4-bit kernel's test: a NaN once came out as finite values, different in each build
     _, groups = q8_0(256, 576)
-    linear = q8_linear(groups, isa)
-    for count in (1, 5, 20):
-        x = rows(count, 576, seed=count)
-        clean = linear(x)
-        x[count // 2, 300] = bad
-        got = linear(x)
-        assert got[count // 2].isnan().all(), count
-        keep = torch.arange(count) != count // 2
-        assert torch.equal(got[keep], clean[keep]), count
+    assert_non_finite_poisons_only_its_row(q8_linear(groups, isa), 576, (1, 5, 20), column=300, bad=bad)
 
 
 @pytest.mark.skipif(not VNNI, reason="needs both builds of the kernel: AVX-512 VNNI (and so AVX2)")
