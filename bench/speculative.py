@@ -12,6 +12,7 @@ requests over HTTP: end-to-end tok/s of a non-streamed greedy chat completion, p
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import time
 
@@ -76,6 +77,8 @@ def bench_in_process(model: str, speculative_config: str | None, max_tokens: int
         results[name] = {"decode_tok_s": statistics.median(rates), "token_ids": list(tokens),
                          "draft_tokens": after.spec_draft_tokens - before.spec_draft_tokens,
                          "accepted_tokens": after.spec_accepted_tokens - before.spec_accepted_tokens}
+    if llm.engine.speculative:  # unset keys as the engine chose them for its kernels (engine.speculative.for_kernels)
+        results["config"] = dataclasses.asdict(llm.engine.speculative)
     return results
 
 
@@ -124,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     plain = run_isolated(bench_in_process, args.model, None, args.max_tokens, args.runs, args.temperature)
     spec = run_isolated(bench_in_process, args.model, args.speculative_config, args.max_tokens, args.runs,
                         args.temperature)
+    config = spec.pop("config")  # as the engine resolved it
     sampled = args.temperature > 0
     rows = []
     for name in WORKLOADS:
@@ -134,13 +138,10 @@ def main(argv: list[str] | None = None) -> int:
                      "(sampled)" if sampled else "yes" if p["token_ids"] == s["token_ids"] else "NO"])
     table = markdown_table(["workload", "tokens", "plain tok/s", "speculative tok/s", "speed-up",
                             "drafts accepted", "same tokens"], rows)
-    from engine.speculative import NgramConfig
-
-    config = NgramConfig.parse(args.speculative_config)
     mode = f"temperature {args.temperature} (unseeded)" if sampled else "greedy"
     title = (f"Batch-1 {mode} decode in-process, decode tok/s (median of {args.runs}), up to {args.max_tokens} new "
-             f"tokens; speculative: k={config.num_speculative_tokens}, n-grams {config.prompt_lookup_max}.."
-             f"{config.prompt_lookup_min}\n\n")
+             f"tokens; speculative: k={config['num_speculative_tokens']}, n-grams "
+             f"{config['prompt_lookup_max']}..{config['prompt_lookup_min']}\n\n")
     servers = {}
     for entry in args.url:
         label, _, url = entry.partition("=")
@@ -150,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
                      for name in WORKLOADS]
         table += ("\n\nOver HTTP, end-to-end tok/s of a non-streamed greedy chat completion (tokens generated):\n\n"
                   + markdown_table(["workload", *servers], http_rows))
-    data = {"config": vars(args), "machine": machine_info(), "plain": plain, "speculative": spec, "servers": servers}
+    data = {"config": vars(args), "machine": machine_info(), "plain": plain, "speculative": spec,
+            "speculative_config": config, "servers": servers}
     write_report(args.output, data, title + table)
     return 0 if sampled or all(plain[n]["token_ids"] == spec[n]["token_ids"] for n in WORKLOADS) else 1
 

@@ -116,7 +116,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     num_threads: int | None = None  # torch intra-op threads on CPU; None: torch's default
     cache_converted: bool = True  # keep a converted copy of a GGUF in $KVSERVE_HOME/converted (CPU fp32)
-    # n-gram speculative decoding (engine/speculative.py): on, acting while at most 4 sequences run; None: off
+    # n-gram speculative decoding (engine/speculative.py): on, acting while at most 2 sequences run; None: off
     speculative: NgramConfig | None = field(default_factory=NgramConfig)
     # A request's output independent of everything else the engine does: prompt tokens' attention through the
     # paged kernel too (decode rows always are), so neither the batch nor prefix-cache hits, prompt chunking

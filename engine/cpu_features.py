@@ -42,10 +42,17 @@ def detect() -> CpuFeatures:
 
 def report(features: CpuFeatures | None = None) -> str:
     """What `kvserve cpu-features` prints: the features, the format `auto` picks, and each format offered or not."""
-    from engine.models.cpu_matmul import FORMATS, format_refusal, keeps_4bit, resolve_quantization
+    from engine.models.cpu_matmul import (
+        FORMATS,
+        format_refusal,
+        keeps_4bit,
+        resolve_quantization,
+        rows_cost_arithmetic,
+    )
     from engine.models.int4_matmul import int4_kernel_choice, native_kernel_reason
     from engine.models.q8_matmul import q8_kernel_kind
     from engine.models.w4a16_matmul import w4a16_kind
+    from engine.speculative import NgramConfig, for_kernels
 
     features = features or detect()
     default = resolve_quantization('auto', 'cpu', torch.float32, features)
@@ -66,4 +73,7 @@ def report(features: CpuFeatures | None = None) -> str:
         kind = q8_kernel_kind()
         lines.append("a Q8_0 LM head (auto): " + (f"kvserve's 8-bit kernel ({kind})" if kind
                                                   else "the float format (kvserve's 8-bit kernel needs AVX-512 VNNI or AVX2)"))
+        drafts = for_kernels(NgramConfig(), rows_cost_arithmetic("int4")).num_speculative_tokens
+        lines.append(f"n-gram speculation (default, a 4-bit GGUF): up to {drafts} draft(s) a step"
+                     + (" (each extra row costs its arithmetic on the AVX2 build)" if drafts == 1 else ""))
     return "\n".join(lines)

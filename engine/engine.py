@@ -19,7 +19,7 @@ from engine.config import EngineConfig, ModelConfig, resolve_device, resolve_dty
 from engine.converted import load_converted, save_converted
 from engine.grammar import CompiledGrammar, GrammarCompiler, GrammarMatcher, fill_bitmasks
 from engine.kv_cache import BlockManager
-from engine.models.cpu_matmul import keeps_4bit, pack_linears, resolve_quantization
+from engine.models.cpu_matmul import keeps_4bit, pack_linears, resolve_quantization, rows_cost_arithmetic
 from engine.models.layers import pin_submodules
 from engine.models_registry import resolve_model
 from engine.outputs import CompletionOutput, EngineStats, RequestMetrics, RequestOutput, TokenLogprob
@@ -29,7 +29,7 @@ from engine.sampling import SamplingRow, make_generator, prompt_logprobs, sample
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler, SchedulerOutput
 from engine.sequence import Sequence
-from engine.speculative import draft_limit, propose, sequence_draft_limit, speculates
+from engine.speculative import draft_limit, for_kernels, propose, sequence_draft_limit, speculates
 from engine.stop import StopStringMatcher
 from engine.tokenizer import IncrementalDetokenizer, Tokenizer
 from engine.weights import load_model, read_model_config
@@ -113,6 +113,9 @@ class LLMEngine:
         self.quantization = pack_linears(self.model, base_format,
                                          keeps_4bit(config.quantization, self.device, self.dtype))
         pin_submodules(self.model)
+        # Drafts and the batch size speculation stops at, where the config leaves them to the kernels.
+        self.speculative = config.speculative and for_kernels(
+            config.speculative, self.device == "cpu" and rows_cost_arithmetic(self.quantization))
         self.eos_token_ids = set(self.tokenizer.eos_token_ids) | set(self.model_config.eos_token_ids)
         self.grammars = GrammarCompiler(self.tokenizer, self.model_config.vocab_size, self.eos_token_ids)
         self._requests: dict[str, _Request] = {}
@@ -281,7 +284,7 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """One forward pass over the scheduled batch; outputs of the requests that moved."""
         outputs = self._apply_aborts()
-        if self.config.speculative is not None:
+        if self.speculative is not None:
             self._propose_drafts()
         batch = self.scheduler.schedule()
         self.last_step_tokens = batch.num_tokens
@@ -302,7 +305,7 @@ class LLMEngine:
     def _propose_drafts(self) -> None:
         """Guess the next tokens of each decoding sequence that may speculate, from its own earlier n-grams
         (engine/speculative.py: greedy or unseeded sampled requests without a grammar)."""
-        config = self.config.speculative
+        config = self.speculative
         running = self.scheduler.running
         for seq in running:  # a sequence left out of the last batch may still hold its guesses
             seq.draft_token_ids = []

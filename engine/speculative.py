@@ -22,7 +22,7 @@ configured as vLLM's `speculative_config` {"method": "ngram", "num_speculative_t
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from engine.sampling_params import SamplingParams
 
@@ -32,18 +32,18 @@ _DEFAULT_LOOKUP_MIN = 2
 
 @dataclass(frozen=True, slots=True)
 class NgramConfig:
-    # Most draft tokens checked in one step. 3, because a step of 4 rows costs ~1.3x one row, and more
-    # drafts are kept less often (measured on Zen 4; bench.speculative). sequence_draft_limit narrows it.
-    num_speculative_tokens: int = 3
+    # Most draft tokens checked in one step; None: chosen at load for the kernels the model runs on
+    # (for_kernels). sequence_draft_limit narrows it.
+    num_speculative_tokens: int | None = None
     prompt_lookup_max: int = 4  # longest n-gram looked up (tried first)
     prompt_lookup_min: int = _DEFAULT_LOOKUP_MIN  # shortest n-gram looked up
-    # Speculate only while at most this many sequences run: beyond, a step is compute-bound and extra rows
-    # cost what kept drafts save. With 2 and 4 streams of the bench.speculative tasks it measured 1.13x
-    # and 1.11x (with draft_limit's cap), with 4 streams that loop (EOS ignored) ~0.96x.
-    disable_by_batch_size: int = 4
+    # Speculate only while at most this many sequences run: beyond, a step is compute-bound and extra rows cost
+    # what kept drafts save. With 4 streams of the bench.speculative tasks, 4 measured 0.82x of no speculation
+    # and 2 1.01x (README: Speculative decoding, several streams).
+    disable_by_batch_size: int = 2
 
     def __post_init__(self) -> None:
-        if self.num_speculative_tokens < 1:
+        if self.num_speculative_tokens is not None and self.num_speculative_tokens < 1:
             raise ValueError(f"num_speculative_tokens must be >= 1, got {self.num_speculative_tokens}")
         if not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max:
             raise ValueError(f"need 1 <= prompt_lookup_min ({self.prompt_lookup_min}) <= prompt_lookup_max "
@@ -75,9 +75,27 @@ class NgramConfig:
         return cls(**options)
 
 
+# Drafts where extra rows are cheap: a step of 4 rows costs ~1.3x one on the VNNI and AMX integer kernels, and more
+# drafts are kept less often (measured on Zen 4; bench.speculative).
+CHEAP_ROWS_DRAFTS = 3
+# Where each row costs nearly its own arithmetic (the AVX2 build of the integer kernels: a step of 4 rows ~2.4x
+# one, 2 rows ~1.2x), one draft measured best at 1 and 2 running sequences (README: Speculative decoding).
+COSTLY_ROWS_DRAFTS = 1
+
+
+def for_kernels(config: NgramConfig, rows_cost_arithmetic: bool) -> NgramConfig:
+    """`config` with num_speculative_tokens, where unset, chosen for the kernels the model runs on:
+    `rows_cost_arithmetic` where a decode step is bound by arithmetic from 2 rows
+    (engine.models.cpu_matmul.rows_cost_arithmetic)."""
+    if config.num_speculative_tokens is not None:
+        return config
+    return replace(config, num_speculative_tokens=COSTLY_ROWS_DRAFTS if rows_cost_arithmetic else CHEAP_ROWS_DRAFTS)
+
+
 # Rows a step may spend on speculating sequences: each gets min(num_speculative_tokens, this // running - 1)
-# drafts (at least 1), so 1 or 2 running sequences check 3 drafts each and 3 or 4 check 1 (measured best).
-_ROWS_BUDGET = 8
+# drafts (at least 1), so 1 running sequence checks up to 5, 2 check 2 each, 3 or more 1 each. With 2 streams
+# on the VNNI kernels, 2 drafts each measured 1.15x 3 each (README: Speculative decoding, several streams).
+_ROWS_BUDGET = 6
 
 
 def draft_limit(config: NgramConfig, num_running: int) -> int:

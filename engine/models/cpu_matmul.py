@@ -38,6 +38,7 @@ from engine.machine_cache import remembered
 from engine.models.int4_matmul import (
     FourBitGroups,
     four_bit_groups,
+    int4_kernel_choice,
     int4_linear,
     packable,
     round_to_four_bits,
@@ -296,6 +297,15 @@ def pack_linears(model: torch.nn.Module, quantization: str, keep_4bit: bool = Fa
         model.lm_head_kernel, head_format = head.result()
     used = {head_format, *(name for _, name in kernels)}
     return "+".join(sorted(used, key=lambda name: (name != "int4", name)))
+
+
+def rows_cost_arithmetic(formats: str) -> bool:
+    """Whether a decode step in `formats` (pack_linears') costs nearly its own arithmetic per row from 2 rows: the
+    4-bit layers on the integer kernel's AVX2 build (no VNNI), where a step of 4 rows costs ~2.4x one (VNNI's and
+    AMX's ~1.3x, the float kernels' less: they read the weights, not multiply them, at a few rows)."""
+    from engine.models.w4a16_matmul import w4a16_kind
+
+    return "int4" in formats.split("+") and int4_kernel_choice() == "auto" and w4a16_kind() == "AVX2"
 
 
 def _head_kernel(model: torch.nn.Module, quantization: str, keep_4bit: bool) -> tuple[Kernel | None, str]:

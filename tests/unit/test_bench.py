@@ -465,6 +465,24 @@ def test_speculative_bench_compares_plain_and_speculative_runs_of_the_real_model
     assert "| code edit |" in out.with_suffix(".md").read_text()
 
 
+def test_speculative_streams_bench_alternates_configs_and_reports_them_as_resolved(smollm2_gguf_path,
+                                                                                   tmp_path) -> None:
+    from bench import speculative_streams
+
+    out = tmp_path / "streams.json"
+    assert speculative_streams.main(["--model", str(smollm2_gguf_path), "--max-tokens", "8", "--rounds", "2",
+                                     "--streams", "1,3", "--config", 'k2={"num_speculative_tokens": 2, '
+                                     '"disable_by_batch_size": 4}', "--output", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert set(data["tok_s"]) == {"1", "3"}
+    assert all(set(by) == {"off", "default", "k2"} and all(len(r) == 2 and min(r) > 0 for r in by.values())
+               for by in data["tok_s"].values())
+    assert data["resolved"]["off"] is None
+    assert data["resolved"]["default"]["num_speculative_tokens"] in (1, 3)  # chosen for this CPU's kernels
+    assert (data["resolved"]["k2"]["num_speculative_tokens"], data["resolved"]["k2"]["disable_by_batch_size"]) == (2, 4)
+    assert "| 3 |" in out.with_suffix(".md").read_text()
+
+
 def test_paged_attention_microbenchmark_compares_the_same_attention_both_ways() -> None:
     from bench.paged_attention import decode_case, prefill_case
 

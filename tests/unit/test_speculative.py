@@ -6,11 +6,13 @@ import random
 
 import pytest
 from helpers.cpu_formats import build_or_expect_refusal
+from helpers.integer_kernels import KIND
 from helpers.tiny_engine import make_tiny_model_dir
 from test_engine import FORMATS, assert_all_free, make_engine, run_all
 
 from engine import LLMEngine, SamplingParams
-from engine.speculative import NgramConfig, draft_limit, propose, sequence_draft_limit
+from engine.models.int4_matmul import int4_kernel_choice
+from engine.speculative import NgramConfig, draft_limit, for_kernels, propose, sequence_draft_limit
 
 # Speculate at every batch size the tests use, so batched verify rows are exercised too.
 SPEC = NgramConfig(num_speculative_tokens=4, prompt_lookup_max=3, prompt_lookup_min=1, disable_by_batch_size=64)
@@ -45,9 +47,29 @@ def test_no_match_or_no_room_proposes_nothing() -> None:
 
 
 def test_drafts_per_sequence_shrink_as_more_sequences_run() -> None:
-    # 1-2 running: 3 drafts each; 3-4: 1 each; past disable_by_batch_size (4) or with nothing running: none.
-    assert [draft_limit(NgramConfig(), n) for n in range(6)] == [0, 3, 3, 1, 1, 0]
-    assert draft_limit(NgramConfig(num_speculative_tokens=2, disable_by_batch_size=8), 8) == 1
+    # 1 running: up to 5; 2: 2 each; 3 or more: 1 each; past disable_by_batch_size (2 by default) or with nothing
+    # running: none.
+    assert [draft_limit(NgramConfig(num_speculative_tokens=3), n) for n in range(4)] == [0, 3, 2, 0]
+    wide = NgramConfig(num_speculative_tokens=7, disable_by_batch_size=8)
+    assert [draft_limit(wide, n) for n in range(10)] == [0, 5, 2, 1, 1, 1, 1, 1, 1, 0]
+
+
+def test_unset_drafts_are_chosen_for_the_kernels_and_set_ones_kept() -> None:
+    assert NgramConfig().num_speculative_tokens is None
+    assert for_kernels(NgramConfig(), rows_cost_arithmetic=False).num_speculative_tokens == 3
+    assert for_kernels(NgramConfig(), rows_cost_arithmetic=True).num_speculative_tokens == 1
+    assert for_kernels(NgramConfig(num_speculative_tokens=2), rows_cost_arithmetic=True).num_speculative_tokens == 2
+    assert NgramConfig.parse('{"method": "ngram"}') == NgramConfig()
+
+
+def test_the_engine_chooses_drafts_for_the_kernels_its_model_runs_on(tiny_dir: str) -> None:
+    engine = build_or_expect_refusal(lambda: make_engine(tiny_dir, quantization="int4", speculative=NgramConfig()),
+                                     "float32", "int4")
+    # The integer kernel's AVX2 build (no VNNI) makes each extra row cost its arithmetic: one draft there.
+    drafts = 1 if KIND == "AVX2" and int4_kernel_choice() == "auto" else 3
+    assert engine.speculative == NgramConfig(num_speculative_tokens=drafts)
+    assert make_engine(tiny_dir, quantization="none", speculative=NgramConfig()).speculative.num_speculative_tokens == 3
+    assert make_engine(tiny_dir, speculative=None).speculative is None
 
 
 def test_a_sequence_whose_drafts_are_turned_down_checks_one_at_a_time() -> None:
@@ -105,9 +127,9 @@ def repetitive_prompts(count: int, seed: int, vocab: int) -> list[list[int]]:
 
 def plain_and_speculative(engine: LLMEngine, arrivals, steps_between: int = 2) -> tuple[dict, dict]:
     """Outputs of the same arrivals without, then with speculation (the same engine, its config switched)."""
-    engine.config.speculative = None
+    engine.speculative = None
     plain = run_all(engine, arrivals, steps_between)
-    engine.config.speculative = SPEC
+    engine.speculative = SPEC
     speculative = run_all(engine, arrivals, steps_between)
     return plain, speculative
 
@@ -151,7 +173,7 @@ def test_logprobs_stop_strings_and_max_tokens_end_where_plain_decoding_does(tiny
               SamplingParams(max_tokens=30, temperature=0, n=2, ignore_eos=True)]
 
     def outputs(speculative: NgramConfig | None) -> list:
-        engine.config.speculative = speculative
+        engine.speculative = speculative
         for i, (ids, p) in enumerate(zip(prompts, params, strict=False)):
             engine.add_request(f"q{i}", ids, p)
         done = {}
@@ -177,9 +199,9 @@ def test_preemption_and_context_limits_keep_outputs_and_free_every_block(tiny_di
     prompts = repetitive_prompts(6, seed=3, vocab=roomy.model_config.vocab_size)
     params = SamplingParams(max_tokens=None, temperature=0, ignore_eos=True)
     arrivals = [[(f"p{i}", ids, params) for i, ids in enumerate(prompts)]]
-    roomy.config.speculative = None
+    roomy.speculative = None
     expected = run_all(roomy, arrivals)
-    tight.config.speculative = SPEC
+    tight.speculative = SPEC
     assert run_all(tight, arrivals) == expected
     assert tight.scheduler.num_preemptions > 0, "the cache was large enough: nothing was preempted"
     assert all(len(expected[f"p{i}"]) + len(ids) == 64 for i, ids in enumerate(prompts))
@@ -203,7 +225,7 @@ def test_sliding_windows_and_softcaps_verify_like_plain_decodes(family: str, tmp
     params = SamplingParams(temperature=0, max_tokens=60, ignore_eos=True, logprobs=1)
 
     def run(speculative: NgramConfig | None) -> list:
-        llm.engine.config.speculative = speculative
+        llm.engine.speculative = speculative
         return [(o.outputs[0].token_ids, o.outputs[0].logprobs) for o in
                 [llm.generate(ids, params)[0] for ids in prompts]]
 
@@ -247,12 +269,12 @@ def test_speculative_sampling_draws_each_token_from_plain_samplings_distribution
 
 def test_unseeded_sampled_requests_speculate_and_seeded_ones_do_not(tiny_dir: str) -> None:
     engine = make_engine(tiny_dir, quantization="none")
-    engine.config.speculative = SPEC
+    engine.speculative = SPEC
     prompts = repetitive_prompts(4, seed=1, vocab=engine.model_config.vocab_size)
     seeded = SamplingParams(max_tokens=30, temperature=0.7, seed=3, ignore_eos=True)
-    engine.config.speculative = None
+    engine.speculative = None
     plain = run_all(engine, [[(f"s{i}", ids, seeded) for i, ids in enumerate(prompts)]])
-    engine.config.speculative = SPEC
+    engine.speculative = SPEC
     assert run_all(engine, [[(f"s{i}", ids, seeded) for i, ids in enumerate(prompts)]]) == plain
     assert engine.stats().spec_draft_tokens == 0
     # The random model rarely repeats itself (a few drafts kept in ~300); the real model's rate is in the

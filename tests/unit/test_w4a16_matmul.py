@@ -16,6 +16,7 @@ from helpers.integer_kernels import (
 )
 
 from engine import native
+from engine.models.cpu_matmul import rows_cost_arithmetic
 from engine.models.int4_matmul import FourBitGroups, int4_linear, round_to_four_bits
 from engine.models.w4a16_matmul import w4a16_kind, w4a16_linear
 
@@ -40,6 +41,12 @@ def test_runs_where_the_cpu_has_avx512_vnni_or_avx2_and_says_how() -> None:
     assert w4a16_kind() == KIND
     assert (w4a16_linear(fp16_grid(32, 64), None) is not None) == bool(ISAS)
     assert (w4a16_linear(fp16_grid(32, 64), None, isa="vnni") is not None) == VNNI
+
+
+def test_rows_cost_their_arithmetic_only_on_the_avx2_build() -> None:
+    # Where they do, speculation checks one draft a step by default (engine/speculative.py: for_kernels).
+    assert rows_cost_arithmetic("int4+q8_0") == (KIND == "AVX2")
+    assert not rows_cost_arithmetic("fp16") and not rows_cost_arithmetic("q8_0+fp16")
 
 
 @each_build
