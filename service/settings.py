@@ -53,7 +53,8 @@ class Settings(BaseSettings):
     speculative_config: str = Field(
         '{"method": "ngram"}', description='n-gram speculative decoding while few sequences run, vLLM\'s JSON: '
         '{"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 4, "prompt_lookup_min": 2, '
-        '"disable_by_batch_size": 4}; "off" turns it off')
+        '"disable_by_batch_size": 2} (num_speculative_tokens, unset: 3, or 1 where the 4-bit layers run the integer '
+        'kernels\' AVX2 build); "off" turns it off')
     batch_invariant: bool = Field(False, description="a request's output never depends on its batch, prefix-cache "
                                   "hits or prompt chunking: prompt attention through kvserve's paged kernel too "
                                   "(slower prefill of long prompts; see README)")
