@@ -7,6 +7,7 @@ other they took 2.1 s of a 2-core machine's start. So this module imports nothin
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 from concurrent.futures import Future
@@ -51,5 +52,7 @@ def build_engine(settings: Settings) -> LLMEngine:
     log.info("engine built and warmed up", extra={"fields": {
         "device": engine.device, "dtype": str(engine.dtype).removeprefix("torch."),
         "quantization": engine.quantization, "kv_cache_blocks": len(engine.blocks.blocks),
+        # as chosen for the kernels where --speculative-config leaves it (engine/speculative.py: for_kernels)
+        "speculative_config": engine.speculative and dataclasses.asdict(engine.speculative),
         "warmup_s": round(seconds, 3)}})
     return engine

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import httpx
+from helpers.integer_kernels import KIND
 from live_server import start_server
 
 
@@ -39,6 +40,9 @@ def test_warm_up_before_ready_and_clean_metrics(tmp_path: Path) -> None:
     warmed = messages.index("engine built and warmed up")
     assert warmed < messages.index("model ready")
     assert lines[warmed]["warmup_s"] > 0
+    # Speculation as the engine runs it: the drafts an unset --speculative-config leaves to the kernels filled in.
+    assert lines[warmed]["speculative_config"]["num_speculative_tokens"] == (1 if KIND == "AVX2" else 3)
+    assert lines[warmed]["speculative_config"]["disable_by_batch_size"] == 2
     # Every 503 /ready answered before the model was ready is a debug line, none an info line or an error.
     ready_503 = [line for line in lines if line.get("path") == "/ready" and line.get("status") == 503]
     assert ready_503, "polled every 50 ms; building the kernels and loading SmolLM2 takes longer than that"
