@@ -38,7 +38,7 @@ PEERS_SH = Path(os.environ.get("PEERS_SH", Path(__file__).resolve().parents[2] /
 SERVERS = ("kvserve", "kvserve-nospec", "kvserve-sdpa", "kvserve-fp16", "kvserve-int8", "kvserve-bf16", "vllm", "vllm-bf16",
            "llama")
 # kvserve variants: extra `serve` options. The default keeps the GGUF's 4-bit weights int4 and speculates with
-# n-grams while at most 4 sequences run; kvserve-nospec does not speculate; kvserve-sdpa neither, and its decode
+# n-grams while at most 2 sequences run; kvserve-nospec does not speculate; kvserve-sdpa neither, and its decode
 # attention gathers KV blocks for PyTorch's SDPA instead of kvserve's paged kernel (the path before the kernel);
 # kvserve-fp16 has every weight in fp16 (faster at 64 rows); kvserve-bf16 runs the whole model in bf16 (fast with AMX).
 KVSERVE_VARIANTS = {"kvserve": [], "kvserve-nospec": ["--speculative-config", "off"],
