@@ -1,4 +1,5 @@
-"""Small decode steps replayed as recorded kernel calls (engine/decode_graph.py) against the modules' steps."""
+"""Decode steps replayed as recorded kernel calls (engine/decode_graph.py) against the modules' steps, and the arena
+the recorded steps share."""
 
 from __future__ import annotations
 
