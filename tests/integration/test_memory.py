@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 
 import httpx
 import pytest
@@ -43,11 +44,21 @@ async def burst(server: LiveServer, seed: int) -> list[int]:
         return await asyncio.gather(*(one(client, i) for i in range(CONCURRENT)))
 
 
+def wait_until_kv_cache_resident(server: LiveServer, timeout: float = 300.0) -> None:
+    """The KV cache's pages are made resident on a background thread after start-up (engine/resident_memory.py);
+    until it logs that it is done, RSS climbs by up to the cache's size whatever the requests do."""
+    deadline = time.monotonic() + timeout
+    while "KV cache resident" not in server.log_text():
+        assert time.monotonic() < deadline, "the server never logged that its KV cache is resident"
+        time.sleep(0.2)
+
+
 @pytest.mark.timeout(1800)  # ~1 min on an idle 2-core box; far longer on a shared one
 def test_rss_stays_flat_over_bursts_of_mixed_requests() -> None:
     server = start_server()
     try:
         pid = server.process.pid
+        wait_until_kv_cache_resident(server)
         assert set(asyncio.run(burst(server, seed=0))) == {200}  # warm-up: first-use allocations happen here
         after_warmup = rss_mb(pid)
         readings = []
