@@ -1,5 +1,4 @@
-"""Decode steps replayed as recorded kernel calls (engine/decode_graph.py) against the modules' steps, and the arena
-the recorded steps share."""
+"""Small decode steps replayed as recorded kernel calls (engine/decode_graph.py) against the modules' steps."""
 
 from __future__ import annotations
 
