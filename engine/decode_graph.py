@@ -1,4 +1,4 @@
-"""Decode steps replayed as the list of kernel calls they make, without the Python that makes them.
+"""Small decode steps replayed as the list of kernel calls they make, without the Python that makes them.
 
 On CPU a decode step of one sequence is ~330 calls of kvserve's native kernels (engine/csrc: the matmuls,
 norms, rotary, the KV write, the paged attention, the LM head), ~10 a layer. The Python around them (module
@@ -15,18 +15,13 @@ and later steps of that size only copy their inputs into the static tensors and 
 step runs any other op (GPT-2's LayerNorm, PyTorch's matmuls where kvserve's integer kernels do not run, ...)
 is not recorded, and its modules run as before. Only the embedding lookup stays a PyTorch op, before the replay.
 
-A graph is recorded for each number of decode rows a step has (batch 1, speculative verify steps, any number of
-sequences). Their outputs come from one Arena that every capture takes from the start again: one engine thread
-runs the steps one at a time, so the graphs can share that memory, and it is the largest step's, not the sum of
-them all. On a 2-core Zen 4 (SmolLM2, in one process, alternated with the modules' steps) a replay saved 2.3 ms of
-a 4-row step, 3.1 of a 16-row one and 7.3 of a 64-row one (7%: besides the Python, the modules' step builds its
-attention tables and allocates ~90 MB of outputs, which the kernel hands out as fresh pages).
+A graph is recorded for each number of decode rows from 1 to MAX_ROWS (batch 1, its speculative verify steps
+of 2-4 rows, and 2-4 sequences); larger steps run the modules, where the Python is a small share of the step.
 """
 
 from __future__ import annotations
 
 import ctypes
-import math
 from dataclasses import dataclass
 
 import torch
@@ -35,48 +30,8 @@ from torch.overrides import TorchFunctionMode
 from engine import native
 from engine.attention import AttentionMetadata, DecodeTables
 
-_ALIGN = 64  # bytes: each output taken from the arena starts at a cache line, as PyTorch's CPU allocator aligns
-
-
-class Arena:
-    """The memory every capture takes its kernels' outputs from, from the start each time. `wanted` is what the
-    latest capture took, or would have had the buffer been large enough (past it, outputs are allocated as usual
-    and `outgrown` says so: the runner then makes a larger arena and records every step anew)."""
-
-    def __init__(self, nbytes: int = 0) -> None:
-        self.buffer = torch.empty(nbytes, dtype=torch.uint8)
-        self.wanted = 0
-
-    @property
-    def outgrown(self) -> bool:
-        return self.wanted > self.buffer.numel()
-
-    def take(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor | None:
-        start = -(-self.wanted // _ALIGN) * _ALIGN
-        self.wanted = start + math.prod(shape) * dtype.itemsize
-        if self.outgrown:
-            return None
-        return self.buffer[start:self.wanted].view(dtype).view(shape)
-
-
-def _allocation(name: str, args: tuple, kwargs: dict) -> tuple[tuple[int, ...], torch.dtype] | None:
-    """(shape, dtype) of a contiguous CPU allocation (torch.empty, torch.empty_like, Tensor.new_empty), or None for
-    any other kind (a layout, a memory format, another device): those are allocated as usual."""
-    if set(kwargs) - {"dtype", "device"} or torch.device(kwargs.get("device") or "cpu").type != "cpu":
-        return None
-    if name == "empty_like":
-        source = args[0]
-        if len(args) > 1 or source.device.type != "cpu" or not source.is_contiguous():
-            return None
-        return tuple(source.shape), kwargs.get("dtype") or source.dtype
-    size = args[1:] if name == "new_empty" else args
-    if len(size) == 1 and isinstance(size[0], (tuple, list, torch.Size)):
-        size = tuple(size[0])
-    if name == "new_empty" and args[0].device.type != "cpu":
-        return None
-    if not all(isinstance(n, int) for n in size):
-        return None
-    return tuple(size), kwargs.get("dtype") or (args[0].dtype if name == "new_empty" else torch.get_default_dtype())
+# Steps of up to this many decode rows replay a recorded graph (one per row count, recorded at its first step).
+MAX_ROWS = 4
 
 # What may run between two recorded kernel calls, seen at PyTorch's Python API (a TorchFunctionMode: it costs
 # nothing to set up, where a TorchDispatchMode's first use imports torch._dynamo, ~0.5 s of a start):
@@ -89,26 +44,20 @@ _VIEWS = {"view", "split", "split_with_sizes", "narrow", "select", "unsqueeze", 
 
 
 class _ViewsAndAllocationsOnly(TorchFunctionMode):
-    """Runs every call, takes allocations from the arena and keeps them alive (the kernels were handed their
-    pointers), and notes any call that computes something, which a replay of the kernel calls alone would skip."""
+    """Runs every call, keeps allocated tensors alive (the kernels were handed their pointers) and notes any call
+    that computes something, which a replay of the kernel calls alone would skip."""
 
-    def __init__(self, arena: Arena) -> None:
+    def __init__(self) -> None:
         super().__init__()
-        self.arena = arena
         self.allocated: list[torch.Tensor] = []
         self.computing: list[str] = []
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
+        out = func(*args, **(kwargs or {}))
         name = getattr(func, "__name__", str(func))
         if name in _ALLOCATIONS:
-            request = _allocation(name, args, kwargs)
-            out = self.arena.take(*request) if request else None
-            out = func(*args, **kwargs) if out is None else out
             self.allocated.append(out)
-            return out
-        out = func(*args, **kwargs)
-        if not ((name in _METADATA and not _tensors_in(out)) or (name in _VIEWS and _views_of(out, args[0]))):
+        elif not ((name in _METADATA and not _tensors_in(out)) or (name in _VIEWS and _views_of(out, args[0]))):
             self.computing.append(name)
         return out
 
@@ -144,14 +93,11 @@ class DecodeGraph:
     @classmethod
     @torch.inference_mode()
     def capture(cls, model: torch.nn.Module, max_blocks: int, hidden: torch.Tensor, positions: list[int],
-                slots: list[int], block_tables: list[list[int]],
-                arena: Arena) -> tuple[DecodeGraph | None, torch.Tensor, str | None]:
+                slots: list[int], block_tables: list[list[int]]) -> tuple[DecodeGraph | None, torch.Tensor, str | None]:
         """Run a real decode step (arguments as for replay) through the modules while recording it: (the graph or
         None, this step's logits, why not). Where the step runs PyTorch ops beside the kernels the logits are
         still right: the modules computed them. Other threads may run kernels meanwhile, this model's too
         (inspection): their calls are not recorded (engine.native.recording_calls), and the mode is per thread.
-        The kernels' outputs are taken from `arena`, shared with every other graph of the model; where it is
-        outgrown (Arena.outgrown) the graph is still right but should not be kept.
         """
         rows = len(positions)
         inputs = (torch.zeros(rows, hidden.shape[1]), torch.zeros(rows, dtype=torch.long),
@@ -161,8 +107,7 @@ class DecodeGraph:
         graph._fill(hidden, positions, slots, block_tables)
         meta = AttentionMetadata(slot_mapping=graph.slot_mapping,
                                  decode_tables=DecodeTables(graph.block_tables, graph.context_lens))
-        arena.wanted = 0  # the outputs of every graph start at the arena's start
-        guard = _ViewsAndAllocationsOnly(arena)
+        guard = _ViewsAndAllocationsOnly()
         with native.recording_calls() as calls, guard:
             logits = model.compute_logits(model.run_layers(graph.hidden, graph.positions, meta))
         if guard.computing:

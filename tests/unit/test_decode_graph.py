@@ -11,7 +11,7 @@ from helpers.tiny_engine import make_tiny_model_dir
 from test_engine import make_engine
 
 from engine import EngineConfig, LLMEngine, SamplingParams, native
-from engine.decode_graph import Arena, DecodeGraph
+from engine.decode_graph import DecodeGraph
 from engine.models.layers import silu_and_mul
 from engine.models.q8_matmul import q8_kernel_runs
 from engine.models.w4a16_matmul import w4a16_kind
@@ -89,23 +89,6 @@ def test_steps_of_two_to_four_sequences_give_the_modules_tokens_and_logprobs(eng
 
 
 @NO_GRAPHS
-def test_steps_of_many_sequences_give_the_modules_tokens_and_logprobs_and_share_one_arena(engine: LLMEngine,
-                                                                                       monkeypatch) -> None:
-    prompts = random_prompts(engine, (5, 17, 40, 9, 31, 64, 2, 23, 11, 50, 3, 19))
-    assert 12 in compare_with_the_modules(engine, prompts, monkeypatch, together=12)
-    assert 7 in compare_with_the_modules(engine, prompts[:7], monkeypatch, together=7)
-    graphs = [graph for graph in engine.runner.decode_graphs.values() if graph is not None]
-    assert len(graphs) >= 2
-    arena = engine.runner.graph_arena.buffer
-    start, end = arena.data_ptr(), arena.data_ptr() + arena.numel()
-    for graph in graphs:  # every graph's outputs, its logits among them, lie in the one arena
-        assert all(start <= t.data_ptr() < end for t in [graph.logits, *graph.keep_alive])
-    # The arena holds the largest step's outputs (twice that at most, as it grows), not every graph's.
-    largest = max(sum(t.numel() * t.element_size() + 64 for t in graph.keep_alive) for graph in graphs)
-    assert arena.numel() <= 2 * largest
-
-
-@NO_GRAPHS
 def test_speculative_verify_steps_give_the_modules_tokens_and_logprobs(smollm2_gguf_path: Path, monkeypatch) -> None:
     engine = LLMEngine(str(smollm2_gguf_path), EngineConfig(max_model_len=512), progress=False)  # speculation on
     phrase = random_prompts(engine, (12,))[0]
@@ -121,14 +104,6 @@ def test_a_step_with_pytorch_ops_is_not_recorded_and_runs_the_modules(tmp_path) 
     assert generate(engine, [[5, 6, 7]], "b") == plain  # the first step (the refused recording's) was right too
     engine.runner.records_decode_steps = False
     assert generate(engine, [[5, 6, 7]], "c") == plain
-
-
-def test_the_arena_hands_out_aligned_outputs_until_it_is_outgrown() -> None:
-    arena = Arena(1024)
-    first, second = arena.take((3, 5), torch.float32), arena.take((2,), torch.int64)  # 60 bytes, then 16
-    assert [t.data_ptr() - arena.buffer.data_ptr() for t in (first, second)] == [0, 64]
-    assert (first.shape, second.dtype, arena.outgrown) == ((3, 5), torch.int64, False)
-    assert arena.take((1000,), torch.float32) is None and arena.outgrown and arena.wanted == 128 + 4000
 
 
 def test_only_the_recording_threads_calls_are_recorded() -> None:
