@@ -8,7 +8,7 @@ sampling, and engine bookkeeping (scheduler, input tensors, detokenization). "di
 time minus the time spent inside ops (the sum of PyTorch ops' self times; kvserve's own kernels, called
 through ctypes rather than as PyTorch ops, count whole: the paged kernel's range, and the matmul and norm
 parts, whose Python is a few lines around the call): Python and dispatch. The split is of the modules' step;
-where steps of up to 4 rows are recorded as kernel calls (engine/decode_graph.py), the step as served is timed
+where decode steps are recorded as kernel calls (engine/decode_graph.py), the step as served is timed
 beside it.
 
 With --http, also starts `kvserve serve` and compares streaming inter-token latency at concurrency 1 and
@@ -135,7 +135,7 @@ def profile_batch(llm, prompts: list[list[int]], steps: int, trace_dir: str | No
     fill_batch(llm, prompts)
     runner = llm.engine.runner
     recording = runner.records_decode_steps
-    before = step_ms(llm, steps)  # as served: a step of up to 4 rows replays its recorded kernel calls, where recorded
+    before = step_ms(llm, steps)  # as served: a decode step replays its recorded kernel calls, where recorded
     runner.records_decode_steps = False  # the split times the modules' parts, so they run
     try:
         modules_before = step_ms(llm, steps)
@@ -161,7 +161,7 @@ SPLIT_ROWS = [("matmuls (Linear + LM head)", "matmul"), ("attention (KV write, p
               ("norms", "norm"), ("rotary", "rotary"), ("elementwise (embed, residual, SiLU*mul)", "elementwise"),
               ("sampling", "sampling"), ("engine bookkeeping (schedule, inputs, detokenize)", "bookkeeping"),
               ("**step, profiled**", "step"), ("step, unprofiled, the modules run", "unprofiled_modules_step"),
-              ("step, unprofiled, as served (to 4 rows: the recorded step, engine/decode_graph.py)", "unprofiled_step"),
+              ("step, unprofiled, as served (the recorded step, engine/decode_graph.py)", "unprofiled_step"),
               ("of which inside ops and kvserve kernels", "op_time"), ("Python/dispatch overhead (wall - op time)",
                                                             "dispatch_overhead")]
 

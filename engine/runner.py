@@ -20,7 +20,7 @@ from engine.attention import (
     grouped_mask,
 )
 from engine.config import ModelConfig
-from engine.decode_graph import MAX_ROWS, DecodeGraph
+from engine.decode_graph import Arena, DecodeGraph
 from engine.kv_cache import BlockManager
 from engine.resident_memory import lazy_zeros, make_resident
 from engine.sampling_params import SamplingParams
@@ -98,11 +98,12 @@ class ModelRunner:
         for i, layer in enumerate(model.layers):
             layer.self_attn.k_cache = self.kv_cache[0, i]
             layer.self_attn.v_cache = self.kv_cache[1, i]
-        # Steps of up to MAX_ROWS decode rows replay the kernel calls recorded at the first step of that size
-        # (engine/decode_graph.py), by rows; None where that step ran PyTorch ops too (the modules run then).
+        # Decode steps replay the kernel calls recorded at the first step of their size (engine/decode_graph.py), by
+        # rows; None where that step ran PyTorch ops too (the modules run then). Their outputs share one arena.
         self.records_decode_steps = (self.device.type == "cpu" and self.native_decode and dtype == torch.float32
                                      and hasattr(model, "run_layers"))
         self.decode_graphs: dict[int, DecodeGraph | None] = {}
+        self.graph_arena = Arena()
 
     def make_kv_cache_resident(self) -> threading.Thread | None:
         """Have every page of a CPU KV cache backed, on a background thread (engine/resident_memory.py)."""
@@ -192,9 +193,9 @@ class ModelRunner:
         return out
 
     def _recordable(self, batch: SchedulerOutput, prefills: list[ScheduledSeq], decode_rows: list[_DecodeRow]) -> bool:
-        """Decode rows only (plain or verifying), at most MAX_ROWS, each wanting logits and nothing else (no
-        pooling, no prompt logprobs), where a step of that size has not been found to run PyTorch ops."""
-        return (self.records_decode_steps and not prefills and 0 < len(decode_rows) <= MAX_ROWS
+        """Decode rows only (plain or verifying), each wanting logits and nothing else (no pooling, no prompt
+        logprobs), where a step of that size has not been found to run PyTorch ops."""
+        return (self.records_decode_steps and not prefills and len(decode_rows) > 0
                 and self.decode_graphs.get(len(decode_rows), True) is not None
                 and all(item.completes and item.seq.pooler is None and not wants_prompt_logits(item.seq)
                         for item in batch.scheduled))
@@ -207,7 +208,12 @@ class ModelRunner:
             return graph.replay(hidden, positions, slots, block_tables)
         # No table is longer than the model's context or the pool.
         max_blocks = min(self.kv_cache.shape[2], -(-self.cfg.max_position_embeddings // self.block_size))
-        graph, logits, why_not = DecodeGraph.capture(self.model, max_blocks, hidden, positions, slots, block_tables)
+        graph, logits, why_not = DecodeGraph.capture(self.model, max_blocks, hidden, positions, slots, block_tables,
+                                                     self.graph_arena)
+        if self.graph_arena.outgrown:  # twice what this step wanted, and every size recorded again into it
+            self.graph_arena = Arena(2 * self.graph_arena.wanted)
+            self.decode_graphs.clear()
+            return logits
         self.decode_graphs[rows] = graph
         if why_not:
             log.info(f"decode steps of {rows} row(s) run the modules (not recorded): {why_not}")

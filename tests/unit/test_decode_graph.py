@@ -1,4 +1,5 @@
-"""Small decode steps replayed as recorded kernel calls (engine/decode_graph.py) against the modules' steps."""
+"""Decode steps replayed as recorded kernel calls (engine/decode_graph.py) against the modules' steps, and the arena
+the recorded steps share."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from helpers.tiny_engine import make_tiny_model_dir
 from test_engine import make_engine
 
 from engine import EngineConfig, LLMEngine, SamplingParams, native
-from engine.decode_graph import DecodeGraph
+from engine.decode_graph import Arena, DecodeGraph
 from engine.models.layers import silu_and_mul
 from engine.models.q8_matmul import q8_kernel_runs
 from engine.models.w4a16_matmul import w4a16_kind
@@ -89,6 +90,23 @@ def test_steps_of_two_to_four_sequences_give_the_modules_tokens_and_logprobs(eng
 
 
 @NO_GRAPHS
+def test_steps_of_many_sequences_give_the_modules_tokens_and_logprobs_and_share_one_arena(engine: LLMEngine,
+                                                                                       monkeypatch) -> None:
+    prompts = random_prompts(engine, (5, 17, 40, 9, 31, 64, 2, 23, 11, 50, 3, 19))
+    assert 12 in compare_with_the_modules(engine, prompts, monkeypatch, together=12)
+    assert 7 in compare_with_the_modules(engine, prompts[:7], monkeypatch, together=7)
+    graphs = [graph for graph in engine.runner.decode_graphs.values() if graph is not None]
+    assert len(graphs) >= 2
+    arena = engine.runner.graph_arena
+    start, end = arena.buffer.ctypes.data, arena.buffer.ctypes.data + arena.buffer.size
+    for graph in graphs:  # every graph's outputs, its logits among them, lie in the one arena
+        assert start <= graph.logits.data_ptr() < end and graph.keep_alive == [arena]
+    # Within a step the arena hands out again what the modules freed: it holds a few of the step's outputs (the
+    # logits and a layer's), not all of them. Grown for 12 rows, it is still smaller than all of a 7-row step's.
+    assert arena.wanted <= arena.taken / 4 and arena.buffer.size < arena.taken
+
+
+@NO_GRAPHS
 def test_speculative_verify_steps_give_the_modules_tokens_and_logprobs(smollm2_gguf_path: Path, monkeypatch) -> None:
     engine = LLMEngine(str(smollm2_gguf_path), EngineConfig(max_model_len=512), progress=False)  # speculation on
     phrase = random_prompts(engine, (12,))[0]
@@ -104,6 +122,34 @@ def test_a_step_with_pytorch_ops_is_not_recorded_and_runs_the_modules(tmp_path) 
     assert generate(engine, [[5, 6, 7]], "b") == plain  # the first step (the refused recording's) was right too
     engine.runner.records_decode_steps = False
     assert generate(engine, [[5, 6, 7]], "c") == plain
+
+
+def offsets(arena: Arena, *tensors: torch.Tensor) -> list[int]:
+    return [t.data_ptr() - arena.buffer.ctypes.data for t in tensors]
+
+
+def test_the_arena_hands_out_aligned_outputs_until_it_is_outgrown() -> None:
+    arena = Arena(1024)
+    first, second = arena.take((3, 5), torch.float32), arena.take((2,), torch.int64)  # 60 bytes, then 16
+    assert offsets(arena, first, second) == [0, 64] and arena.buffer.ctypes.data % 64 == 0
+    assert (first.shape, second.dtype, arena.outgrown) == ((3, 5), torch.int64, False)
+    assert arena.take((1000,), torch.float32) is None and arena.outgrown and arena.wanted == 128 + 4032  # runs of whole cache lines
+
+
+def test_the_arena_reuses_what_a_step_frees_once_no_view_of_it_is_left() -> None:
+    arena = Arena(4096)
+    first, second = arena.take((32,), torch.float32), arena.take((16,), torch.float32)  # 128 bytes at 0, 64 at 128
+    first_rows = first.view(4, 8)
+    del first
+    assert offsets(arena, third := arena.take((8,), torch.float32)) == [192]  # a view still holds the first
+    del first_rows
+    assert offsets(arena, arena.take((16,), torch.float32)) == [0]  # freed (and this one is freed at once)
+    del second, third  # both runs merge with the free one at 0: one run of 256 bytes from the start
+    assert offsets(arena, whole := arena.take((64,), torch.float32)) == [0] and arena.wanted == 256
+    arena.start_capture()  # a new capture: everything is free, and frees of the last capture's outputs are ignored
+    again = arena.take((64,), torch.float32)
+    del whole
+    assert offsets(arena, again, arena.take((1,), torch.float32)) == [0, 256]
 
 
 def test_only_the_recording_threads_calls_are_recorded() -> None:
