@@ -109,6 +109,26 @@ class Arena:
             self._free.insert(at, [start, end])
 
 
+class StepInputs:
+    """The input tensors every recorded step reads, for up to `capacity` rows: a step of r rows reads their first
+    r rows. One engine thread runs one step at a time (as for the Arena), so the graphs share them, and they take
+    the largest step's memory rather than the sum of every step size's (a block table row is the model's whole
+    context: 2 KB for SmolLM2, more for longer contexts, times every row of every size)."""
+
+    def __init__(self, capacity: int, hidden_size: int, max_blocks: int) -> None:
+        self.capacity = capacity
+        self.hidden = torch.zeros(capacity, hidden_size)
+        self.positions = torch.zeros(capacity, dtype=torch.long)
+        self.slot_mapping = torch.zeros(capacity, dtype=torch.long)
+        self.block_tables = torch.zeros(capacity, max_blocks, dtype=torch.int32)
+        self.context_lens = torch.zeros(capacity, dtype=torch.int32)
+
+    def first(self, rows: int) -> tuple[torch.Tensor, ...]:
+        """The first `rows` rows of each: hidden, positions, slot_mapping, block_tables, context_lens."""
+        return (self.hidden[:rows], self.positions[:rows], self.slot_mapping[:rows], self.block_tables[:rows],
+                self.context_lens[:rows])
+
+
 def _allocation(name: str, args: tuple, kwargs: dict) -> tuple[tuple[int, ...], torch.dtype] | None:
     """(shape, dtype) of a contiguous CPU allocation (torch.empty, torch.empty_like, Tensor.new_empty), or None for
     any other kind (a layout, a memory format, another device): those are allocated as usual."""
@@ -184,31 +204,29 @@ class DecodeGraph:
     """A step of `rows` decode rows: the layers and LM head as recorded kernel calls over static tensors."""
 
     calls: list[tuple[ctypes._CFuncPtr, tuple]]
-    hidden: torch.Tensor  # (rows, hidden) the embedded tokens, copied in before a replay
+    # The first `rows` rows of the StepInputs, filled before a replay:
+    hidden: torch.Tensor  # (rows, hidden) the embedded tokens
     positions: torch.Tensor  # (rows,) long
     slot_mapping: torch.Tensor  # (rows,) long
     block_tables: torch.Tensor  # (rows, max_blocks) int32: each row's table, then zeros
     context_lens: torch.Tensor  # (rows,) int32
     logits: torch.Tensor  # (rows, vocab) the LM head's output, rewritten by every replay
-    keep_alive: list  # the arena and what the capture allocated outside it: the recorded calls hold their addresses
+    keep_alive: list  # the inputs, the arena and what the capture allocated outside it: the calls hold their addresses
 
     @classmethod
     @torch.inference_mode()
-    def capture(cls, model: torch.nn.Module, max_blocks: int, hidden: torch.Tensor, positions: list[int],
-                slots: list[int], block_tables: list[list[int]],
-                arena: Arena) -> tuple[DecodeGraph | None, torch.Tensor, str | None]:
+    def capture(cls, model: torch.nn.Module, inputs: StepInputs, arena: Arena, hidden: torch.Tensor,
+                positions: list[int], slots: list[int],
+                block_tables: list[list[int]]) -> tuple[DecodeGraph | None, torch.Tensor, str | None]:
         """Run a real decode step (arguments as for replay) through the modules while recording it: (the graph or
         None, this step's logits, why not). Where the step runs PyTorch ops beside the kernels the logits are
         still right: the modules computed them. Other threads may run kernels meanwhile, this model's too
         (inspection): their calls are not recorded (engine.native.recording_calls), and the mode is per thread.
-        The kernels' outputs are taken from `arena`, shared with every other graph of the model; where it is
-        outgrown (Arena.outgrown) the graph is still right but should not be kept.
+        The step reads the first rows of `inputs` (at least as many as it has) and takes its kernels' outputs
+        from `arena`, both shared with every other graph of the model; where the arena is outgrown
+        (Arena.outgrown) the graph is still right but should not be kept.
         """
-        rows = len(positions)
-        inputs = (torch.zeros(rows, hidden.shape[1]), torch.zeros(rows, dtype=torch.long),
-                  torch.zeros(rows, dtype=torch.long), torch.zeros(rows, max_blocks, dtype=torch.int32),
-                  torch.zeros(rows, dtype=torch.int32))
-        graph = cls([], *inputs, logits=torch.empty(0), keep_alive=[])
+        graph = cls([], *inputs.first(len(positions)), logits=torch.empty(0), keep_alive=[])
         graph._fill(hidden, positions, slots, block_tables)
         meta = AttentionMetadata(slot_mapping=graph.slot_mapping,
                                  decode_tables=DecodeTables(graph.block_tables, graph.context_lens))
@@ -223,7 +241,7 @@ class DecodeGraph:
             return None, logits, "its logits do not come straight from a kernel"
         graph.calls = [(native.without_recording(function.__name__, *function.argtypes), arguments)
                        for function, arguments in calls]
-        graph.logits, graph.keep_alive = logits, [arena, *guard.allocated]
+        graph.logits, graph.keep_alive = logits, [inputs, arena, *guard.allocated]
         return graph, logits, None
 
     def __post_init__(self) -> None:

@@ -20,7 +20,7 @@ from engine.attention import (
     grouped_mask,
 )
 from engine.config import ModelConfig
-from engine.decode_graph import Arena, DecodeGraph
+from engine.decode_graph import Arena, DecodeGraph, StepInputs
 from engine.kv_cache import BlockManager
 from engine.resident_memory import lazy_zeros, make_resident
 from engine.sampling_params import SamplingParams
@@ -104,6 +104,7 @@ class ModelRunner:
                                      and hasattr(model, "run_layers"))
         self.decode_graphs: dict[int, DecodeGraph | None] = {}
         self.graph_arena = Arena()
+        self.graph_inputs: StepInputs | None = None
 
     def make_kv_cache_resident(self) -> threading.Thread | None:
         """Have every page of a CPU KV cache backed, on a background thread (engine/resident_memory.py)."""
@@ -206,10 +207,14 @@ class ModelRunner:
         rows = len(positions)
         if (graph := self.decode_graphs.get(rows)) is not None:
             return graph.replay(hidden, positions, slots, block_tables)
-        # No table is longer than the model's context or the pool.
-        max_blocks = min(self.kv_cache.shape[2], -(-self.cfg.max_position_embeddings // self.block_size))
-        graph, logits, why_not = DecodeGraph.capture(self.model, max_blocks, hidden, positions, slots, block_tables,
-                                                     self.graph_arena)
+        if self.graph_inputs is None or rows > self.graph_inputs.capacity:  # every graph reads them: record anew
+            # No table is longer than the model's context or the pool.
+            max_blocks = min(self.kv_cache.shape[2], -(-self.cfg.max_position_embeddings // self.block_size))
+            capacity = max(rows, 2 * self.graph_inputs.capacity if self.graph_inputs else 8)  # 8: batch 1's verify steps
+            self.graph_inputs = StepInputs(capacity, hidden.shape[1], max_blocks)
+            self.decode_graphs.clear()
+        graph, logits, why_not = DecodeGraph.capture(self.model, self.graph_inputs, self.graph_arena, hidden,
+                                                     positions, slots, block_tables)
         if self.graph_arena.outgrown:  # twice what this step wanted, and every size recorded again into it
             self.graph_arena = Arena(2 * self.graph_arena.wanted)
             self.decode_graphs.clear()

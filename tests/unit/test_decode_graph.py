@@ -90,7 +90,7 @@ def test_steps_of_two_to_four_sequences_give_the_modules_tokens_and_logprobs(eng
 
 
 @NO_GRAPHS
-def test_steps_of_many_sequences_give_the_modules_tokens_and_logprobs_and_share_one_arena(engine: LLMEngine,
+def test_steps_of_many_sequences_give_the_modules_tokens_and_logprobs_and_share_one_arena_and_inputs(engine: LLMEngine,
                                                                                        monkeypatch) -> None:
     prompts = random_prompts(engine, (5, 17, 40, 9, 31, 64, 2, 23, 11, 50, 3, 19))
     assert 12 in compare_with_the_modules(engine, prompts, monkeypatch, together=12)
@@ -99,8 +99,10 @@ def test_steps_of_many_sequences_give_the_modules_tokens_and_logprobs_and_share_
     assert len(graphs) >= 2
     arena = engine.runner.graph_arena
     start, end = arena.buffer.ctypes.data, arena.buffer.ctypes.data + arena.buffer.size
-    for graph in graphs:  # every graph's outputs, its logits among them, lie in the one arena
-        assert start <= graph.logits.data_ptr() < end and graph.keep_alive == [arena]
+    inputs = engine.runner.graph_inputs
+    for graph in graphs:  # every graph's outputs, its logits among them, lie in the one arena; it reads one set of inputs
+        assert start <= graph.logits.data_ptr() < end and graph.keep_alive == [inputs, arena]
+        assert graph.block_tables.data_ptr() == inputs.block_tables.data_ptr() and len(graph.hidden) <= inputs.capacity
     # Within a step the arena hands out again what the modules freed: it holds a few of the step's outputs (the
     # logits and a layer's), not all of them. Grown for 12 rows, it is still smaller than all of a 7-row step's.
     assert arena.wanted <= arena.taken / 4 and arena.buffer.size < arena.taken
