@@ -16,6 +16,7 @@ Linux), `lazy_zeros` writes the zeros itself, as before.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import ctypes
 import ctypes.util
@@ -76,28 +77,60 @@ def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     return tensor
 
 
+# The populating threads, each with the event that stops it (stop_populating, at exit). A thread stays here until
+# joined: after its loop it still lets go of its tensor (Thread.run drops its arguments).
+_populating: dict[threading.Thread, threading.Event] = {}
+
+
 def make_resident(tensor: torch.Tensor) -> threading.Thread:
     """Back every page of a CPU tensor on a background thread (a no-op for pages already resident).
 
-    The thread holds the tensor until it is done, so the memory stays mapped even if its owner lets go.
+    The thread holds the tensor until it is done, so the memory stays mapped even if its owner lets go; at
+    exit it is stopped first (stop_populating).
     """
     length = tensor.untyped_storage().nbytes()
+    stop = threading.Event()
 
-    def populate() -> None:
-        # At the lowest priority: the first requests, which may come in meanwhile, go first for the cores.
-        with contextlib.suppress(OSError, AttributeError):
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
-        start = time.perf_counter()
-        for offset in range(0, length, SLICE_BYTES):
-            if (err := _populate(tensor.data_ptr() + offset, min(SLICE_BYTES, length - offset))) != 0:
-                if err in _CANNOT_POPULATE:  # lazy_zeros wrote the zeros, so every page is resident already
-                    return
-                log.error("the KV cache could not be made resident", extra={"fields": {
-                    "bytes": length, "errno": errno.errorcode.get(err, err)}})
-                return
-        log.info("KV cache resident", extra={"fields": {"bytes": length,
-                                                        "seconds": round(time.perf_counter() - start, 3)}})
-
-    thread = threading.Thread(target=populate, name="kvserve-kv-resident", daemon=True)
+    for finished in [t for t in _populating if not t.is_alive()]:
+        del _populating[finished]
+    thread = threading.Thread(target=_populate_slices, args=(tensor, length, stop), name="kvserve-kv-resident",
+                              daemon=True)
+    _populating[thread] = stop
     thread.start()
     return thread
+
+
+def _populate_slices(tensor: torch.Tensor, length: int, stop: threading.Event) -> None:
+    # At the lowest priority: the first requests, which may come in meanwhile, go first for the cores.
+    with contextlib.suppress(OSError, AttributeError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    start = time.perf_counter()
+    for offset in range(0, length, SLICE_BYTES):
+        if stop.is_set():
+            return
+        if (err := _populate(tensor.data_ptr() + offset, min(SLICE_BYTES, length - offset))) != 0:
+            if err in _CANNOT_POPULATE:  # lazy_zeros wrote the zeros, so every page is resident already
+                return
+            log.error("the KV cache could not be made resident", extra={"fields": {
+                "bytes": length, "errno": errno.errorcode.get(err, err)}})
+            return
+    log.info("KV cache resident", extra={"fields": {"bytes": length,
+                                                    "seconds": round(time.perf_counter() - start, 3)}})
+
+
+@atexit.register
+def stop_populating() -> None:
+    """Stop every populating thread (after its current slice, ~8 MB) and wait for it.
+
+    Run at exit, before the interpreter finalizes: a daemon thread still running then could drop the last
+    reference to its tensor after finalization began, and freeing a torch.frombuffer tensor there needs the GIL,
+    which a daemon thread then never gets (CPython ends it inside torch's C++ deleter, and the process aborted
+    with "terminate called without an active exception": `kvserve generate --max-tokens 1` in about 1 run of
+    40, seen in a core dump).
+    """
+    threads = list(_populating.items())
+    for _, stop in threads:
+        stop.set()
+    for thread, _ in threads:
+        thread.join()  # until the thread has ended, its tensor released
+        _populating.pop(thread, None)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import errno
 import mmap
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -74,3 +76,36 @@ def test_an_engine_s_kv_cache_is_resident_once_asked_and_serves_the_same_tokens(
     resident.join()
     assert rss_mib() - before > 180
     assert llm.generate([[1, 2, 3, 4, 5]], greedy)[0].outputs[0].token_ids == first
+
+
+@pytest.mark.skipif(not kernel_populates(), reason="this kernel cannot populate memory on request (Linux < 5.14)")
+def test_stop_populating_ends_the_thread_after_its_slice_and_leaves_the_contents() -> None:
+    size = 2048 * MIB  # seconds to populate on a 2-core VM, so the stop comes well before the end
+    before = rss_mib()
+    tensor = lazy_zeros((size // 4,), torch.float32)
+    tensor[-1] = 3.0
+    thread = make_resident(tensor)
+    resident_memory.stop_populating()  # what runs at exit
+    assert not thread.is_alive() and thread not in resident_memory._populating
+    assert rss_mib() - before < 0.5 * size / MIB  # stopped part way
+    assert tensor[-1].item() == 3.0 and torch.count_nonzero(tensor[:-1]) == 0
+
+
+EXIT_WHILE_POPULATING = """
+import torch
+from engine.resident_memory import lazy_zeros, make_resident
+tensor = lazy_zeros((512 << 20,), torch.float32)  # 2 GiB
+make_resident(tensor)
+del tensor  # the thread holds the last reference, as it does for `kvserve generate`'s cache at exit
+print("exiting", flush=True)
+"""
+
+
+@pytest.mark.skipif(not kernel_populates(), reason="this kernel cannot populate memory on request (Linux < 5.14)")
+def test_a_process_exiting_while_its_cache_becomes_resident_exits_cleanly() -> None:
+    # Before stop_populating, the thread dropped the tensor during the interpreter's finalization and the process
+    # could abort ("terminate called without an active exception"); now it is stopped and joined first.
+    for _ in range(3):
+        done = subprocess.run([sys.executable, "-c", EXIT_WHILE_POPULATING], capture_output=True, text=True,
+                              timeout=120)
+        assert (done.returncode, done.stdout, done.stderr) == (0, "exiting\n", "")
