@@ -88,7 +88,8 @@ class Arena:
             return None  # the run stays taken until the next capture: `wanted` counts it
         region = self.buffer[start:start + size]
         # The tensor's storage holds `region` (torch.from_numpy); it is collected once no view of the output is left
-        weakref.finalize(region, self._give_back, self._capture, start, size)
+        # (nothing to give back at exit: not called then)
+        weakref.finalize(region, self._give_back, self._capture, start, size).atexit = False
         return torch.from_numpy(region)[:nbytes].view(dtype).view(shape)
 
     def _give_back(self, capture: int, start: int, size: int) -> None:
