@@ -8,10 +8,10 @@ calls, views, output allocations, argument checks) took about as long as the ker
 So, like a CUDA graph: the first decode step of each size runs the model's layers and LM head over static
 input tensors (holding that step's inputs) with every native call recorded (engine.native.recording_calls:
 its ctypes function and the arguments it was given, pointers into the static inputs, the weights, the KV
-cache and the outputs allocated on the way, which come from an Arena kept alive here), while a TorchFunctionMode checks that
-no PyTorch op but allocations, metadata reads and views ran in between. If so, the recorded calls compute
-exactly what the modules compute (the same kernels on the same buffers, in the same order: the same bits),
-and later steps of that size only copy their inputs into the static tensors and replay them. A model whose
+cache and the outputs allocated on the way, which come from an Arena kept alive here), while a
+TorchFunctionMode checks that no PyTorch op but allocations, metadata reads and views ran in between. If so,
+the recorded calls compute exactly what the modules compute (the same kernels on the same buffers, in the same
+order: the same bits), and later steps of that size only copy their inputs into the static tensors and replay them. A model whose
 step runs any other op (GPT-2's LayerNorm, PyTorch's matmuls where kvserve's integer kernels do not run, ...)
 is not recorded, and its modules run as before. Only the embedding lookup stays a PyTorch op, before the replay.
 
@@ -96,18 +96,12 @@ class Arena:
         if capture != self._capture:
             return  # freed after its capture ended: the arena is all free again since
         end = start + size
-        at = next(i for i, run in enumerate(self._free) if run[0] >= end)
-        before = self._free[at - 1] if at > 0 else None
-        after = self._free[at]
-        if before is not None and before[1] == start:
-            before[1] = end
-            if after[0] == end:
-                before[1] = after[1]
-                del self._free[at]
-        elif after[0] == end:
-            after[0] = start
-        else:
-            self._free.insert(at, [start, end])
+        at = next(i for i, run in enumerate(self._free) if run[0] >= end)  # the unbounded last run, at the latest
+        self._free.insert(at, [start, end])
+        if end == self._free[at + 1][0]:  # merged with the run after it, then with the one before
+            self._free[at][1] = self._free.pop(at + 1)[1]
+        if at > 0 and self._free[at - 1][1] == start:
+            self._free[at - 1][1] = self._free.pop(at)[1]
 
 
 class StepInputs:
@@ -161,7 +155,8 @@ _VIEWS = {"view", "split", "split_with_sizes", "narrow", "select", "unsqueeze", 
 
 class _ViewsAndAllocationsOnly(TorchFunctionMode):
     """Runs every call, takes allocations from the arena (or keeps those it cannot take alive: the kernels were
-    handed their pointers), and notes any call that computes something, which a replay of the kernel calls alone would skip."""
+    handed their pointers), and notes any call that computes something, which a replay of the kernel calls
+    alone would skip."""
 
     def __init__(self, arena: Arena) -> None:
         super().__init__()
