@@ -7,10 +7,14 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers.integer_kernels import _cpu_flags
 from helpers.tiny_engine import make_tiny_model_dir
 from helpers.tiny_models import save_hf, tiny_llama
 
@@ -133,6 +137,43 @@ def test_a_row_is_the_same_bits_alone_in_any_batch_and_on_any_thread_count() -> 
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(one_thread, batched)
+
+
+_AVX2_RUN = """
+import sys, torch
+from engine import paged_decode
+from engine.attention import AttentionSpec
+cases = torch.load(sys.argv[1])
+torch.save([paged_decode.decode_attention(*tensors, AttentionSpec(0, *spec)) for *tensors, spec in cases], sys.argv[2])
+"""
+
+
+@pytest.mark.skipif(not {"avx2", "fma", "f16c"} <= _cpu_flags(), reason="the CPU cannot run an AVX2 build")
+def test_the_avx2_build_gives_this_build_s_bits(tmp_path: Path) -> None:
+    # csrc/paged_decode.cpp's loops have an AVX-512 form and an 8-lane form for AVX2-only CPUs (vec.h), which
+    # promise the same chains and trees per lane: compared here over full 16-key chunks and tails, grouped and
+    # single heads, odd head sizes, a bf16 cache, soft-capping and a window. The AVX2 build runs in a subprocess.
+    if native.target_arch() == "x86-64-v3":
+        pytest.skip("this process runs the AVX2 build already")
+    gen = torch.Generator().manual_seed(7)
+    cases = []
+    for heads, kv_heads, head_dim, spec, dtype in [
+        (9, 3, 64, AttentionSpec(0, 0.125), torch.float32), (4, 4, 128, AttentionSpec(0, 0.09), torch.float32),
+        (6, 2, 80, AttentionSpec(0, 0.11, softcap=3.0), torch.float32),
+        (8, 2, 64, AttentionSpec(0, 0.125, window=37), torch.bfloat16)]:
+        blocks = 48
+        k_cache = (torch.randn(blocks, BLOCK, kv_heads, head_dim, generator=gen) * 3).to(dtype)
+        v_cache = torch.randn(blocks, BLOCK, kv_heads, head_dim, generator=gen).to(dtype)
+        lens = torch.tensor([1, 15, 16, 17, 33, 64, 90, 150], dtype=torch.int32)
+        tables = torch.stack([torch.randperm(blocks, generator=gen)[:40] for _ in lens]).to(torch.int32)
+        q = torch.randn(len(lens), heads, head_dim, generator=gen) * 2
+        cases.append((q, k_cache, v_cache, tables, lens, spec))
+    torch.save([(*tensors, (spec.scale, spec.window, spec.softcap)) for *tensors, spec in cases], tmp_path / "cases.pt")
+    env = {**os.environ, "KVSERVE_KERNEL_MARCH": "x86-64-v3", "ATEN_CPU_CAPABILITY": "avx2"}
+    subprocess.run([sys.executable, "-c", _AVX2_RUN, str(tmp_path / "cases.pt"), str(tmp_path / "avx2.pt")],
+                   env=env, check=True, timeout=300)
+    for case, avx2 in zip(cases, torch.load(tmp_path / "avx2.pt"), strict=True):
+        assert torch.equal(paged_decode.decode_attention(*case), avx2)
 
 
 @pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
