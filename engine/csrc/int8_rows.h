@@ -26,7 +26,12 @@ struct TileBlocks {};
 
 // Work items of (up to 4 rows, a run of ~8 blocks), on PyTorch's threads, so one row still splits across threads
 // by blocks: tile(ROWS, BLOCKS, first, from, to) runs tiles of ROWS rows x BLOCKS blocks over blocks [from, to),
-// ROWS and BLOCKS as std::integral_constant, BLOCKS from the kernel's TileBlocks for 1 to 4 rows.
+// ROWS and BLOCKS as std::integral_constant, BLOCKS from the kernel's TileBlocks for 1 to 4 rows. A thread takes
+// its runs one after the other, each for every 4 rows in turn, so a run's weights are read from memory once a
+// call: taken 4 rows at a time over all its runs, a thread read SmolLM2's Q8_0 LM head (28 MB) from memory once
+// per 4 rows, and at 64 rows the head took 14.5 ms against 11.7 (VNNI; AVX2 build 29.9 against 23.7; 16 rows
+// 3.46 against 2.81), the two orders alternated 40 times in one process on a 2-core Zen 4, 2 threads. The 4-bit
+// layers (0.2-0.9 MB) took the same time either way.
 //
 // Each kernel gives its own tile widths, measured: a tile's accumulators, its broadcast inputs and its weights
 // must fit in the vector registers, or the compiler spills them in the inner loop (4 rows x 2 blocks of the
@@ -45,7 +50,7 @@ void run_row_tiles(TileBlocks<B1, B2, B3, B4>, int64_t rows, int64_t n, Tile til
   at::parallel_for(0, chunks * runs, 1, [&](int64_t begin, int64_t end) {
     using std::integral_constant;
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t first = item / runs * 4, run = item % runs;
+      const int64_t run = item / chunks, first = item % chunks * 4;
       const int64_t from = run * blocks / runs, to = (run + 1) * blocks / runs;
       switch (std::min<int64_t>(4, rows - first)) {
         case 1: tile(integral_constant<int, 1>{}, integral_constant<int, B1>{}, first, from, to); break;
