@@ -13,9 +13,9 @@
 // - 8-bit codes: maddubs would saturate (2 * 255 * 127), so the 16-bit row codes meet the codes sign-extended
 //   to 16 bits in _mm256_madd_epi16 (int16 x int16, pairs summed into int32): exact, below 2^27 a group.
 // A block's 16 outputs are two 8-lane halves here; the tiles (TileBlocks, run_row_tiles) are csrc/int8_rows.h's,
-// one block wide for any row count: with 16 vector registers, not 32, wider tiles spilled (2 blocks at one row
-// took SmolLM2's four int4 layer shapes 0.091 ms against 0.080 on a 2-core Zen 4; 4 x 2 at 1-4 rows was slower
-// still, and so were wider tiles of the 8-bit head).
+// one block wide for any row count and, with 16 vector registers, at most 2 rows tall (in_pairs): bigger tiles
+// spilled (2 blocks at one row took SmolLM2's four int4 layer shapes 0.091 ms against 0.080 on a 2-core Zen 4;
+// 4 x 2 at 1-4 rows was slower still, and so were wider tiles of the 8-bit head).
 // Built with the other kernels by engine/native.py (-march=native: where the CPU lacks AVX2, stubs say so).
 #include "int8_rows.h"
 #include "vec.h"
@@ -173,14 +173,17 @@ void four_bit_tile(float* out, const Rows16& x, int64_t first_row, const FourBit
 // AVX2-only CPU's native build): an FMA takes 8 products, against ~9 integer instructions for 64 above, whose
 // tiles then spill; each block's codes are unpacked to floats once a call for every row to read. SmolLM2's four
 // int4 layer shapes, old and new code alternated 5x in separate processes at 2 threads (2-core Zen 4 running the
-// x86-64-v3 build): 1.1-1.15x faster at 48-128 rows (64: 3.10 -> 2.77 ms), even at 16-32. Where the compiler
-// has AVX-512VL (a native build on an AVX-512 CPU without VNNI, such as Skylake-SP), these 256-bit loops get 32
+// x86-64-v3 build): 1.1-1.15x faster at 48-128 rows (64: 3.10 -> 2.77 ms), even at 16-32, against the 4-row
+// integer tiles of then. Since the integer tiles take 2 rows (in_pairs) they are ahead below 48 rows and level to
+// 96 (the two alternated 40-60 times in one process, the four shapes at 2 threads: 32 rows 1527 -> 1372 µs and
+// 1822 -> 1583 in two runs, 16 rows level; 48, 64 and 96 level), and the FMAs ahead at 128 (7.7 against 10.4 ms),
+// hence from 48 rows. Where the compiler has AVX-512VL (a native build on an AVX-512 CPU without VNNI, such as Skylake-SP), these 256-bit loops get 32
 // registers, the integer tiles stop spilling and beat the FMAs (64 rows: 2.43 against 3.21 ms, the same
 // alternation built for Zen 4), so there the integer path runs at every row count.
 #if defined(__AVX512VL__)
 constexpr int64_t kFmaRows = INT64_MAX;
 #else
-constexpr int64_t kFmaRows = 16;
+constexpr int64_t kFmaRows = 48;
 #endif
 constexpr int kFmaTileRows = 6;  // 12 accumulators, 2 weight vectors and a broadcast row code: 15 of 16 registers
 
@@ -313,6 +316,28 @@ void eight_bit_tile(float* out, const Rows16& x, int64_t first_row, const int8_t
     for (int h = 0; h < 2; ++h) _mm256_storeu_ps(out + (first_row + r) * n + block * kBlock + 8 * h, acc[r][h]);
 }
 
+// The ROWS rows run_row_tiles gives a tile (1-4), 2 at a time: tile(rows, first) for rows = 2 or 1 as
+// std::integral_constant. With 16 vector registers the 3- and 4-row tiles spilled their accumulators (the 8-bit
+// head's 4 rows: 16 int32 vectors, each loaded, added to and stored back on the stack every 4 inputs). Alternated
+// in one process on a 2-core Zen 4 running this build, 2 threads, 30-60 times: the Q8_0 LM head at 64 rows 22.1
+// -> 20.9 ms; SmolLM2's four 4-bit layer shapes at 4, 8 and 12 rows 427 -> 374, 637 -> 514 and 1004 -> 801 µs.
+// Each row's sums are its own, so the same bits. Where the compiler has AVX-512VL (32 registers, see kFmaRows) a
+// tile keeps its 4 rows, which did not spill there.
+template <int ROWS, typename Tile>
+void in_pairs(int64_t first, Tile tile) {
+#if defined(__AVX512VL__)
+  constexpr int kMostRows = 4;
+#else
+  constexpr int kMostRows = 2;
+#endif
+  if constexpr (ROWS <= kMostRows) {
+    tile(std::integral_constant<int, ROWS>{}, first);
+  } else {
+    tile(std::integral_constant<int, 2>{}, first);
+    in_pairs<ROWS - 2>(first + 2, tile);
+  }
+}
+
 }  // namespace
 
 extern "C" int kvserve_w4a16_matmul_avx2_supported() { return 3; }
@@ -332,7 +357,9 @@ extern "C" void kvserve_w4a16_matmul_avx2(float* out, const float* x, const uint
   }
   run_row_tiles(TileBlocks<1, 1, 1, 1>{}, rows, n, [&](auto tile_rows, auto, int64_t first, int64_t from, int64_t to) {
     for (int64_t block = from; block < to; ++block)
-      four_bit_tile<decltype(tile_rows)::value>(out, q, first, w, block, n, k_dim);
+      in_pairs<decltype(tile_rows)::value>(first, [&](auto pair_rows, int64_t at) {
+        four_bit_tile<decltype(pair_rows)::value>(out, q, at, w, block, n, k_dim);
+      });
   });
 }
 
@@ -344,7 +371,9 @@ extern "C" void kvserve_q8_matmul_avx2(float* out, const float* x, const int8_t*
   const Rows16& q = quantized;
   run_row_tiles(TileBlocks<1, 1, 1, 1>{}, rows, n, [&](auto tile_rows, auto, int64_t first, int64_t from, int64_t to) {
     for (int64_t block = from; block < to; ++block)
-      eight_bit_tile<decltype(tile_rows)::value>(out, q, first, codes, scales, block, n, k_dim);
+      in_pairs<decltype(tile_rows)::value>(first, [&](auto pair_rows, int64_t at) {
+        eight_bit_tile<decltype(pair_rows)::value>(out, q, at, codes, scales, block, n, k_dim);
+      });
   });
 }
 

@@ -86,7 +86,7 @@ def test_a_row_holding_inf_or_nan_gives_nan_and_leaves_the_others_alone(isa: str
     # the codes an inf or a NaN rounds to differ between builds; its group's scale is made NaN instead, so every
     # output of its row is NaN (never finite values from garbage codes) and the other rows keep their bits
     linear = w4a16_linear(fp16_grid(192, 576), torch.randn(192), isa)
-    # VNNI, AMX (from 8 rows where present), AVX2's FMA path (from 16 on x86-64-v3)
+    # VNNI, AMX (from 8 rows where present), AVX2's FMA path (from 48 on x86-64-v3)
     assert_non_finite_poisons_only_its_row(linear, 576, (1, 5, 20, 70), column=100, bad=bad)
 
 
