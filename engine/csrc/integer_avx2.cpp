@@ -177,9 +177,9 @@ void four_bit_tile(float* out, const Rows16& x, int64_t first_row, const FourBit
 // integer tiles of then. Since the integer tiles take 2 rows (in_pairs) they are ahead below 48 rows and level to
 // 96 (the two alternated 40-60 times in one process, the four shapes at 2 threads: 32 rows 1527 -> 1372 µs and
 // 1822 -> 1583 in two runs, 16 rows level; 48, 64 and 96 level), and the FMAs ahead at 128 (7.7 against 10.4 ms),
-// hence from 48 rows. Where the compiler has AVX-512VL (a native build on an AVX-512 CPU without VNNI, such as Skylake-SP), these 256-bit loops get 32
-// registers, the integer tiles stop spilling and beat the FMAs (64 rows: 2.43 against 3.21 ms, the same
-// alternation built for Zen 4), so there the integer path runs at every row count.
+// hence from 48 rows. Where the compiler has AVX-512VL (a native build on an AVX-512 CPU without VNNI, such as
+// Skylake-SP), these 256-bit loops get 32 registers, the integer tiles stop spilling and beat the FMAs (64 rows:
+// 2.43 against 3.21 ms, the same alternation built for Zen 4), so there the integer path runs at every row count.
 #if defined(__AVX512VL__)
 constexpr int64_t kFmaRows = INT64_MAX;
 #else
