@@ -15,7 +15,7 @@ from engine import native
 GROUP = 32
 
 
-def _cpu_flags() -> set[str]:
+def cpu_flags() -> set[str]:
     text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     return {flag for line in text.splitlines() if line.startswith("flags") for flag in line.split(":", 1)[1].split()}
 
@@ -23,13 +23,13 @@ def _cpu_flags() -> set[str]:
 def _built_flags() -> set[str]:
     """This CPU's flags, or under KVSERVE_KERNEL_MARCH those its -march enables (as /proc/cpuinfo names them)."""
     if native.target_arch() == "native":
-        return _cpu_flags()
+        return cpu_flags()
     compiler = os.environ.get("CXX") or shutil.which("g++") or "c++"
     macros = subprocess.run([compiler, f"-march={native.target_arch()}", "-dM", "-E", "-x", "c++", "/dev/null"],
                             capture_output=True, text=True, check=True).stdout
     names = {"__AVX512F__": "avx512f", "__AVX512VNNI__": "avx512_vnni", "__AMX_TILE__": "amx_tile",
              "__AMX_INT8__": "amx_int8", "__AVX2__": "avx2", "__FMA__": "fma", "__F16C__": "f16c"}
-    return {flag for macro, flag in names.items() if f"#define {macro} " in macros} & _cpu_flags()
+    return {flag for macro, flag in names.items() if f"#define {macro} " in macros} & cpu_flags()
 
 
 FLAGS = _built_flags()

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers.integer_kernels import _cpu_flags
+from helpers.integer_kernels import cpu_flags
 from helpers.tiny_engine import make_tiny_model_dir
 from helpers.tiny_models import save_hf, tiny_llama
 
@@ -148,7 +148,7 @@ torch.save([paged_decode.decode_attention(*tensors, AttentionSpec(0, *spec)) for
 """
 
 
-@pytest.mark.skipif(not {"avx2", "fma", "f16c"} <= _cpu_flags(), reason="the CPU cannot run an AVX2 build")
+@pytest.mark.skipif(not {"avx2", "fma", "f16c"} <= cpu_flags(), reason="the CPU cannot run an AVX2 build")
 def test_the_avx2_build_gives_this_build_s_bits(tmp_path: Path) -> None:
     # csrc/paged_decode.cpp's loops have an AVX-512 form and an 8-lane form for AVX2-only CPUs (vec.h), which
     # promise the same chains and trees per lane: compared here over full 16-key chunks and tails, grouped and
