@@ -10,10 +10,11 @@ input tensors (holding that step's inputs) with every native call recorded (engi
 its ctypes function and the arguments it was given, pointers into the static inputs, the weights, the KV
 cache and the outputs allocated on the way, which come from an Arena kept alive here), while a
 TorchFunctionMode checks that no PyTorch op but allocations, metadata reads and views ran in between. If so,
-the recorded calls compute exactly what the modules compute (the same kernels on the same buffers, in the same
-order: the same bits), and later steps of that size only copy their inputs into the static tensors and replay them. A model whose
-step runs any other op (GPT-2's LayerNorm, PyTorch's matmuls where kvserve's integer kernels do not run, ...)
-is not recorded, and its modules run as before. Only the embedding lookup stays a PyTorch op, before the replay.
+the recorded calls compute exactly what the modules compute (the same kernels on the same buffers, in the
+same order: the same bits), and later steps of that size only copy their inputs into the static tensors and
+replay them. A model whose step runs any other op (GPT-2's LayerNorm, PyTorch's matmuls where kvserve's
+integer kernels do not run, ...) is not recorded, and its modules run as before. Only the embedding lookup
+stays a PyTorch op, before the replay.
 
 A graph is recorded for each number of decode rows a step has (batch 1, speculative verify steps, any number of
 sequences). Their outputs come from one Arena, shared by all of them and reused within a step as the modules

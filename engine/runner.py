@@ -210,7 +210,8 @@ class ModelRunner:
         if self.graph_inputs is None or rows > self.graph_inputs.capacity:  # every graph reads them: record anew
             # No table is longer than the model's context or the pool.
             max_blocks = min(self.kv_cache.shape[2], -(-self.cfg.max_position_embeddings // self.block_size))
-            capacity = max(rows, 2 * self.graph_inputs.capacity if self.graph_inputs else 8)  # 8: batch 1's verify steps
+            # 8 to start with: batch 1's speculative verify steps and small batches
+            capacity = max(rows, 2 * self.graph_inputs.capacity if self.graph_inputs else 8)
             self.graph_inputs = StepInputs(capacity, hidden.shape[1], max_blocks)
             self.decode_graphs.clear()
         graph, logits, why_not = DecodeGraph.capture(self.model, self.graph_inputs, self.graph_arena, hidden,

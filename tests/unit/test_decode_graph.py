@@ -90,8 +90,8 @@ def test_steps_of_two_to_four_sequences_give_the_modules_tokens_and_logprobs(eng
 
 
 @NO_GRAPHS
-def test_steps_of_many_sequences_give_the_modules_tokens_and_logprobs_and_share_one_arena_and_inputs(engine: LLMEngine,
-                                                                                       monkeypatch) -> None:
+def test_steps_of_many_sequences_give_the_modules_tokens_and_logprobs_and_share_one_arena_and_inputs(
+        engine: LLMEngine, monkeypatch) -> None:
     prompts = random_prompts(engine, (5, 17, 40, 9, 31, 64, 2, 23, 11, 50, 3, 19))
     assert 12 in compare_with_the_modules(engine, prompts, monkeypatch, together=12)
     assert 7 in compare_with_the_modules(engine, prompts[:7], monkeypatch, together=7)
@@ -100,7 +100,8 @@ def test_steps_of_many_sequences_give_the_modules_tokens_and_logprobs_and_share_
     arena = engine.runner.graph_arena
     start, end = arena.buffer.ctypes.data, arena.buffer.ctypes.data + arena.buffer.size
     inputs = engine.runner.graph_inputs
-    for graph in graphs:  # every graph's outputs, its logits among them, lie in the one arena; it reads one set of inputs
+    # every graph's outputs, its logits among them, lie in the one arena; every graph reads one set of inputs
+    for graph in graphs:
         assert start <= graph.logits.data_ptr() < end and graph.keep_alive == [inputs, arena]
         assert graph.block_tables.data_ptr() == inputs.block_tables.data_ptr() and len(graph.hidden) <= inputs.capacity
     # Within a step the arena hands out again what the modules freed: it holds a few of the step's outputs (the
