@@ -7,8 +7,10 @@ cd "$(dirname "$0")/.."
 if ! command -v chromium >/dev/null 2>&1 || [ ! -x /usr/bin/chromium ]; then
   SUDO=""
   if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
-  $SUDO apt-get update
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y --no-install-recommends chromium
+  # Wait for another apt (an unattended upgrade, a second checkout's setup) rather than fail on its lock.
+  APT_WAIT=(-o DPkg::Lock::Timeout=600)
+  $SUDO apt-get "${APT_WAIT[@]}" update
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get "${APT_WAIT[@]}" install -y --no-install-recommends chromium
 fi
 
 PYTHON="${PYTHON:-.venv/bin/python}"
