@@ -9,7 +9,7 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 # The CPU weight formats (engine.models.cpu_matmul.QUANTIZATIONS), spelled out so the service needs no torch.
-Quantization = Literal["auto", "none", "bf16", "fp16", "int8", "int4"]
+Quantization = Literal["auto", "none", "bf16", "fp16", "int8", "int4", "int4-a8"]
 # Tool-call formats of tool_choice "auto" (service.tools.PARSERS), vLLM's --tool-call-parser names.
 ToolCallParserName = Literal["hermes", "llama3_json", "mistral"]
 
@@ -42,7 +42,8 @@ class Settings(BaseSettings):
     dtype: str = Field("auto", description="auto (fp32 on CPU, bf16 on CUDA), float32, float16, bfloat16")
     quantization: Quantization = Field(
         "auto", description="CPU matmul weights: auto (4-bit GGUF weights kept int4, the rest bf16 with AMX, else "
-                "fp16 on x86), none (exact fp32), bf16, fp16, int8 (lossy), int4 (lossy unless 4-bit in the file)")
+                "fp16 on x86), none (exact fp32), bf16, fp16, int8 (lossy), int4 (lossy unless 4-bit in the file), int4-a8 "
+                "(auto's weights, 8-bit activations into the 4-bit ones as llama.cpp: faster on AVX2, lossy)")
     # The engine's defaults, spelled out so --help shows them (tests/unit/test_service_settings.py checks they agree).
     max_num_seqs: int = Field(64, ge=1, description="most sequences decoded together")
     max_num_batched_tokens: int = Field(1024, ge=1, description="most tokens in one forward pass (prefill chunk size)")

@@ -16,6 +16,8 @@
 // one block wide for any row count and, with 16 vector registers, at most 2 rows tall (in_pairs): bigger tiles
 // spilled (2 blocks at one row took SmolLM2's four int4 layer shapes 0.091 ms against 0.080 on a 2-core Zen 4;
 // 4 x 2 at 1-4 rows was slower still, and so were wider tiles of the 8-bit head).
+// Also here: the 4-bit layers with the rows quantized to 8 bits instead (--quantization int4-a8, w4a8_tile), for
+// every x86 CPU with AVX2: one build, so the same bits on every CPU.
 // Built with the other kernels by engine/native.py (-march=native: where the CPU lacks AVX2, stubs say so).
 #include "int8_rows.h"
 #include "vec.h"
@@ -273,6 +275,91 @@ void four_bit_fma(float* out, const Rows16& x, const FourBitWeights& w, int64_t 
   });
 }
 
+// ---- 4-bit weights times 8-bit rows (--quantization int4-a8) ----
+//
+// The rows quantized to 8 bits per group of 32 (scale = the group's largest magnitude / 127, as llama.cpp's
+// Q8 activations), so one _mm256_maddubs_epi16 takes a code byte and a row byte with no second half: about half
+// the integer instructions of the 16-bit rows above, and a third of the FMA path's. Sums stay exact: a pair is at
+// most 2 * 15 * 127 = 3810, and a group's 8 pairs a lane (30480) fit int16 before _mm256_madd_epi16 widens them.
+
+struct Rows8 {
+  std::vector<int8_t> codes;  // (rows, k_dim): round(x / scale), |code| <= 127
+  std::vector<float> scales;  // (rows, k_dim / 32)
+  std::vector<float> sums;    // (rows, k_dim / 32): the group's fp32 sum of x
+};
+
+void quantize_rows8(const float* x, int64_t rows, int64_t k_dim, Rows8& q) {
+  const int64_t groups = k_dim / kGroup;
+  q.codes.resize(rows * k_dim);
+  q.scales.resize(rows * groups);
+  q.sums.resize(rows * groups);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t g = 0; g < groups; ++g) {
+      const int64_t at = r * k_dim + g * kGroup;
+      __m256 v[4];
+      for (int i = 0; i < 4; ++i) v[i] = _mm256_loadu_ps(x + at + 8 * i);
+      const float top = max8(_mm256_max_ps(_mm256_max_ps(abs8(v[0]), abs8(v[1])), _mm256_max_ps(abs8(v[2]), abs8(v[3]))));
+      const __m256 differences = _mm256_add_ps(_mm256_add_ps(_mm256_sub_ps(v[0], v[0]), _mm256_sub_ps(v[1], v[1])),
+                                               _mm256_add_ps(_mm256_sub_ps(v[2], v[2]), _mm256_sub_ps(v[3], v[3])));
+      const float scale = top / 127.0f + nonfinite_mark(sum_halves(differences, _mm256_setzero_ps()));
+      q.scales[r * groups + g] = scale;
+      q.sums[r * groups + g] = sum_halves(_mm256_add_ps(v[0], v[2]), _mm256_add_ps(v[1], v[3]));
+      const __m256 divisor = _mm256_set1_ps(scale > 0.0f ? scale : 1.0f);
+      __m256i c[4];
+      for (int i = 0; i < 4; ++i) c[i] = _mm256_cvtps_epi32(_mm256_div_ps(v[i], divisor));  // nearest even
+      // packs works within 128-bit lanes: 4-byte units c0[0-3] c1[0-3] c2[0-3] c3[0-3] | c0[4-7] ... c3[4-7]
+      const __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(c[0], c[1]), _mm256_packs_epi32(c[2], c[3]));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(q.codes.data() + at),
+                          _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+    }
+}
+
+// ROWS rows against one block of 16 outputs (two vectors of 8).
+template <int ROWS>
+void w4a8_tile(float* out, const Rows8& x, int64_t first_row, const FourBitWeights& w, int64_t block, int64_t n,
+               int64_t k_dim) {
+  const int64_t groups = k_dim / kGroup;
+  const __m256i nibble = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+  __m256 acc[ROWS][2];
+  for (int r = 0; r < ROWS; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    __m256i sums[ROWS][2];
+    for (int r = 0; r < ROWS; ++r) sums[r][0] = sums[r][1] = _mm256_setzero_si256();
+    for (int eight = 0; eight < kGroup / 8; ++eight) {
+      const int64_t k = g * kGroup + 8 * eight;
+      for (int h = 0; h < 2; ++h) {
+        const uint8_t* bytes = w.codes + block * k_dim * (kBlock / 2) + k * (kBlock / 2) + 32 * h;
+        _mm_prefetch(reinterpret_cast<const char*>(bytes) + k_dim * (kBlock / 2), _MM_HINT_T1);  // the next block's
+        const __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bytes));
+        const __m256i first4 = _mm256_and_si256(packed, nibble);                         // inputs k..k+3
+        const __m256i next4 = _mm256_and_si256(_mm256_srli_epi16(packed, 4), nibble);  // k+4..k+7
+        for (int r = 0; r < ROWS; ++r) {
+          const int8_t* row = x.codes.data() + (first_row + r) * k_dim + k;
+          sums[r][h] = _mm256_add_epi16(sums[r][h], _mm256_maddubs_epi16(first4, broadcast4(row)));
+          sums[r][h] = _mm256_add_epi16(sums[r][h], _mm256_maddubs_epi16(next4, broadcast4(row + 4)));
+        }
+      }
+    }
+    for (int h = 0; h < 2; ++h) {
+      const int64_t at = (block * groups + g) * kBlock + 8 * h;
+      const __m256 step = load_halves(w.steps + at), offset = load_halves(w.lows + at);
+      for (int r = 0; r < ROWS; ++r) {
+        const int64_t i = (first_row + r) * groups + g;
+        const __m256i sum = _mm256_madd_epi16(sums[r][h], ones);
+        acc[r][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_mul_ps(_mm256_set1_ps(x.scales[i]), step), acc[r][h]);
+        acc[r][h] = _mm256_fmadd_ps(_mm256_set1_ps(x.sums[i]), offset, acc[r][h]);
+      }
+    }
+  }
+  for (int r = 0; r < ROWS; ++r)
+    for (int h = 0; h < 2; ++h) {
+      const int64_t col = block * kBlock + 8 * h;
+      __m256 result = acc[r][h];
+      if (w.bias != nullptr) result = _mm256_add_ps(result, _mm256_loadu_ps(w.bias + col));
+      _mm256_storeu_ps(out + (first_row + r) * n + col, result);
+    }
+}
+
 // ---- 8-bit weights (csrc/q8_matmul.cpp's layout and fp32 steps) ----
 
 // ROWS rows against one block of 16 outputs.
@@ -342,6 +429,7 @@ void in_pairs(int64_t first, Tile tile) {
 
 extern "C" int kvserve_w4a16_matmul_avx2_supported() { return 3; }
 extern "C" int kvserve_q8_matmul_avx2_supported() { return 3; }
+extern "C" int kvserve_w4a8_matmul_avx2_supported() { return 3; }
 
 // kvserve_w4a16_matmul's arguments and results (csrc/w4a16_matmul.cpp).
 extern "C" void kvserve_w4a16_matmul_avx2(float* out, const float* x, const uint8_t* codes, const uint16_t* steps,
@@ -359,6 +447,22 @@ extern "C" void kvserve_w4a16_matmul_avx2(float* out, const float* x, const uint
     for (int64_t block = from; block < to; ++block)
       in_pairs<decltype(tile_rows)::value>(first, [&](auto pair_rows, int64_t at) {
         four_bit_tile<decltype(pair_rows)::value>(out, q, at, w, block, n, k_dim);
+      });
+  });
+}
+
+// kvserve_w4a16_matmul's arguments, the rows quantized to 8 bits (see w4a8_tile).
+extern "C" void kvserve_w4a8_matmul_avx2(float* out, const float* x, const uint8_t* codes, const uint16_t* steps,
+                                        const uint16_t* lows, const float* bias, int64_t rows, int64_t n,
+                                        int64_t k_dim) {
+  thread_local Rows8 quantized;
+  quantize_rows8(x, rows, k_dim, quantized);
+  const Rows8& q = quantized;
+  const FourBitWeights w{codes, steps, lows, bias};
+  run_row_tiles(TileBlocks<1, 1, 1, 1>{}, rows, n, [&](auto tile_rows, auto, int64_t first, int64_t from, int64_t to) {
+    for (int64_t block = from; block < to; ++block)
+      in_pairs<decltype(tile_rows)::value>(first, [&](auto pair_rows, int64_t at) {
+        w4a8_tile<decltype(pair_rows)::value>(out, q, at, w, block, n, k_dim);
       });
   });
 }
@@ -381,9 +485,12 @@ extern "C" void kvserve_q8_matmul_avx2(float* out, const float* x, const int8_t*
 
 extern "C" int kvserve_w4a16_matmul_avx2_supported() { return 0; }
 extern "C" int kvserve_q8_matmul_avx2_supported() { return 0; }
+extern "C" int kvserve_w4a8_matmul_avx2_supported() { return 0; }
 extern "C" void kvserve_w4a16_matmul_avx2(float*, const float*, const uint8_t*, const uint16_t*, const uint16_t*,
                                          const float*, int64_t, int64_t, int64_t) {}
 extern "C" void kvserve_q8_matmul_avx2(float*, const float*, const int8_t*, const float*, const int32_t*, int64_t,
                                       int64_t, int64_t) {}
+extern "C" void kvserve_w4a8_matmul_avx2(float*, const float*, const uint8_t*, const uint16_t*, const uint16_t*,
+                                        const float*, int64_t, int64_t, int64_t) {}
 
 #endif

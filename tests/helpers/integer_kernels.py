@@ -56,6 +56,15 @@ def sixteen_bit_rows(x: torch.Tensor) -> torch.Tensor:
     return (q * scale).reshape(x.shape)
 
 
+def eight_bit_rows(x: torch.Tensor) -> torch.Tensor:
+    """x quantized to 8 bits per group of 32 (scale = max |x| / 127) and back, in float64: the division and its
+    rounding to nearest even in fp32, as the kernel does them."""
+    groups = x.float().reshape(x.shape[0], -1, GROUP)
+    scale = groups.abs().amax(-1, keepdim=True) / 127
+    q = torch.round(groups / torch.where(scale > 0, scale, 1.0))
+    return (q.double() * scale.double()).reshape(x.shape)
+
+
 def assert_non_finite_poisons_only_its_row(linear, in_features: int, counts: tuple[int, ...], column: int,
                                            bad: float) -> None:
     """For each batch size: `bad` (inf or NaN) put in the middle row's `column` makes that row's outputs all NaN,

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers.cpu_formats import build_or_expect_refusal
+from helpers.cpu_formats import build_or_expect_refusal, refusal
 
 from engine import LLM, SamplingParams
 from engine.runner import ModelRunner
@@ -96,7 +96,8 @@ PASSAGE = (
 @pytest.mark.parametrize(("dtype", "quantization", "max_kl", "min_top1", "max_ppl_ratio"),
                          [("float32", "bf16", 0.005, 0.95, 1.01), ("float32", "fp16", 1e-3, 0.99, 1.005),
                           ("float32", "int8", 0.15, 0.75, 1.15), ("float32", "int4", 0.15, 0.75, 1.15),
-                          ("float32", "auto", 0.002, 0.95, 1.01), ("bfloat16", "auto", 0.005, 0.92, 1.01)])
+                          ("float32", "auto", 0.002, 0.95, 1.01), ("bfloat16", "auto", 0.005, 0.92, 1.01),
+                          ("float32", "int4-a8", 0.03, 0.9, 1.03)])
 def test_faster_formats_stay_close_to_fp32(smollm2_gguf_path: Path, llm: LLM, dtype: str, quantization: str,
                                            max_kl: float, min_top1: float, max_ppl_ratio: float) -> None:
     """The documented cost of each faster weight format (and of a bf16 model), measured on a passage
@@ -118,14 +119,20 @@ def test_faster_formats_stay_close_to_fp32(smollm2_gguf_path: Path, llm: LLM, dt
     assert kl > 0  # the format really is in use: its logits are not fp32's
 
 
-@pytest.mark.parametrize("options", [{}, {"attention_backend": "sdpa", "batch_invariant": True}],
-                         ids=["default-paged-kernel", "sdpa-batch-invariant"])
+@pytest.mark.parametrize("options", [{}, {"attention_backend": "sdpa", "batch_invariant": True},
+                                     {"quantization": "int4-a8"}],
+                         ids=["default-paged-kernel", "sdpa-batch-invariant", "int4-a8"])
 def test_greedy_output_is_the_same_alone_and_batched(smollm2_gguf_path: Path, options: dict) -> None:
     """SmolLM2's head shape (3 KV heads of 64) is one where PyTorch's CPU flash attention, on several threads,
     rounds a row by the number of rows in the call: kvserve's paged kernel computes every row alone (the
-    default), and on the gather + SDPA path batch_invariant runs decode attention on one thread."""
+    default), and on the gather + SDPA path batch_invariant runs decode attention on one thread. int4-a8's rows
+    are quantized each on its own, so it keeps the promise too."""
+    if options.get("quantization") and (reason := refusal("float32", options["quantization"])):
+        pytest.skip(f"refused on this CPU: {reason}")
     llm = LLM(str(smollm2_gguf_path), enable_prefix_caching=False, speculative=None, **options)
-    assert llm.engine.runner.native_decode == (not options)
+    assert llm.engine.runner.native_decode == ("attention_backend" not in options)
+    if "quantization" in options:
+        assert llm.engine.quantization.startswith(options["quantization"] + "+")
     from bench.common import chat_prompt_ids
 
     # Chat prompts of 41-44 tokens: they decode in one attention call (one block-table length), where
