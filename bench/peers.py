@@ -35,16 +35,17 @@ from bench.common import (
 )
 
 PEERS_SH = Path(os.environ.get("PEERS_SH", Path(__file__).resolve().parents[2] / "shared" / "peers" / "serve.sh"))
-SERVERS = ("kvserve", "kvserve-nospec", "kvserve-sdpa", "kvserve-fp16", "kvserve-int8", "kvserve-bf16", "vllm", "vllm-bf16",
+SERVERS = ("kvserve", "kvserve-nospec", "kvserve-sdpa", "kvserve-fp16", "kvserve-int8", "kvserve-a8", "kvserve-bf16", "vllm", "vllm-bf16",
            "llama")
 # kvserve variants: extra `serve` options. The default keeps the GGUF's 4-bit weights int4 and speculates with
 # n-grams while at most 2 sequences run; kvserve-nospec does not speculate; kvserve-sdpa neither, and its decode
 # attention gathers KV blocks for PyTorch's SDPA instead of kvserve's paged kernel (the path before the kernel);
-# kvserve-fp16 has every weight in fp16 (faster at 64 rows); kvserve-bf16 runs the whole model in bf16 (fast with AMX).
+# kvserve-fp16 has every weight in fp16 (faster at 64 rows); kvserve-bf16 runs the whole model in bf16 (fast with AMX);
+# kvserve-a8 multiplies the 4-bit weights by 8-bit activations, as llama.cpp does (opt-in, lossier).
 KVSERVE_VARIANTS = {"kvserve": [], "kvserve-nospec": ["--speculative-config", "off"],
                     "kvserve-sdpa": ["--speculative-config", "off", "--attention-backend", "sdpa"],
                     "kvserve-fp16": ["--quantization", "fp16"], "kvserve-int8": ["--quantization", "int8"],
-                    "kvserve-bf16": ["--dtype", "bfloat16"]}
+                    "kvserve-a8": ["--quantization", "int4-a8"], "kvserve-bf16": ["--dtype", "bfloat16"]}
 
 
 def default_servers() -> str:
