@@ -325,11 +325,15 @@ void w4a8_tile(float* out, const Rows8& x, int64_t first_row, const FourBitWeigh
   for (int64_t g = 0; g < groups; ++g) {
     __m256i sums[ROWS][2];
     for (int r = 0; r < ROWS; ++r) sums[r][0] = sums[r][1] = _mm256_setzero_si256();
+    // Not unrolled: unrolled, GCC issued a group's 16 products first and kept them on the stack until the adds
+    // (64 rows, alternated in one process on the 2-core Zen 3: 1.07-1.09x faster so).
+#pragma GCC unroll 1
     for (int eight = 0; eight < kGroup / 8; ++eight) {
       const int64_t k = g * kGroup + 8 * eight;
       for (int h = 0; h < 2; ++h) {
         const uint8_t* bytes = w.codes + block * k_dim * (kBlock / 2) + k * (kBlock / 2) + 32 * h;
-        _mm_prefetch(reinterpret_cast<const char*>(bytes) + k_dim * (kBlock / 2), _MM_HINT_T1);  // the next block's
+        if (h == 0)  // the next block's line (one prefetch a 64-byte line, not one a half: 3-10% faster)
+          _mm_prefetch(reinterpret_cast<const char*>(bytes) + k_dim * (kBlock / 2), _MM_HINT_T1);
         const __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bytes));
         const __m256i first4 = _mm256_and_si256(packed, nibble);                         // inputs k..k+3
         const __m256i next4 = _mm256_and_si256(_mm256_srli_epi16(packed, 4), nibble);  // k+4..k+7
