@@ -47,6 +47,29 @@ inline float max8(__m256 v) {
   return std::max(_mm_cvtss_f32(m), _mm_cvtss_f32(_mm_shuffle_ps(m, m, 1)));
 }
 
+// A group of 32 values of a row: loaded, its scale for codes up to largest_code (NaN where the group holds an inf
+// or a NaN), its fp32 sum, and the divisor that turns a value into its code.
+struct Group {
+  __m256 v[4];
+  float scale, sum;
+  __m256 divisor;
+};
+
+inline Group load_group(const float* x, float largest_code) {
+  Group group;
+  __m256* v = group.v;
+  for (int i = 0; i < 4; ++i) v[i] = _mm256_loadu_ps(x + 8 * i);
+  const float top = max8(_mm256_max_ps(_mm256_max_ps(abs8(v[0]), abs8(v[1])), _mm256_max_ps(abs8(v[2]), abs8(v[3]))));
+  const __m256 differences = _mm256_add_ps(_mm256_add_ps(_mm256_sub_ps(v[0], v[0]), _mm256_sub_ps(v[1], v[1])),
+                                           _mm256_add_ps(_mm256_sub_ps(v[2], v[2]), _mm256_sub_ps(v[3], v[3])));
+  group.scale = top / largest_code + nonfinite_mark(sum_halves(differences, _mm256_setzero_ps()));
+  // the VNNI kernels add x[i] + x[i + 16] first, then reduce those 16 lanes with GCC's _mm512_reduce_add_ps,
+  // whose tree (halves, quarters, lanes 0 + 2 and 1 + 3, then those two) is vec.h's sum_halves
+  group.sum = sum_halves(_mm256_add_ps(v[0], v[2]), _mm256_add_ps(v[1], v[3]));
+  group.divisor = _mm256_set1_ps(group.scale > 0.0f ? group.scale : 1.0f);
+  return group;
+}
+
 // csrc/int8_rows.h's quantize_rows, with 8-lane vectors: the same scales, sums and codes.
 void quantize_rows(const float* x, int64_t rows, int64_t k_dim, Rows16& q) {
   const int64_t groups = k_dim / kGroup;
@@ -58,17 +81,11 @@ void quantize_rows(const float* x, int64_t rows, int64_t k_dim, Rows16& q) {
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t g = 0; g < groups; ++g) {
       const int64_t at = r * k_dim + g * kGroup;
-      __m256 v[4];
-      for (int i = 0; i < 4; ++i) v[i] = _mm256_loadu_ps(x + at + 8 * i);
-      const float top = max8(_mm256_max_ps(_mm256_max_ps(abs8(v[0]), abs8(v[1])), _mm256_max_ps(abs8(v[2]), abs8(v[3]))));
-      const __m256 differences = _mm256_add_ps(_mm256_add_ps(_mm256_sub_ps(v[0], v[0]), _mm256_sub_ps(v[1], v[1])),
-                                               _mm256_add_ps(_mm256_sub_ps(v[2], v[2]), _mm256_sub_ps(v[3], v[3])));
-      const float scale = top / 32767.0f + nonfinite_mark(sum_halves(differences, _mm256_setzero_ps()));
-      q.scales[r * groups + g] = scale;
-      // the VNNI kernels add x[i] + x[i + 16] first, then reduce those 16 lanes with GCC's _mm512_reduce_add_ps,
-      // whose tree (halves, quarters, lanes 0 + 2 and 1 + 3, then those two) is vec.h's sum_halves
-      q.sums[r * groups + g] = sum_halves(_mm256_add_ps(v[0], v[2]), _mm256_add_ps(v[1], v[3]));
-      const __m256 divisor = _mm256_set1_ps(scale > 0.0f ? scale : 1.0f);
+      const Group group = load_group(x + at, 32767.0f);
+      const __m256* v = group.v;
+      const __m256 divisor = group.divisor;
+      q.scales[r * groups + g] = group.scale;
+      q.sums[r * groups + g] = group.sum;
       for (int i = 0; i < 4; i += 2) {  // round to nearest even (the default rounding mode); |code| <= 32767
         const __m256i first = _mm256_cvtps_epi32(_mm256_div_ps(v[i], divisor));
         const __m256i second = _mm256_cvtps_epi32(_mm256_div_ps(v[i + 1], divisor));
@@ -296,17 +313,11 @@ void quantize_rows8(const float* x, int64_t rows, int64_t k_dim, Rows8& q) {
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t g = 0; g < groups; ++g) {
       const int64_t at = r * k_dim + g * kGroup;
-      __m256 v[4];
-      for (int i = 0; i < 4; ++i) v[i] = _mm256_loadu_ps(x + at + 8 * i);
-      const float top = max8(_mm256_max_ps(_mm256_max_ps(abs8(v[0]), abs8(v[1])), _mm256_max_ps(abs8(v[2]), abs8(v[3]))));
-      const __m256 differences = _mm256_add_ps(_mm256_add_ps(_mm256_sub_ps(v[0], v[0]), _mm256_sub_ps(v[1], v[1])),
-                                               _mm256_add_ps(_mm256_sub_ps(v[2], v[2]), _mm256_sub_ps(v[3], v[3])));
-      const float scale = top / 127.0f + nonfinite_mark(sum_halves(differences, _mm256_setzero_ps()));
-      q.scales[r * groups + g] = scale;
-      q.sums[r * groups + g] = sum_halves(_mm256_add_ps(v[0], v[2]), _mm256_add_ps(v[1], v[3]));
-      const __m256 divisor = _mm256_set1_ps(scale > 0.0f ? scale : 1.0f);
-      __m256i c[4];
-      for (int i = 0; i < 4; ++i) c[i] = _mm256_cvtps_epi32(_mm256_div_ps(v[i], divisor));  // nearest even
+      const Group group = load_group(x + at, 127.0f);
+      q.scales[r * groups + g] = group.scale;
+      q.sums[r * groups + g] = group.sum;
+      __m256i c[4];  // round(x / scale) to nearest even
+      for (int i = 0; i < 4; ++i) c[i] = _mm256_cvtps_epi32(_mm256_div_ps(group.v[i], group.divisor));
       // packs works within 128-bit lanes: 4-byte units c0[0-3] c1[0-3] c2[0-3] c3[0-3] | c0[4-7] ... c3[4-7]
       const __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(c[0], c[1]), _mm256_packs_epi32(c[2], c[3]));
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(q.codes.data() + at),

@@ -123,12 +123,12 @@ ARM = CpuFeatures(amx=False, avx512_bf16=False, vnni=False, avx2=False, fbgemm=F
     (INTEL_AMX, "bf16", {}),
     (AMD_ZEN4, "fp16", {"bf16": "needs AMX"}),
     (AVX2_ONLY, "fp16", {"bf16": "AVX-512 bf16"}),
-    (ARM, "none", {"bf16": "AVX-512 bf16", "fp16": "fbgemm", "int8": "fbgemm", "int4": "AVX2"}),
+    (ARM, "none", {"bf16": "AVX-512 bf16", "fp16": "fbgemm", "int8": "fbgemm", "int4": "AVX2", "int4-a8": "AVX2"}),
 ])
 def test_each_cpu_kind_picks_and_refuses_formats(features: CpuFeatures, auto: str, refused: dict[str, str]) -> None:
     """bf16 runs only with AMX: without it oneDNN's bf16 GEMM sums a row differently with the batch size."""
     assert resolve_quantization("auto", "cpu", torch.float32, features) == auto
-    for name in ("none", "bf16", "fp16", "int8", "int4"):
+    for name in ("none", "bf16", "fp16", "int8", "int4", "int4-a8"):
         if name in refused:
             with pytest.raises(ValueError, match=f"quantization={name} .*{refused[name]}"):
                 resolve_quantization(name, "cpu", torch.float32, features)
