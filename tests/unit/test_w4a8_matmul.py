@@ -32,6 +32,7 @@ def test_computes_the_product_with_8_bit_rows(out_features: int, in_features: in
     groups = fp16_grid(out_features, in_features)
     bias = torch.randn(out_features, generator=torch.Generator().manual_seed(3)) if with_bias else None
     x = rows(count, in_features)
+    x[0, :32] = 0.0  # a group of zeros: scale 0
     got = w4a8_linear(groups, bias)(x).double()
     w = weight_of(groups)
     # the offsets meet the row's exact sum; the codes its 8-bit rounding
