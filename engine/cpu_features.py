@@ -51,7 +51,7 @@ def report(features: CpuFeatures | None = None) -> str:
     )
     from engine.models.int4_matmul import int4_kernel_choice, native_kernel_reason
     from engine.models.q8_matmul import q8_kernel_kind
-    from engine.models.w4a16_matmul import w4a16_kind
+    from engine.models.w4a16_matmul import w4a8_kernel, w4a16_kind
     from engine.speculative import NgramConfig, for_kernels
 
     features = features or detect()
@@ -70,6 +70,9 @@ def report(features: CpuFeatures | None = None) -> str:
         else:
             lines.append("int4 matmuls: " + ("kvserve's bf16 kernel (PyTorch's results bit for bit, faster)"
                                              if why is None else f"PyTorch's kernel ({why})"))
+        if format_refusal("int4-a8", features) is None and w4a8_kernel() is not None:
+            lines.append("int4-a8 matmuls (--quantization int4-a8): kvserve's integer kernel (rows to 8 bits per group "
+                         "of 32; its AVX2 build on every CPU)")
         kind = q8_kernel_kind()
         lines.append("a Q8_0 LM head (auto): " + (f"kvserve's 8-bit kernel ({kind})" if kind
                                                   else "the float format (kvserve's 8-bit kernel needs AVX-512 VNNI or AVX2)"))

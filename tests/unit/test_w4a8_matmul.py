@@ -21,6 +21,7 @@ needs_avx2 = pytest.mark.skipif(not AVX2, reason="the 8-bit-row kernel needs AVX
 def test_runs_exactly_where_the_cpu_has_avx2() -> None:
     assert (w4a8_kernel() is not None) == AVX2
     assert (format_refusal("int4-a8") is None) == AVX2
+    assert ("int4-a8 matmuls (--quantization int4-a8): kvserve's integer kernel" in report()) == AVX2
 
 
 @needs_avx2
