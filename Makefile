@@ -48,7 +48,7 @@ test: dev-deps model  ## unit, integration and browser tests, plus the deploymen
 
 # The kernel tests again, kvserve's kernels built for x86-64-v3 (AVX2, FMA, F16C) and PyTorch's ops on their AVX2
 # code: what an AVX2-only CPU (AMD Zen 2/3, Intel before Ice Lake) runs, checked on whatever CPU CI has.
-AVX2_TESTS = tests/unit/test_w4a16_matmul.py tests/unit/test_q8_matmul.py tests/unit/test_int4_gemv.py \
+AVX2_TESTS = tests/unit/test_w4a16_matmul.py tests/unit/test_w4a8_matmul.py tests/unit/test_q8_matmul.py tests/unit/test_int4_gemv.py \
 	tests/unit/test_cpu_matmul.py tests/unit/test_paged_decode.py tests/unit/test_decode_graph.py \
 	tests/unit/test_speculative.py
 test-avx2: dev-deps model  ## the kernel tests as an AVX2-only CPU builds and runs them (~1 minute)
