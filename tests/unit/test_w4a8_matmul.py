@@ -5,6 +5,7 @@ batch, and the format offered where that kernel runs and refused elsewhere."""
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 import torch
@@ -84,3 +85,31 @@ def test_refused_without_avx2_with_the_reason() -> None:
     assert "--quantization int4-a8: refused: needs an x86 CPU with AVX2" in report(without)
     with pytest.raises(ValueError, match="CPU fp32 kernel"):
         resolve_quantization("int4-a8", "cuda", torch.float16)
+
+
+@needs_avx2
+def test_a_model_of_4_bit_weights_served_with_it_gives_each_request_its_output_alone(tmp_path: Path) -> None:
+    """End to end on a tiny Llama whose projections are on 4-bit grids (as a Q4 GGUF's dequantize): those on the
+    8-bit-row kernel, prompts arriving while others decode (chunked prefills beside decode rows, prefix-cache
+    hits), each greedy output what it is alone."""
+    from helpers.tiny_engine import make_tiny_model_dir
+    from safetensors.torch import load_file, save_file
+    from test_cpu_matmul import four_bit_weight
+    from test_engine import alone, assert_all_free, make_engine, random_prompts, run_all
+
+    from engine import SamplingParams
+
+    path = make_tiny_model_dir(tmp_path)
+    tensors = load_file(f"{path}/model.safetensors")
+    for i, name in enumerate(sorted(name for name in tensors if name.endswith("proj.weight"))):
+        tensors[name] = four_bit_weight(*tensors[name].shape, seed=i)
+    save_file(tensors, f"{path}/model.safetensors", metadata={"format": "pt"})
+    engine = make_engine(path, quantization="int4-a8", batch_invariant=True)
+    assert engine.quantization.split("+")[0] == "int4-a8"
+    prompts = random_prompts(24, seed=4, vocab=engine.model_config.vocab_size)
+    params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+    expected = [alone(engine, ids, params) for ids in prompts]
+    groups = [[(f"r{i}", prompts[i], params) for i in range(start, start + 8)] for start in range(0, 24, 8)]
+    got = run_all(engine, groups, steps_between=3)
+    assert [got[f"r{i}"] for i in range(24)] == expected
+    assert_all_free(engine)
