@@ -17,8 +17,8 @@ and PyTorch's default `F.linear` is slow at both, because MKL repacks the weight
 - int4: 4-bit weights in groups of 32 with a scale and an offset, bf16 activations (int4_matmul.py).
   A quarter of fp16's bytes, so the fastest batch-1 decode.
 - int4-a8: `auto`'s weights, with the rows entering the 4-bit layers quantized to 8 bits per group of 32
-  (w4a16_matmul.py's w4a8_linear), as llama.cpp multiplies its 4-bit weights: 1.5-1.8x faster 4-bit layers on
-  AVX2, and lossier (SmolLM2: perplexity +2-3%, see the README), so it is opt-in.
+  (w4a16_matmul.py's w4a8_linear), as llama.cpp multiplies its 4-bit weights: 1.45-2x faster 4-bit layers on
+  AVX2, and lossier (SmolLM2: KL 0.016 to fp32, perplexity +0.5%; see the README), so it is opt-in.
 
 `auto` keeps weights that are already 4-bit in the file (a GGUF's Q4_0/Q4_1/Q4_K tensors) in int4, which
 rounds only their group scales and the activations to bf16, and gives the rest bf16 where the CPU has

@@ -14,7 +14,7 @@ fewer instructions a weight at one row, which a batch-1 step was bound by, and A
 
 w4a8_linear (`--quantization int4-a8`) multiplies the same packed weights by rows quantized to 8 bits per group
 (scale = the largest magnitude / 127, llama.cpp's arithmetic for its Q8 activations): one byte product per weight
-instead of two, 1.5-1.8x faster on AVX2 (csrc/integer_avx2.cpp, the one build for every x86 CPU with AVX2, so the
+instead of two, 1.45-2x faster on AVX2 (csrc/integer_avx2.cpp, the one build for every x86 CPU with AVX2, so the
 same bits on each), and lossier (README: CPU weight formats).
 """
 
