@@ -70,36 +70,46 @@ inline Group load_group(const float* x, float largest_code) {
   return group;
 }
 
-// csrc/int8_rows.h's quantize_rows, with 8-lane vectors: the same scales, sums and codes.
-void quantize_rows(const float* x, int64_t rows, int64_t k_dim, Rows16& q) {
+// Every group of every row: its scale and fp32 sum into `scales` and `sums`, then write_codes(group, at) puts its
+// codes at offset `at` (the group's first input) of the caller's code arrays.
+template <typename WriteCodes>
+void quantize_groups(const float* x, int64_t rows, int64_t k_dim, float largest_code, std::vector<float>& scales,
+                     std::vector<float>& sums, WriteCodes write_codes) {
   const int64_t groups = k_dim / kGroup;
-  q.codes.resize(rows * k_dim);
-  q.low.resize(rows * k_dim);
-  q.high.resize(rows * k_dim);
-  q.scales.resize(rows * groups);
-  q.sums.resize(rows * groups);
+  scales.resize(rows * groups);
+  sums.resize(rows * groups);
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t g = 0; g < groups; ++g) {
       const int64_t at = r * k_dim + g * kGroup;
-      const Group group = load_group(x + at, 32767.0f);
-      const __m256* v = group.v;
-      const __m256 divisor = group.divisor;
-      q.scales[r * groups + g] = group.scale;
-      q.sums[r * groups + g] = group.sum;
-      for (int i = 0; i < 4; i += 2) {  // round to nearest even (the default rounding mode); |code| <= 32767
-        const __m256i first = _mm256_cvtps_epi32(_mm256_div_ps(v[i], divisor));
-        const __m256i second = _mm256_cvtps_epi32(_mm256_div_ps(v[i + 1], divisor));
-        // packs works within 128-bit lanes (first 0-3, second 0-3, first 4-7, second 4-7): put them in order
-        const __m256i codes = _mm256_permute4x64_epi64(_mm256_packs_epi32(first, second), 0xD8);
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(q.codes.data() + at + 8 * i), codes);
-        // each code's low byte (unsigned) and high byte (signed: code >> 8): even and odd bytes, per 128-bit lane
-        const __m256i split = _mm256_shuffle_epi8(codes, _mm256_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15,
-                                                                          0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15));
-        const __m256i bytes = _mm256_permute4x64_epi64(split, 0xD8);  // 16 low bytes, then 16 high bytes
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(q.low.data() + at + 8 * i), _mm256_castsi256_si128(bytes));
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(q.high.data() + at + 8 * i), _mm256_extracti128_si256(bytes, 1));
-      }
+      const Group group = load_group(x + at, largest_code);
+      scales[r * groups + g] = group.scale;
+      sums[r * groups + g] = group.sum;
+      write_codes(group, at);
     }
+}
+
+// csrc/int8_rows.h's quantize_rows, with 8-lane vectors: the same scales, sums and codes.
+void quantize_rows(const float* x, int64_t rows, int64_t k_dim, Rows16& q) {
+  q.codes.resize(rows * k_dim);
+  q.low.resize(rows * k_dim);
+  q.high.resize(rows * k_dim);
+  quantize_groups(x, rows, k_dim, 32767.0f, q.scales, q.sums, [&](const Group& group, int64_t at) {
+    const __m256* v = group.v;
+    const __m256 divisor = group.divisor;
+    for (int i = 0; i < 4; i += 2) {  // round to nearest even (the default rounding mode); |code| <= 32767
+      const __m256i first = _mm256_cvtps_epi32(_mm256_div_ps(v[i], divisor));
+      const __m256i second = _mm256_cvtps_epi32(_mm256_div_ps(v[i + 1], divisor));
+      // packs works within 128-bit lanes (first 0-3, second 0-3, first 4-7, second 4-7): put them in order
+      const __m256i codes = _mm256_permute4x64_epi64(_mm256_packs_epi32(first, second), 0xD8);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(q.codes.data() + at + 8 * i), codes);
+      // each code's low byte (unsigned) and high byte (signed: code >> 8): even and odd bytes, per 128-bit lane
+      const __m256i split = _mm256_shuffle_epi8(codes, _mm256_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15,
+                                                                        0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15));
+      const __m256i bytes = _mm256_permute4x64_epi64(split, 0xD8);  // 16 low bytes, then 16 high bytes
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(q.low.data() + at + 8 * i), _mm256_castsi256_si128(bytes));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(q.high.data() + at + 8 * i), _mm256_extracti128_si256(bytes, 1));
+    }
+  });
 }
 
 inline __m256i broadcast4(const void* bytes) {  // 4 bytes (one lane's inputs) into every 32-bit lane
@@ -306,23 +316,15 @@ struct Rows8 {
 };
 
 void quantize_rows8(const float* x, int64_t rows, int64_t k_dim, Rows8& q) {
-  const int64_t groups = k_dim / kGroup;
   q.codes.resize(rows * k_dim);
-  q.scales.resize(rows * groups);
-  q.sums.resize(rows * groups);
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t g = 0; g < groups; ++g) {
-      const int64_t at = r * k_dim + g * kGroup;
-      const Group group = load_group(x + at, 127.0f);
-      q.scales[r * groups + g] = group.scale;
-      q.sums[r * groups + g] = group.sum;
-      __m256i c[4];  // round(x / scale) to nearest even
-      for (int i = 0; i < 4; ++i) c[i] = _mm256_cvtps_epi32(_mm256_div_ps(group.v[i], group.divisor));
-      // packs works within 128-bit lanes: 4-byte units c0[0-3] c1[0-3] c2[0-3] c3[0-3] | c0[4-7] ... c3[4-7]
-      const __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(c[0], c[1]), _mm256_packs_epi32(c[2], c[3]));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(q.codes.data() + at),
-                          _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
-    }
+  quantize_groups(x, rows, k_dim, 127.0f, q.scales, q.sums, [&](const Group& group, int64_t at) {
+    __m256i c[4];  // round(x / scale) to nearest even
+    for (int i = 0; i < 4; ++i) c[i] = _mm256_cvtps_epi32(_mm256_div_ps(group.v[i], group.divisor));
+    // packs works within 128-bit lanes: 4-byte units c0[0-3] c1[0-3] c2[0-3] c3[0-3] | c0[4-7] ... c3[4-7]
+    const __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(c[0], c[1]), _mm256_packs_epi32(c[2], c[3]));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q.codes.data() + at),
+                        _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+  });
 }
 
 // ROWS rows against one block of 16 outputs (two vectors of 8).

@@ -65,6 +65,13 @@ def eight_bit_rows(x: torch.Tensor) -> torch.Tensor:
     return (q.double() * scale.double()).reshape(x.shape)
 
 
+def assert_rows_alone_equal_batched(linear, x: torch.Tensor, counts: tuple[int, ...]) -> None:
+    """Every row of x through `linear` alone, then in calls of each of `counts` rows: the same bits each time."""
+    alone = torch.cat([linear(row) for row in x.split(1)])
+    for count in counts:
+        assert torch.equal(torch.cat([linear(part) for part in x.split(count)]), alone), count
+
+
 def assert_non_finite_poisons_only_its_row(linear, in_features: int, counts: tuple[int, ...], column: int,
                                            bad: float) -> None:
     """For each batch size: `bad` (inf or NaN) put in the middle row's `column` makes that row's outputs all NaN,

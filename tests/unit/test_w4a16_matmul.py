@@ -11,6 +11,7 @@ from helpers.integer_kernels import (
     KIND,
     VNNI,
     assert_non_finite_poisons_only_its_row,
+    assert_rows_alone_equal_batched,
     rows,
     sixteen_bit_rows,
 )
@@ -71,13 +72,10 @@ def test_computes_the_product_with_16_bit_rows(out_features: int, in_features: i
 @each_build
 def test_a_row_is_the_same_bits_alone_and_in_any_batch(isa: str) -> None:
     linear = w4a16_linear(fp16_grid(192, 1536), torch.randn(192), isa)
-    x = rows(200, 1536)
-    alone = torch.cat([linear(row) for row in x.split(1)])
     # VNNI tiles below 8 rows, AMX tiles (where present) from 8; prefill chunks of hundreds of rows in one call
     # (the kernel is marked batch_invariant, so matmuls do not cut them into blocks)
     assert linear.batch_invariant
-    for count in (2, 3, 4, 5, 7, 8, 9, 16, 17, 40, 70, 129, 200):
-        assert torch.equal(torch.cat([linear(part) for part in x.split(count)]), alone), count
+    assert_rows_alone_equal_batched(linear, rows(200, 1536), (2, 3, 4, 5, 7, 8, 9, 16, 17, 40, 70, 129, 200))
 
 
 @each_build

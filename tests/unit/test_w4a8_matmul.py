@@ -9,7 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers.integer_kernels import AVX2, assert_non_finite_poisons_only_its_row, eight_bit_rows, rows
+from helpers.integer_kernels import (
+    AVX2,
+    assert_non_finite_poisons_only_its_row,
+    assert_rows_alone_equal_batched,
+    eight_bit_rows,
+    rows,
+)
 from test_w4a16_matmul import fp16_grid, weight_of
 
 from engine.cpu_features import detect, report
@@ -52,11 +58,8 @@ def test_computes_the_product_with_8_bit_rows(out_features: int, in_features: in
 @needs_avx2
 def test_a_row_is_the_same_bits_alone_and_in_any_batch() -> None:
     linear = w4a8_linear(fp16_grid(192, 1536), torch.randn(192))
-    x = rows(200, 1536)
-    alone = torch.cat([linear(row) for row in x.split(1)])
     assert linear.batch_invariant
-    for count in (2, 3, 4, 5, 7, 8, 9, 16, 17, 40, 70, 129, 200):
-        assert torch.equal(torch.cat([linear(part) for part in x.split(count)]), alone), count
+    assert_rows_alone_equal_batched(linear, rows(200, 1536), (2, 3, 4, 5, 7, 8, 9, 16, 17, 40, 70, 129, 200))
 
 
 @needs_avx2
